@@ -1,0 +1,234 @@
+"""Typed experiment configuration: dataclasses per concern, YAML load/save, dotted overrides.
+
+    cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "model.arch=resnet18"])
+
+Unknown keys are rejected with the list of valid names, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medxfer.errors import MedxferError
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # folder or CSV manifest; "" = the embedded SYNTHETIC demo set
+    image_size: int = 224
+    color: str = "gray"  # gray | rgb: what the cache stores; gray is copied to 3 channels
+    resize: str = "pad"  # pad (keep aspect ratio) | squash
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15  # only used when the dataset has no test split of its own
+    split_seed: int = 0
+    drop_leaks: bool = False  # drop train images that duplicate (exactly or nearly) a test image
+    leak_threshold: float = 0.99
+    skip_unreadable: bool = False
+    cache_dir: str = ""  # "" = $MEDXFER_CACHE or ~/.cache/medxfer
+    train_subset: float = 1.0  # fraction of the training split to use (quick searches)
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    hflip: bool = True
+    vflip: bool = False
+    rotate_deg: float = 10.0
+    scale: float = 0.10  # zoom in [1 - scale, 1 + scale]
+    translate: float = 0.05  # fraction of the image size
+    brightness: float = 0.15
+    contrast: float = 0.15
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | none | path/to/state_dict.pt
+    freeze: str = "none"  # none (full fine-tune) | head (train the head only) | unfreeze_after
+    unfreeze_epoch: int = 1  # with freeze=unfreeze_after: epochs of head-only training first
+    dropout: float = -1.0  # < 0: keep the architecture's default
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_weight: bool = False  # inverse-frequency weighted loss
+    weighted_sampling: bool = False  # sample each class equally often
+    early_stopping: int = 0  # patience in epochs on val balanced accuracy; 0 = off
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: str = "auto"  # auto | true | false
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: AMP on CUDA, measured on CPU)
+    threads: int = 0  # torch CPU threads; 0 = torch default
+    eval_batch_size: int = 64
+    steps_per_epoch: int = 0  # cap on optimizer steps per epoch; 0 = one pass over train
+
+
+@dataclass
+class EvalConfig:
+    n_bootstrap: int = 1000
+    tta: bool = False  # average predictions over the image and its horizontal flip
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the result (not the output location)."""
+        d = self.to_dict()
+        d.pop("out_dir")
+        d.pop("name")
+        d["train"].pop("device")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _valid_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert YAML / command-line values to the declared field type."""
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise MedxferError(f"config key {key!r} must be a mapping", f"see {key}.* names")
+        return _from_dict(typ, value, key + ".")  # type: ignore[arg-type]
+    if isinstance(typ, types.UnionType):
+        typ = typing.get_args(typ)[0]
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in {"true", "false", "1", "0", "yes", "no", "on", "off"}:
+                    raise ValueError(value)
+                return low in {"true", "1", "yes", "on"}
+            return bool(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise MedxferError(
+            f"config key {key!r}: {value!r} is not a valid {typ.__name__}",
+            f"give {key} a {typ.__name__} value",
+        ) from None
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    valid = _valid_names(cls)
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise MedxferError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}",
+            f"valid names under {prefix or 'the top level'}: {', '.join(valid)}",
+        )
+    kwargs = {k: _coerce(v, _field_type(cls, k), prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(cfg: ExperimentConfig, assignment: str) -> None:
+    """Apply one ``section.key=value`` override in place (YAML-parsed value)."""
+    if "=" not in assignment:
+        raise MedxferError(
+            f"override {assignment!r} is not of the form key=value", "e.g. train.lr=3e-4"
+        )
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    target: Any = cfg
+    for i, part in enumerate(parts):
+        valid = _valid_names(type(target))
+        if part not in valid:
+            where = ".".join(parts[:i]) or "the top level"
+            raise MedxferError(
+                f"unknown config key {key!r}", f"valid names under {where}: {', '.join(valid)}"
+            )
+        if i < len(parts) - 1:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise MedxferError(f"config key {'.'.join(parts[: i + 1])!r} has no sub-keys")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    setattr(target, parts[-1], _coerce(value, _field_type(type(target), parts[-1]), key))
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    choices = {
+        "data.color": (cfg.data.color, {"gray", "rgb"}),
+        "data.resize": (cfg.data.resize, {"pad", "squash"}),
+        "model.freeze": (cfg.model.freeze, {"none", "head", "unfreeze_after"}),
+        "train.optimizer": (cfg.train.optimizer, {"adamw", "sgd"}),
+        "train.channels_last": (cfg.train.channels_last, {"auto", "true", "false"}),
+        "train.precision": (cfg.train.precision, {"auto", "fp32", "bf16", "fp16"}),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise MedxferError(f"{key}={value!r} is not allowed", f"use one of {sorted(allowed)}")
+    if cfg.data.image_size < 32:
+        raise MedxferError("data.image_size must be at least 32", "e.g. data.image_size=224")
+    if not 0 <= cfg.data.val_fraction < 1 or not 0 <= cfg.data.test_fraction < 1:
+        raise MedxferError("data.val_fraction and data.test_fraction must be in [0, 1)")
+    if not 0 < cfg.data.train_subset <= 1:
+        raise MedxferError("data.train_subset must be in (0, 1]")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        raise MedxferError("train.epochs and train.batch_size must be positive")
+    if cfg.train.lr <= 0:
+        raise MedxferError("train.lr must be positive", "e.g. train.lr=1e-3")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Defaults, then the YAML file (if any), then the dotted overrides; validated."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise MedxferError(f"config file {p} does not exist", "check the --config path")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise MedxferError(f"config file {p} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise MedxferError(f"config file {p} must hold a mapping at the top level")
+    cfg: ExperimentConfig = _from_dict(ExperimentConfig, data)
+    for assignment in overrides or []:
+        apply_override(cfg, assignment)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data: discovering samples, decoding images, caching, loaders, audit and the synthetic set."""

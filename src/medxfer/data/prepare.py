@@ -1,0 +1,113 @@
+"""From ``DataConfig`` to tensors: discover, split, (drop leaks), decode once, index by split."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medxfer.config import DataConfig
+from medxfer.data.cache import load_images
+from medxfer.data.sources import Sample, assign_splits, class_names, discover
+from medxfer.errors import MedxferError
+
+
+@dataclass
+class Prepared:
+    samples: list[Sample]
+    classes: list[str]
+    images: torch.Tensor  # uint8 (N, H, W) or (N, H, W, 3), all splits
+    labels: torch.Tensor  # int64 (N,)
+    split_index: dict[str, torch.Tensor]  # split -> indices into images
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self, split: str) -> dict[str, int]:
+        c = Counter(self.labels[self.split_index[split]].tolist())
+        return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+
+
+def resolve_root(cfg: DataConfig) -> tuple[Path, bool]:
+    """The dataset location, and whether it is the embedded synthetic set."""
+    if cfg.root:
+        return Path(cfg.root).expanduser(), False
+    from medxfer.data.synthetic import ensure_synthetic
+
+    return ensure_synthetic(), True
+
+
+def _drop_leaks(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], list[str]]:
+    from medxfer.data.audit import audit, leaking_train_paths
+
+    report = audit(
+        [s for s in samples if s.split in ("train", "test", "")], near_threshold=cfg.leak_threshold
+    )
+    leaks = leaking_train_paths(report)
+    return [s for s in samples if s.path not in leaks], sorted(leaks)
+
+
+def _subset(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
+    """A stratified ``fraction`` of the training split (for quick searches)."""
+    if fraction >= 1.0:
+        return samples
+    rng = np.random.default_rng(seed)
+    keep: set[str] = set()
+    by_label: dict[str, list[Sample]] = {}
+    for s in samples:
+        if s.split == "train":
+            by_label.setdefault(s.label, []).append(s)
+    for group in by_label.values():
+        n = max(2, round(len(group) * fraction))
+        keep.update(group[i].path for i in rng.permutation(len(group))[:n])
+    return [s for s in samples if s.split != "train" or s.path in keep]
+
+
+def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
+    root, synthetic = resolve_root(cfg)
+    samples = discover(root)
+    info: dict[str, Any] = {"root": str(root), "synthetic": synthetic}
+    if cfg.drop_leaks:
+        if not any(s.split == "test" for s in samples):
+            raise MedxferError(
+                "data.drop_leaks needs a test split given by the dataset",
+                "add a test/ folder or a split column, or set data.drop_leaks=false",
+            )
+        samples, dropped = _drop_leaks(samples, cfg)
+        info["dropped_leaks"] = dropped
+    samples = assign_splits(samples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    samples = _subset(samples, cfg.train_subset, cfg.split_seed)
+    if synthetic:
+        samples = [replace(s, synthetic=True) for s in samples]
+    classes = class_names(samples)
+    unknown = sorted({s.label for s in samples} - set(classes))
+    if unknown:
+        raise MedxferError(
+            f"test labels {unknown} never occur in training",
+            "every test class needs training images; fix the labels or remove those images",
+        )
+    images_np, errors = load_images(
+        [s.path for s in samples], cfg.image_size, cfg.color, cfg.resize, cfg.cache_dir, workers
+    )
+    if errors:
+        if not cfg.skip_unreadable:
+            first = next(iter(errors.items()))
+            raise MedxferError(
+                f"{len(errors)} image(s) cannot be read, e.g. {first[0]}: {first[1]}",
+                "remove them (`medxfer data audit` lists all) or set data.skip_unreadable=true",
+            )
+        info["skipped_unreadable"] = sorted(errors)
+    keep = np.array([s.path not in errors for s in samples])
+    samples = [s for s, k in zip(samples, keep, strict=True) if k]
+    images = torch.from_numpy(np.ascontiguousarray(images_np[keep]))
+    lookup = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([lookup[s.label] for s in samples], dtype=torch.long)
+    split_index = {
+        sp: torch.tensor([i for i, s in enumerate(samples) if s.split == sp], dtype=torch.long)
+        for sp in ("train", "val", "test")
+    }
+    prepared = Prepared(samples, classes, images, labels, split_index, info)
+    info["counts"] = {sp: prepared.counts(sp) for sp in split_index}
+    return prepared

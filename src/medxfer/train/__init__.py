@@ -1,0 +1,1 @@
+"""Training: compute settings, optimizer and schedule, checkpoints, the loop."""

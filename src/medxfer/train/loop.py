@@ -1,0 +1,225 @@
+"""``fit``: train with checkpoints every epoch, keep the best by validation balanced accuracy,
+then evaluate that best model once on the untouched test split.
+
+Resume contract: every random choice of epoch ``e`` is seeded from (seed, e), and the last
+checkpoint holds model, optimizer, scheduler, scaler, history and early-stopping state, so a run
+killed after epoch ``k`` and resumed ends exactly where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from medxfer.config import ExperimentConfig, save_config
+from medxfer.evaluate.metrics import compute_metrics, format_summary
+from medxfer.train import compute as compute_mod
+from medxfer.train.checkpoint import (
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+)
+from medxfer.train.epoch import loss_from_probs, predict_probs, train_one_epoch
+from medxfer.train.setup import Setup, build, set_trainable
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+console = Console(stderr=True)
+
+
+def _bare(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def checkpoint_meta(cfg: ExperimentConfig, s: Setup) -> dict[str, Any]:
+    """Everything ``predict`` needs to use the model without the training data."""
+    pre = s.built.preprocess
+    return {
+        "arch": cfg.model.arch,
+        "classes": s.data.classes,
+        "image_size": cfg.data.image_size,
+        "color": cfg.data.color,
+        "resize": cfg.data.resize,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "config": cfg.to_dict(),
+        "synthetic_data": s.data.info.get("synthetic", False),
+    }
+
+
+def _state(
+    s: Setup, epoch: int, history: list[dict[str, Any]], best: float, stale: int
+) -> dict[str, Any]:
+    return {
+        "model": _bare(s.model).state_dict(),
+        "opt": s.opt.state_dict(),
+        "sched": s.sched.state_dict(),
+        "scaler": s.scaler.state_dict() if s.scaler is not None else None,
+        "epoch": epoch,
+        "history": history,
+        "best": best,
+        "stale": stale,
+    }
+
+
+def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_json(history, run_dir / "history.json")
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(buf.getvalue(), run_dir / "history.csv")
+
+
+def _validate(s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    probs, labels = predict_probs(s.model, s.val_loader, c, tta=cfg.eval.tta, desc="  val")
+    pred = probs.argmax(1)
+    return {
+        "val_loss": loss_from_probs(probs, labels),
+        "val_accuracy": float(accuracy_score(labels, pred)),
+        "val_balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+    }
+
+
+def fit(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    callbacks: tuple[EpochCallback, ...] = (),
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``; return the final metrics (also in metrics.json)."""
+    c = compute_mod.resolve(cfg.train)
+    compute_mod.init_distributed(c)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    s = build(cfg, c)
+    if c.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        atomic_write_json(s.data.info, run_dir / "data.json")
+    history: list[dict[str, Any]] = []
+    best, stale, start = -1.0, 0, 0
+    last = run_dir / "last.pt"
+    if resume and last.exists():
+        st = load_checkpoint(last)
+        _bare(s.model).load_state_dict(st["model"])
+        s.opt.load_state_dict(st["opt"])
+        s.sched.load_state_dict(st["sched"])
+        if s.scaler is not None and st["scaler"] is not None:
+            s.scaler.load_state_dict(st["scaler"])
+        history, best, stale, start = st["history"], st["best"], st["stale"], st["epoch"] + 1
+        if c.is_main:
+            console.print(f"resuming {run_dir} after epoch {start}")
+    meta = checkpoint_meta(cfg, s)
+    t_start = time.perf_counter()
+    for epoch in range(start, cfg.train.epochs):
+        if cfg.model.freeze == "unfreeze_after":
+            set_trainable(s.built, head_only=epoch < cfg.model.unfreeze_epoch)
+        torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout etc. replay after a resume
+        s.train_loader.set_epoch(epoch)
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": s.opt.param_groups[0]["lr"]}
+        t0 = time.perf_counter()
+        row |= train_one_epoch(
+            s.model, s.train_loader, s.loss_fn, s.opt, s.sched, c, s.scaler,
+            epoch=epoch, max_steps=cfg.train.steps_per_epoch,
+        )  # fmt: skip
+        row["train_seconds"] = time.perf_counter() - t0
+        row |= _validate(s, c, cfg)
+        history.append(row)
+        improved = row["val_balanced_accuracy"] > best
+        if improved:
+            best, stale = row["val_balanced_accuracy"], 0
+        else:
+            stale += 1
+        if c.is_main:
+            if improved:
+                atomic_save(
+                    {"model": _bare(s.model).state_dict(), "meta": meta, "epoch": epoch},
+                    run_dir / "best.pt",
+                )
+            atomic_save(_state(s, epoch, history, best, stale), last)
+            _write_history(run_dir, history)
+            console.print(
+                f"epoch {epoch + 1}/{cfg.train.epochs} loss {row['train_loss']:.4f} "
+                f"val acc {row['val_accuracy']:.4f} bal-acc {row['val_balanced_accuracy']:.4f} "
+                f"{row['train_images_per_s']:.1f} img/s{' *' if improved else ''}"
+            )
+        compute_mod.barrier(c)
+        for cb in callbacks:
+            cb(epoch, row)
+        if cfg.train.early_stopping and stale >= cfg.train.early_stopping:
+            if c.is_main:
+                console.print(f"early stopping: no val improvement for {stale} epochs")
+            break
+    return finish(cfg, run_dir, s, c, history, time.perf_counter() - t_start)
+
+
+def finish(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    s: Setup,
+    c: compute_mod.Compute,
+    history: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
+    """Evaluate the best checkpoint on val and test; write metrics.json and the figures."""
+    compute_mod.barrier(c)
+    best = load_checkpoint(run_dir / "best.pt")
+    _bare(s.model).load_state_dict(best["model"])
+    results: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "best_epoch": best["epoch"] + 1,
+        "epochs_run": len(history),
+        "train_seconds": sum(h["train_seconds"] for h in history),
+        "fit_seconds_this_call": seconds,
+        "data": {"root": s.data.info["root"], "synthetic": s.data.info["synthetic"],
+                 "counts": s.data.info["counts"], "classes": s.data.classes,
+                 "dropped_leaks": len(s.data.info.get("dropped_leaks", []))},
+        "model": {"arch": cfg.model.arch, "weights": cfg.model.weights,
+                  "preprocess": s.built.preprocess.source},
+        "compute": {"device": str(c.device), "channels_last": c.channels_last,
+                    "precision": str(c.dtype) if c.dtype else "fp32", "world_size": c.world,
+                    "threads": torch.get_num_threads()},
+    }  # fmt: skip
+    for split, loader in (("val", s.val_loader), ("test", s.test_loader)):
+        if len(loader.indices) == 0:
+            continue
+        probs, labels = predict_probs(s.model, loader, c, tta=cfg.eval.tta, desc=f"  {split}")
+        if c.is_main:
+            results[split] = compute_metrics(
+                labels, probs, s.data.classes, n_bootstrap=cfg.eval.n_bootstrap, seed=cfg.train.seed
+            )
+            if split == "test":
+                _save_figures(run_dir, labels, probs, s.data.classes, history)
+                np.savez_compressed(run_dir / "test_predictions.npz", probs=probs, labels=labels)
+    if c.is_main:
+        atomic_write_json(results, run_dir / "metrics.json")  # written last: marks the run complete
+        if "test" in results:
+            console.print(f"test: {format_summary(results['test'])}")
+        console.print(f"run folder: {run_dir}")
+    compute_mod.barrier(c)
+    return results
+
+
+def _save_figures(
+    run_dir: Path,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    history: list[dict[str, Any]],
+) -> None:
+    from medxfer.evaluate.figures import save_all_figures
+
+    save_all_figures(run_dir, labels, probs, classes, history, prefix="test")
