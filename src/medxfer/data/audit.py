@@ -15,6 +15,7 @@ import hashlib
 import multiprocessing as mp
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
@@ -33,7 +35,8 @@ TRANSFORMS = ("identity", "hflip", "vflip", "rot180")
 SPLIT_PAIRS = (("train", "test"), ("train", "val"), ("val", "test"))
 SERIAL_BELOW = 200  # fewer images than this are decoded without a process pool
 PROGRESS_FROM = 500
-_CHUNK = 1024
+_MAX_SIMILARITIES = 1 << 24  # floats held at once while comparing two splits (64 MiB)
+_COLUMNS = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 # mode, width, height, sha256 of pixels, thumbnail (k*k float32), error ("" when readable)
 Decoded = tuple[str, int, int, str, np.ndarray, str]
@@ -71,20 +74,18 @@ def inspect_file(path: str, thumb: int = 32) -> Decoded:
 
 def _decode_all(paths: list[str], thumb: int, workers: int, show: bool) -> list[Decoded]:
     fn = partial(inspect_file, thumb=thumb)
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     out: list[Decoded] = []
-    with Progress(*columns, transient=True, disable=not show) as progress:
-        task = progress.add_task("auditing images", total=len(paths))
+    with ExitStack() as stack:
         if workers <= 1 or len(paths) < SERIAL_BELOW:
             results: Iterable[Decoded] = map(fn, paths)
-            for r in results:
-                out.append(r)
-                progress.advance(task)
-            return out
-        with mp.get_context().Pool(workers) as pool:
-            for r in pool.imap(fn, paths, chunksize=32):
-                out.append(r)
-                progress.advance(task)
+        else:
+            pool = stack.enter_context(mp.get_context().Pool(workers))
+            results = pool.imap(fn, paths, chunksize=32)
+        progress = stack.enter_context(Progress(*_COLUMNS, transient=True, disable=not show))
+        task = progress.add_task("auditing images", total=len(paths))
+        for r in results:
+            out.append(r)
+            progress.advance(task)
     return out
 
 
@@ -102,9 +103,13 @@ def near_pairs(
     out: list[tuple[int, int, int, float]] = []
     if len(a) == 0 or len(b) == 0:
         return out
-    bt = np.ascontiguousarray(b.T)
-    for start in range(0, len(a), _CHUNK):
-        sims = np.stack([v @ bt for v in _variants(a[start : start + _CHUNK], k)])
+    bt = np.ascontiguousarray(b.T, dtype=np.float32)
+    rows = max(1, _MAX_SIMILARITIES // (len(TRANSFORMS) * len(b)))
+    for start in range(0, len(a), rows):
+        query = a[start : start + rows].astype(np.float32, copy=False)
+        sims = np.empty((len(TRANSFORMS), len(query), len(b)), dtype=np.float32)
+        for t, v in enumerate(_variants(query, k)):
+            np.matmul(v, bt, out=sims[t])
         best, which = sims.max(axis=0), sims.argmax(axis=0)
         for i, j in zip(*np.nonzero(best >= threshold), strict=True):
             out.append((start + int(i), int(j), int(which[i, j]), float(best[i, j])))
@@ -175,7 +180,7 @@ def _image_stats(decoded: list[Decoded]) -> dict[str, Any]:
     def stats(v: np.ndarray) -> dict[str, float]:
         return {"min": int(v.min()), "max": int(v.max()), "median": float(np.median(v))}
 
-    sizes = Counter(f"{d[1]}x{d[2]}" for d in ok).most_common(5)
+    sizes = dict(Counter(f"{d[1]}x{d[2]}" for d in ok).most_common(5))
     modes = dict(Counter(d[0] for d in ok).most_common())
     return {"modes": modes, "width": stats(widths), "height": stats(heights), "common_sizes": sizes}
 
@@ -239,7 +244,7 @@ def audit(
 
 
 def leaking_train_paths(report: dict[str, Any]) -> set[str]:
-    """Train files that are exact or near duplicates of a test file (for ``--drop-leaks``)."""
+    """Train files that are exact or near duplicates of a test file (for ``data.drop_leaks``)."""
     out: set[str] = set()
     for group in report["exact_duplicates"]["across_splits"]:
         if "test" in group["splits"]:
@@ -284,21 +289,32 @@ def _findings_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _conflicts(report: dict[str, Any]) -> list[str]:
+    exact = report["exact_duplicates"]
+    groups = [g for gs in exact["within_split"].values() for g in gs] + exact["across_splits"]
+    lines = [
+        " = ".join(f"{f['path']} ({f['label']}, {f['split']})" for f in g["files"])
+        for g in groups
+        if g["label_conflict"]
+    ]
+    lines += [
+        f"{p['a_path']} ({p['a_label']}) ~ {p['b_path']} ({p['b_label']}), {p['transform']}"
+        for p in report["near_duplicates"]
+        if p["label_conflict"]
+    ]
+    return lines
+
+
 def print_audit(report: dict[str, Any], console: Console, max_listed: int = 10) -> None:
-    """Print the report's counts and findings as rich tables."""
+    """Print the report's counts and findings as rich tables, then the worst offenders."""
     console.print(_counts_table(report["counts"]))
     console.print(_findings_table(report["summary"]))
     for item in report["unreadable"][:max_listed]:
-        console.print(f"[red]unreadable[/red] {item['path']}: {item['error']}", highlight=False)
-    conflicts = [p for p in report["near_duplicates"] if p["label_conflict"]]
-    for p in conflicts[:max_listed]:
-        console.print(
-            f"[yellow]label conflict[/yellow] {p['a_path']} ({p['a_label']}) ~ "
-            f"{p['b_path']} ({p['b_label']}), {p['transform']}",
-            highlight=False,
-        )
+        console.print(f"[red]unreadable[/red] {escape(item['path'])}: {escape(item['error'])}")
+    for line in _conflicts(report)[:max_listed]:
+        console.print(f"[yellow]label conflict[/yellow] {escape(line)}")
     if report["summary"]["leaking_train_files"]:
         console.print(
             "Train files that duplicate test files inflate test scores: "
-            "train with --drop-leaks to leave them out."
+            "set data.drop_leaks=true to leave them out of training."
         )

@@ -11,6 +11,8 @@ exactly after a resume.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,6 +78,9 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     return ((x - mean) * contrast + mean + bright).clamp_(0.0, 1.0)
 
 
+_END = object()
+
+
 class BatchLoader:
     """Iterates ``(inputs, labels)`` over an index set of the cached images.
 
@@ -100,12 +105,14 @@ class BatchLoader:
         rank: int = 0,
         world: int = 1,
         channels_last: bool = False,
+        prefetch: bool = False,
     ) -> None:
         self.images, self.labels, self.indices = images, labels, indices
         self.batch_size, self.normalize, self.device = batch_size, normalize, device
         self.train, self.augment, self.sample_weights = train, augment, sample_weights
         self.seed, self.rank, self.world = seed, rank, world
         self.channels_last = channels_last
+        self.prefetch = prefetch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -132,6 +139,43 @@ class BatchLoader:
         return math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.prefetch:
+            yield from self._batches()
+            return
+        # One batch ahead in a thread: torch ops release the GIL, so the gather/augment of the
+        # next batch fills the gaps that the model's many small kernels leave on the cores.
+        q: queue.Queue[object] = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for item in self._batches():
+                    if stop.is_set():
+                        return
+                    q.put(item)
+                q.put(_END)
+            except BaseException as err:  # surface errors in the consumer
+                q.put(err)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = epoch_generator(self.seed, self.epoch, self.rank)
         order = self._order(g)
         for i in range(len(self)):

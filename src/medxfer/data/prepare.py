@@ -68,7 +68,24 @@ def _subset(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
 def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
     root, synthetic = resolve_root(cfg)
     samples = discover(root)
+    synthetic = synthetic or (root / "SYNTHETIC").exists()
+    # Decode in discovery order: the cache key then depends on the files and the size only, not
+    # on split fractions, seeds or leak filtering, so every run on this dataset shares one cache.
+    all_paths = [s.path for s in samples]
+    images_np, errors = load_images(
+        all_paths, cfg.image_size, cfg.color, cfg.resize, cfg.cache_dir, workers
+    )
+    if errors:
+        if not cfg.skip_unreadable:
+            first = next(iter(errors.items()))
+            raise MedxferError(
+                f"{len(errors)} image(s) cannot be read, e.g. {first[0]}: {first[1]}",
+                "remove them (`medxfer data audit` lists all) or set data.skip_unreadable=true",
+            )
+        samples = [s for s in samples if s.path not in errors]
     info: dict[str, Any] = {"root": str(root), "synthetic": synthetic}
+    if errors:
+        info["skipped_unreadable"] = sorted(errors)
     if cfg.drop_leaks:
         if not any(s.split == "test" for s in samples):
             raise MedxferError(
@@ -88,20 +105,9 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
             f"test labels {unknown} never occur in training",
             "every test class needs training images; fix the labels or remove those images",
         )
-    images_np, errors = load_images(
-        [s.path for s in samples], cfg.image_size, cfg.color, cfg.resize, cfg.cache_dir, workers
-    )
-    if errors:
-        if not cfg.skip_unreadable:
-            first = next(iter(errors.items()))
-            raise MedxferError(
-                f"{len(errors)} image(s) cannot be read, e.g. {first[0]}: {first[1]}",
-                "remove them (`medxfer data audit` lists all) or set data.skip_unreadable=true",
-            )
-        info["skipped_unreadable"] = sorted(errors)
-    keep = np.array([s.path not in errors for s in samples])
-    samples = [s for s, k in zip(samples, keep, strict=True) if k]
-    images = torch.from_numpy(np.ascontiguousarray(images_np[keep]))
+    position = {p: i for i, p in enumerate(all_paths)}
+    rows = np.array([position[s.path] for s in samples], dtype=np.int64)
+    images = torch.from_numpy(np.ascontiguousarray(images_np[rows]))
     lookup = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([lookup[s.label] for s in samples], dtype=torch.long)
     split_index = {

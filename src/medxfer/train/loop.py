@@ -9,6 +9,7 @@ killed after epoch ``k`` and resumed ends exactly where an uninterrupted run end
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import time
 from collections.abc import Callable
@@ -175,6 +176,7 @@ def finish(
     seconds: float,
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint on val and test; write metrics.json and the figures."""
+    _record_ranks(run_dir, s, c)
     compute_mod.barrier(c)
     best = load_checkpoint(run_dir / "best.pt")
     _bare(s.model).load_state_dict(best["model"])
@@ -211,6 +213,26 @@ def finish(
         console.print(f"run folder: {run_dir}")
     compute_mod.barrier(c)
     return results
+
+
+def state_checksum(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(_bare(model).state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _record_ranks(run_dir: Path, s: Setup, c: compute_mod.Compute) -> None:
+    """Under DDP every rank must end with the same weights; write each rank's checksum."""
+    if not c.distributed:
+        return
+    import torch.distributed as dist
+
+    sums: list[Any] = [None] * c.world
+    dist.all_gather_object(sums, state_checksum(s.model))
+    if c.is_main:
+        atomic_write_json({"world_size": c.world, "state_checksums": sums}, run_dir / "ddp.json")
 
 
 def _save_figures(

@@ -64,6 +64,7 @@ def make_loader(
         rank=c.rank,
         world=c.world,
         channels_last=c.channels_last,
+        prefetch=train,
     )
 
 

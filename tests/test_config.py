@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medxfer.config import ExperimentConfig, load_config, save_config
+from medxfer.errors import MedxferError
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(None, ["train.lr=3e-4", "augment.hflip=false", "train.epochs=3"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.augment.hflip is False
+    assert cfg.train.epochs == 3
+
+
+def test_unknown_key_lists_valid_names() -> None:
+    with pytest.raises(MedxferError) as err:
+        load_config(None, ["train.lrr=1"])
+    assert "train.lrr" in str(err.value) and "weight_decay" in str(err.value)
+
+
+def test_unknown_yaml_key_rejected(tmp_path: Path) -> None:
+    f = tmp_path / "x.yaml"
+    f.write_text("train:\n  epochs: 2\n  bogus: 1\n")
+    with pytest.raises(MedxferError, match=r"train\.bogus"):
+        load_config(f)
+
+
+def test_bad_value_and_choice() -> None:
+    with pytest.raises(MedxferError, match="not a valid int"):
+        load_config(None, ["train.epochs=abc"])
+    with pytest.raises(MedxferError, match="optimizer"):
+        load_config(None, ["train.optimizer=adam9"])
+
+
+def test_yaml_then_overrides_roundtrip(tmp_path: Path) -> None:
+    f = tmp_path / "x.yaml"
+    f.write_text("name: demo\nmodel:\n  arch: resnet18\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(f, ["train.lr=0.02"])
+    assert (cfg.name, cfg.model.arch, cfg.train.lr) == ("demo", "resnet18", 0.02)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg and again.fingerprint() == cfg.fingerprint()
+
+
+def test_fingerprint_ignores_output_location() -> None:
+    a, b = ExperimentConfig(), ExperimentConfig(out_dir="elsewhere", name="other")
+    assert a.fingerprint() == b.fingerprint()
+    b.train.lr = 0.5
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_shipped_configs_load() -> None:
+    for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(f)

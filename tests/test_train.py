@@ -1,0 +1,171 @@
+"""End to end on the synthetic set: CLI, resume equals uninterrupted, predict, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medxfer.cli import main
+from medxfer.config import load_config
+from medxfer.train.loop import fit
+
+FAST = [
+    "model.arch=resnet18", "model.weights=none", "data.image_size=48", "train.epochs=2",
+    "train.batch_size=16", "eval.n_bootstrap=50", "train.eval_batch_size=64",
+]  # fmt: skip
+
+
+def _cfg(root: Path, out: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return load_config(None, [f"data.root={root}", f"out_dir={out}", *FAST, *extra])
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    sa = torch.load(a, map_location="cpu", weights_only=False)["model"]
+    sb = torch.load(b, map_location="cpu", weights_only=False)["model"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_cli_end_to_end(
+    synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--data", str(synth_root), "--run-dir", str(tmp_path / "run"),
+            "model.arch=efficientnet_lite0", "model.weights=imagenet", "data.image_size=64",
+            "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=100"]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "run"
+    assert capsys.readouterr().out.strip().endswith(str(run))
+    for name in ("config.yaml", "best.pt", "last.pt", "history.csv", "history.json",
+                 "metrics.json", "figures/test_confusion_matrix.png", "figures/test_roc.png",
+                 "figures/training_curves.png"):  # fmt: skip
+        assert (run / name).exists(), name
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["data"]["synthetic"] is True
+    assert set(m["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "ci95", "ece"}
+    assert m["test"]["balanced_accuracy"] > 0.4  # 4 classes: chance is 0.25
+    assert len(json.loads((run / "history.json").read_text())) == 2
+    # a second call with the same config sees the completed run and does not retrain
+    assert main([*args[:4], *args[4:]]) == 0
+    # predict on a folder
+    out_csv = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(synth_root / "test"), "--out", str(out_csv)]) == 0
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == sum(1 for _ in (synth_root / "test").rglob("*.png"))
+    p = [float(rows[0][k]) for k in rows[0] if k.startswith("p_")]
+    assert len(p) == 4 and abs(sum(p) - 1) < 1e-4
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(synth_root: Path, tmp_path: Path) -> None:
+    cfg = _cfg(synth_root, tmp_path, "train.epochs=3")
+    fit(cfg, tmp_path / "straight")
+
+    def kill_after_first(epoch: int, row: dict[str, object]) -> None:
+        if epoch == 0:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(cfg, tmp_path / "killed", callbacks=(kill_after_first,))
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    fit(cfg, tmp_path / "killed", resume=True)
+    assert _same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["test"]
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())["test"]
+    assert a["accuracy"] == b["accuracy"] and a["confusion_matrix"] == b["confusion_matrix"]
+
+
+def test_sigkill_then_resume(synth_root: Path, tmp_path: Path) -> None:
+    """A real kill -9 in the middle of training, then `--resume`."""
+    base = [sys.executable, "-m", "medxfer", "train", "--data", str(synth_root), *FAST,
+            "train.epochs=3"]  # fmt: skip
+    subprocess.run([*base, "--run-dir", str(tmp_path / "a")], check=True, capture_output=True)
+    proc = subprocess.Popen([*base, "--run-dir", str(tmp_path / "b")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    refused = subprocess.run(
+        [*base, "--run-dir", str(tmp_path / "b")], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    subprocess.run(
+        [*base, "--run-dir", str(tmp_path / "b"), "--resume"], check=True, capture_output=True
+    )
+    assert _same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+@pytest.mark.parametrize("freeze", ["head", "unfreeze_after"])
+def test_freezing_policies(synth_root: Path, tmp_path: Path, freeze: str) -> None:
+    cfg = _cfg(
+        synth_root,
+        tmp_path,
+        f"model.freeze={freeze}",
+        "model.unfreeze_epoch=1",
+        "train.class_weight=true",
+        "train.weighted_sampling=true",
+        "train.optimizer=sgd",
+    )
+    before = {
+        k: v.clone()
+        for k, v in __import__("medxfer.models", fromlist=["x"])
+        .create_model("resnet18", weights="none", num_classes=4)
+        .model.state_dict()
+        .items()
+    }  # noqa: F841
+    fit(cfg, tmp_path / freeze)
+    first = torch.load(tmp_path / freeze / "last.pt", weights_only=False)["history"]
+    assert len(first) == 2
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "medxfer", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--data", "/no/such/folder"], "does not exist"),
+        (["train", "model.arch=vgg77", "--data", "{synth}"], "unknown architecture"),
+        (["train", "train.lrr=1"], "valid names under train"),
+        (["predict", "/no/run", "/no/img.png"], "no checkpoint"),
+    ],
+)
+def test_bad_input_is_one_clear_message(
+    synth_root: Path, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    args = [a.replace("{synth}", str(synth_root)) for a in args]
+    if args[0] == "train":
+        args += ["--run-dir", str(tmp_path / "r")]
+    r = _run_cli(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_corrupt_image_is_named(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16), np.uint8)).save(
+                tmp_path / "d" / c / f"{i}.png"
+            )
+    (tmp_path / "d" / "a" / "broken.png").write_bytes(b"\x89PNG garbage")
+    r = _run_cli("train", "--data", str(tmp_path / "d"), "--run-dir", str(tmp_path / "r"), *FAST)
+    assert r.returncode == 2 and "broken.png" in r.stderr and "skip_unreadable" in r.stderr
+    assert "Traceback" not in r.stderr
