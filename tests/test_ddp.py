@@ -23,8 +23,8 @@ def test_torchrun_two_cpu_processes(synth_root: Path, tmp_path: Path) -> None:
     ddp = json.loads((run / "ddp.json").read_text())
     assert ddp["world_size"] == 2
     assert len(set(ddp["state_checksums"])) == 1  # both ranks hold identical weights
-    from medxfer.train.loop import state_checksum
     from medxfer.models import create_model
+    from medxfer.train.loop import state_checksum
 
     model = create_model("resnet18", weights="none", num_classes=4).model
     model.load_state_dict(torch.load(run / "last.pt", weights_only=False)["model"])

@@ -88,7 +88,7 @@ def test_dicom_without_window_uses_min_max(tmp_path: Path) -> None:
 def test_corrupt_file_names_the_path(tmp_path: Path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image at all")
-    with pytest.raises(MedxferError, match="broken.png"):
+    with pytest.raises(MedxferError, match=r"broken\.png"):
         read_image(bad)
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from medxfer.errors import MedxferError
-from medxfer.models import create_model, list_models
-from medxfer.models import backbones
+from medxfer.models import backbones, create_model, list_models
 
 
 def test_registry_lists_the_paper_backbones() -> None:

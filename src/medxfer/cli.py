@@ -30,6 +30,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.insert(0, f"data.root={args.data}")
+    if args.drop_leaks:
+        overrides.append("data.drop_leaks=true")
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="experiment YAML (configs/*.yaml)")
     t.add_argument("--data", help="dataset folder or CSV manifest (= data.root=...)")
     t.add_argument("--run-dir", help="run folder (default: <out_dir>/<name>-<config hash>)")
+    t.add_argument(
+        "--drop-leaks",
+        action="store_true",
+        help="drop train images that duplicate a test image (= data.drop_leaks=true)",
+    )
     t.add_argument("--resume", action="store_true", help="continue an interrupted run")
     t.add_argument("--force", action="store_true", help="delete an existing run folder first")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")

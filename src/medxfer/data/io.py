@@ -8,6 +8,7 @@ Output is ``(H, W)`` for grayscale or ``(H, W, 3)`` for colour, always ``uint8``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -39,13 +40,11 @@ def _to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None)
     return np.round(out).astype(np.uint8)
 
 
-def _first(value: object) -> float:
+def _first(value: Any) -> float:
     """DICOM window values may be multi-valued; take the first."""
-    if isinstance(value, (list, tuple)) or (
-        hasattr(value, "__getitem__") and not isinstance(value, (str, bytes))
-    ):
-        return float(value[0])  # type: ignore[index]
-    return float(value)  # type: ignore[arg-type]
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__getitem__"):
+        return float(value[0])
+    return float(value)
 
 
 def read_dicom(path: Path) -> np.ndarray:
@@ -73,8 +72,9 @@ def read_dicom(path: Path) -> np.ndarray:
 
 
 def read_pil(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        im.load()
+    with Image.open(path) as opened:
+        opened.load()
+        im: Image.Image = opened
         if im.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:  # 16-bit / int / float grayscale
             return _to_uint8(np.asarray(im))
         if im.mode in {"RGBA", "LA"} or (im.mode == "P" and "transparency" in im.info):

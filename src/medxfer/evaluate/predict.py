@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from medxfer.models import create_model
 from medxfer.models.registry import Preprocess
 
 
-def load_trained(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, object]]:
+def load_trained(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A medxfer ``best.pt`` (or a run folder holding one) -> eval-mode model and its meta."""
     path = checkpoint / "best.pt" if checkpoint.is_dir() else checkpoint
     if not path.exists():
@@ -53,8 +54,8 @@ def predict_files(
 ) -> tuple[Path, int]:
     """Write ``path,predicted,p_<class>...`` rows; unreadable files get an ``error`` column."""
     model, meta = load_trained(checkpoint)
-    classes: list[str] = list(meta["classes"])  # type: ignore[call-overload]
-    pre = Preprocess(tuple(meta["mean"]), tuple(meta["std"]), "checkpoint")  # type: ignore[arg-type]
+    classes: list[str] = list(meta["classes"])
+    pre = Preprocess(tuple(meta["mean"]), tuple(meta["std"]), "checkpoint")
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
     files = collect_inputs(target)
@@ -64,13 +65,8 @@ def predict_files(
         chunk, arrays, errors = files[start : start + batch_size], [], {}
         for f in chunk:
             try:
-                arrays.append(
-                    resize(
-                        read_image(f, str(meta["color"])),
-                        int(meta["image_size"]),
-                        str(meta["resize"]),
-                    )
-                )  # type: ignore[call-overload]
+                img = read_image(f, str(meta["color"]))
+                arrays.append(resize(img, int(meta["image_size"]), str(meta["resize"])))
             except MedxferError as err:
                 errors[f] = err.message
         if arrays:

@@ -33,7 +33,7 @@ def _tv_weights(arch: str) -> Any:
 
 def _tv_preprocess(arch: str) -> Preprocess:
     t = _tv_weights(arch).transforms()
-    return Preprocess(tuple(t.mean), tuple(t.std), f"torchvision {_TV_WEIGHTS[arch]}.IMAGENET1K_V1")  # type: ignore[arg-type]
+    return Preprocess(tuple(t.mean), tuple(t.std), f"torchvision {_TV_WEIGHTS[arch]}.IMAGENET1K_V1")
 
 
 def preprocess_of(arch: str) -> Preprocess:
@@ -97,8 +97,8 @@ def googlenet(pretrained: bool) -> tuple[nn.Module, Preprocess]:
             weights=None, aux_logits=False, transform_input=False, init_weights=True
         )
     model.aux_logits = False
-    model.aux1 = None  # type: ignore[assignment]
-    model.aux2 = None  # type: ignore[assignment]
+    model.aux1 = None
+    model.aux2 = None
     return model, _tv_preprocess("googlenet")
 
 

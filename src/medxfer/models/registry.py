@@ -90,7 +90,7 @@ def replace_head(model: nn.Module, path: str, num_classes: int, dropout: float) 
             if isinstance(m, nn.Dropout):
                 m.p = dropout
         if hasattr(model, "drop_rate"):
-            model.drop_rate = dropout
+            model.drop_rate = dropout  # type: ignore[assignment]
 
 
 def load_state_dict_file(model: nn.Module, path: Path, arch: str) -> None:

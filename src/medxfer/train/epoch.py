@@ -43,8 +43,11 @@ def train_one_epoch(
     epoch: int,
     max_steps: int = 0,
     on_step: Callable[[int], None] | None = None,
+    frozen: list[nn.Module] | None = None,
 ) -> dict[str, float]:
     model.train()
+    for m in frozen or []:
+        m.eval()  # a frozen backbone also keeps its BatchNorm statistics
     total = len(loader) if max_steps <= 0 else min(max_steps, len(loader))
     loss_sum, seen, timed_images, t0 = 0.0, 0, 0, 0.0
     with _progress(compute.is_main) as bar:

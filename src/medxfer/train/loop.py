@@ -30,14 +30,16 @@ from medxfer.train.checkpoint import (
     load_checkpoint,
 )
 from medxfer.train.epoch import loss_from_probs, predict_probs, train_one_epoch
-from medxfer.train.setup import Setup, build, set_trainable
+from medxfer.train.setup import Setup, build, frozen_modules, set_trainable
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 console = Console(stderr=True)
 
 
 def _bare(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, torch.nn.Module)
+    return inner
 
 
 def checkpoint_meta(cfg: ExperimentConfig, s: Setup) -> dict[str, Any]:
@@ -126,8 +128,10 @@ def fit(
     meta = checkpoint_meta(cfg, s)
     t_start = time.perf_counter()
     for epoch in range(start, cfg.train.epochs):
-        if cfg.model.freeze == "unfreeze_after":
-            set_trainable(s.built, head_only=epoch < cfg.model.unfreeze_epoch)
+        head_only = cfg.model.freeze == "head" or (
+            cfg.model.freeze == "unfreeze_after" and epoch < cfg.model.unfreeze_epoch
+        )
+        set_trainable(s.built, head_only=head_only)
         torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout etc. replay after a resume
         s.train_loader.set_epoch(epoch)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": s.opt.param_groups[0]["lr"]}
@@ -135,6 +139,7 @@ def fit(
         row |= train_one_epoch(
             s.model, s.train_loader, s.loss_fn, s.opt, s.sched, c, s.scaler,
             epoch=epoch, max_steps=cfg.train.steps_per_epoch,
+            frozen=frozen_modules(s.built) if head_only else None,
         )  # fmt: skip
         row["train_seconds"] = time.perf_counter() - t0
         row |= _validate(s, c, cfg)

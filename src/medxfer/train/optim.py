@@ -11,7 +11,8 @@ from medxfer.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         # 1-d tensors are norm scales and biases: decaying them only hurts (timm does the same).
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)

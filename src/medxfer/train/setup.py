@@ -42,6 +42,12 @@ def set_trainable(built: Built, head_only: bool) -> None:
         p.requires_grad = (not head_only) or any(name.startswith(h + ".") for h in built.head)
 
 
+def frozen_modules(built: Built) -> list[nn.Module]:
+    """The top-level children that hold no head parameters (put in eval mode when frozen)."""
+    heads = {h.split(".")[0] for h in built.head}
+    return [m for name, m in built.model.named_children() if name not in heads]
+
+
 def make_loader(
     cfg: ExperimentConfig, data: Prepared, split: str, norm: Normalizer, c: Compute, train: bool
 ) -> BatchLoader:
