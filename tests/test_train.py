@@ -60,6 +60,17 @@ def test_cli_end_to_end(
     assert len(rows) == sum(1 for _ in (synth_root / "test").rglob("*.png"))
     p = [float(rows[0][k]) for k in rows[0] if k.startswith("p_")]
     assert len(p) == 4 and abs(sum(p) - 1) < 1e-4
+    # and on a single DICOM file
+    import numpy as np
+    from test_io import _write_dicom
+
+    _write_dicom(tmp_path / "scan.dcm", np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (100, 1)))
+    assert (
+        main(["predict", str(run / "best.pt"), str(tmp_path / "scan.dcm"), "--out", str(out_csv)])
+        == 0
+    )
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 1 and rows[0]["predicted"] in {"disc", "ring", "bars", "cross"}
 
 
 class _Stop(Exception):

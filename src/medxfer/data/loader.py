@@ -148,6 +148,9 @@ class BatchLoader:
         stop = threading.Event()
 
         def produce() -> None:
+            # One OpenMP thread here (the setting is per thread): two thread teams on two cores
+            # would spin against each other and slow the model down.
+            torch.set_num_threads(1)
             try:
                 for item in self._batches():
                     if stop.is_set():

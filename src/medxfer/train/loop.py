@@ -101,13 +101,21 @@ def fit(
     *,
     resume: bool = False,
     callbacks: tuple[EpochCallback, ...] = (),
+    prepare_model: Callable[[torch.nn.Module], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``; return the final metrics (also in metrics.json)."""
+    """Train ``cfg`` into ``run_dir``; return the final metrics (also in metrics.json).
+
+    ``prepare_model`` is called on the bare network after it is built and before training (or
+    resuming) starts: the hook later stages use to load a rewound state or attach pruning masks.
+    ``callbacks`` are called after every epoch with (epoch, history row).
+    """
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     s = build(cfg, c)
+    if prepare_model is not None:
+        prepare_model(_bare(s.model))
     if c.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
