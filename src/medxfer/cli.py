@@ -1,6 +1,11 @@
 """Command line: one subcommand = one library call; prints the run folder.
 
 medxfer train [--config FILE] [--data PATH] [key=value ...] [--resume] [--force]
+medxfer tune [--config FILE] [--data PATH] [key=value ...] [--n-trials N] [--storage URL]
+             [--workers N] [--timeout S] [--study-name NAME] [--retrain]
+medxfer prune [--config FILE] [--data PATH] [key=value ...] [--levels L] [--fraction F]
+              [--target-sparsity S] [--rewind init|epoch:K|lr] [--no-controls] [--out DIR]
+medxfer prune --export RUN_DIR [--no-latency] [--no-onnx]
 medxfer predict RUN_OR_CHECKPOINT INPUT [--out preds.csv]
 medxfer data audit PATH [--out audit.json]
 medxfer data synth OUT
@@ -48,6 +53,53 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from medxfer.config import load_config
+    from medxfer.tune import StudyOptions, run_study
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.insert(0, f"data.root={args.data}")
+    cfg = load_config(args.config, overrides)
+    if not cfg.data.root:
+        console.print("[bold yellow]data: the embedded SYNTHETIC demo set (not medical images)")
+    opts = StudyOptions(
+        n_trials=args.n_trials,
+        storage=args.storage,
+        workers=args.workers,
+        timeout=args.timeout,
+        study_name=args.study_name,
+        retrain=args.retrain,
+    )
+    summary = run_study(cfg, opts)
+    done = summary["complete"] + summary["pruned"]
+    console.print(
+        f"study {summary['study_name']}: {done}/{summary['n_trials']} trials finished "
+        f"({summary['complete']} complete, {summary['pruned']} pruned, {summary['failed']} failed)"
+    )
+    if summary["best"] is None:
+        raise MedxferError(
+            "no trial completed", f"see {summary['study_dir']}/trials.csv (user_attrs_error)"
+        )
+    best = summary["best"]
+    console.print(f"best {summary['metric']} {best['value']:.4f} (trial {best['number']}): "
+                  f"{best['params']}\nbest config: {summary['best_config']}")  # fmt: skip
+    print(summary["study_dir"])
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from medxfer.evaluate.metrics import format_summary
+    from medxfer.evaluate.rerun import evaluate_run
+
+    out, results = evaluate_run(Path(args.run_dir), list(args.overrides), args.out)
+    for split in ("val", "test"):
+        if split in results:
+            console.print(f"{split}: {format_summary(results[split])}")
+    print(out)
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from medxfer.evaluate.predict import predict_files
 
@@ -80,6 +132,56 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import hashlib
+    import json
+    import shutil
+    from dataclasses import asdict
+
+    from medxfer.config import load_config
+
+    if args.export:
+        from medxfer.prune.export import export_run
+
+        report = export_run(Path(args.export), latency=not args.no_latency, onnx=not args.no_onnx)
+        console.print(json.dumps(report, indent=2))
+        print(Path(args.export) / "export" / "export.json")
+        return 0
+    from medxfer.prune.lottery import run_lottery
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.insert(0, f"data.root={args.data}")
+    for flag in ("levels", "fraction", "rewind"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"prune.{flag}={getattr(args, flag)}")
+    if args.no_controls:
+        overrides.append("prune.controls=false")
+    if args.include_head:
+        overrides.append("prune.include_head=true")
+    if args.finetune:
+        overrides.append("prune.finetune=true")
+    cfg = load_config(args.config, overrides)
+    p = cfg.prune
+    target = args.target_sparsity if args.target_sparsity is not None else p.target_sparsity or None
+    bound = asdict(p) | {"target_sparsity": target}  # more levels continue the same folder
+    if target is None:
+        bound.pop("levels")
+    tag = hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()[:8]
+    out = Path(args.out or Path(cfg.out_dir) / f"{cfg.name}-{cfg.fingerprint()}-lottery-{tag}")
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    if not cfg.data.root:
+        console.print("[bold yellow]data: the embedded SYNTHETIC demo set (not medical images)")
+    run_lottery(
+        cfg, out, levels=p.levels, fraction=p.fraction,
+        target_sparsity=target, rewind=p.rewind, controls=p.controls,
+        include_head=p.include_head, finetune=p.finetune, finetune_lr_scale=p.finetune_lr_scale,
+    )  # fmt: skip
+    print(out)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from medxfer.models import list_models
 
@@ -103,6 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="delete an existing run folder first")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     t.set_defaults(func=_cmd_train)
+    tu = sub.add_parser("tune", help="search hyper-parameters with Optuna (train/val only)")
+    tu.add_argument("--config", help="experiment YAML; its tune section sets the search")
+    tu.add_argument("--data", help="dataset folder or CSV manifest (= data.root=...)")
+    tu.add_argument("--n-trials", type=int, help="finished trials to end with (tune.n_trials: 20)")
+    tu.add_argument("--storage", help="journal file or database URL, e.g. postgresql://... "
+                    "(default: <out_dir>/tune/<study>/study.journal)")  # fmt: skip
+    tu.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    tu.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
+    tu.add_argument("--study-name", help="default: <name>-<hash of config and search settings>")
+    tu.add_argument("--retrain", action="store_true",
+                    help="train the best config in full and evaluate it once on test")  # fmt: skip
+    tu.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.epochs=3")
+    tu.set_defaults(func=_cmd_tune)
+    ev = sub.add_parser("evaluate", help="re-evaluate a run's best checkpoint (eval.* settings)")
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.tta=true")
+    ev.add_argument("--out", default="metrics-rerun.json", help="file name inside the run folder")
+    ev.set_defaults(func=_cmd_evaluate)
     pr = sub.add_parser("predict", help="class probabilities for an image, folder or DICOM")
     pr.add_argument("checkpoint", help="a run folder or its best.pt")
     pr.add_argument("input", help="an image, a DICOM file or a folder")
@@ -120,10 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
+    _add_prune_parser(sub)
     m = sub.add_parser("models", help="list the registered architectures")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_cmd_models)
     return p
+
+
+def _add_prune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pr = sub.add_parser("prune", help="lottery-ticket pruning with rewinding and controls")
+    pr.add_argument("--config", help="experiment YAML; its prune: section sets the defaults")
+    pr.add_argument("--data", help="dataset folder or CSV manifest (= data.root=...)")
+    pr.add_argument("--levels", type=int, help="pruning rounds after the dense level 0")
+    pr.add_argument("--fraction", type=float, help="of surviving weights removed per round")
+    pr.add_argument("--target-sparsity", type=float, help="end exactly at this sparsity in (0, 1)")
+    pr.add_argument("--rewind", help="init | epoch:K | lr (LR rewinding: keep weights)")
+    pr.add_argument("--no-controls", action="store_true", help="skip random re-init / random mask")
+    pr.add_argument("--include-head", action="store_true", help="prune the classification head too")
+    pr.add_argument("--finetune", action="store_true", help="add the prune + fine-tune baseline")
+    pr.add_argument("--out", help="lottery folder (default: <out_dir>/<name>-<hash>-lottery-<tag>)")
+    pr.add_argument("--force", action="store_true", help="delete an existing lottery folder first")
+    pr.add_argument("--export", metavar="RUN_DIR", help="export a pruned run folder instead")
+    pr.add_argument("--no-latency", action="store_true", help="with --export: skip CPU timing")
+    pr.add_argument("--no-onnx", action="store_true", help="with --export: skip the ONNX check")
+    pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+    pr.set_defaults(func=_cmd_prune)
 
 
 def main(argv: list[str] | None = None) -> int:

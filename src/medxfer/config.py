@@ -83,7 +83,46 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     n_bootstrap: int = 1000
-    tta: bool = False  # average predictions over the image and its horizontal flip
+    tta: bool = False  # average predictions over the image and the flips used in training
+
+
+def default_space() -> dict[str, dict[str, Any]]:
+    """The default search space of ``medxfer tune``: learning rate, batch size, weight decay."""
+    return {
+        "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "train.batch_size": {"type": "categorical", "choices": [16, 32, 64]},
+        "train.weight_decay": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+    }
+
+
+@dataclass
+class TuneConfig:
+    """``medxfer tune``: an Optuna study over ``space`` (dotted config key -> distribution)."""
+
+    n_trials: int = 20  # finished (complete + pruned) trials the study ends with
+    metric: str = "val_balanced_accuracy"  # | val_accuracy | val_loss (minimised)
+    seed: int = 0  # TPE sampler seed
+    pruner: str = "median"  # median | halving | hyperband | none
+    startup_trials: int = 5  # median pruner: trials that are never pruned
+    warmup_epochs: int = 1  # median pruner: epochs before a trial can be pruned
+    epochs: int = 0  # per-trial epoch budget; 0 = train.epochs
+    train_subset: float = 1.0  # per-trial fraction of the training split (the best config: 1)
+    max_failures: int = 3  # a worker stops after this many failed trials in a row
+    space: dict[str, dict[str, Any]] = field(default_factory=default_space)
+
+
+@dataclass
+class PruneConfig:
+    """Lottery-ticket pruning (``medxfer prune``); plain ``train`` ignores it."""
+
+    levels: int = 5  # pruning rounds after the dense level 0
+    fraction: float = 0.2  # of the surviving weights removed per round (global magnitude)
+    target_sparsity: float = 0.0  # > 0: per-round fraction chosen to end exactly there
+    rewind: str = "init"  # init | epoch:K | lr (keep the weights, replay the LR schedule)
+    controls: bool = True  # per level: same mask randomly re-initialized, random mask
+    include_head: bool = False  # prune the classification head too
+    finetune: bool = False  # baseline per level: prune the trained weights and fine-tune
+    finetune_lr_scale: float = 0.1  # fine-tuning learning rate = train.lr * this
 
 
 @dataclass
@@ -95,16 +134,20 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the result (not the output location)."""
+        """Hash of everything that changes the result (not the output location, not ``tune``)."""
         d = self.to_dict()
         d.pop("out_dir")
         d.pop("name")
+        d.pop("tune")
         d["train"].pop("device")
+        d.pop("prune")  # a trained run does not depend on it; keeps older run folders' hashes
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

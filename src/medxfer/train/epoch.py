@@ -86,10 +86,15 @@ def predict_probs(
     loader: BatchLoader,
     compute: Compute,
     *,
-    tta: bool = False,
+    tta: bool | list[list[int]] = False,
     desc: str = "eval",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels over the loader's indices, gathered across ranks."""
+    """Softmax probabilities and labels over the loader's indices, gathered across ranks.
+
+    ``tta``: also average the logits over flipped copies (a list of flip dims, e.g.
+    ``[[3], [2]]`` for horizontal and vertical; ``True`` = horizontal only).
+    """
+    flips = [[3]] if tta is True else (tta or [])
     model.eval()
     probs, labels = [], []
     with _progress(compute.is_main) as bar:
@@ -97,8 +102,9 @@ def predict_probs(
         for x, y in loader:
             with compute.autocast():
                 logits = model(x).float()
-                if tta:
-                    logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+                for dims in flips:
+                    logits = logits + model(torch.flip(x, dims=dims)).float()
+                logits = logits / (1 + len(flips))
             probs.append(torch.softmax(logits, dim=1).cpu())
             labels.append(y.cpu())
             bar.advance(task)

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,17 @@ def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(buf.getvalue(), run_dir / "history.csv")
 
 
+def tta_flips(cfg: ExperimentConfig) -> list[list[int]]:
+    """Test-time augmentation uses the flips the model was trained with (none if eval.tta off)."""
+    if not cfg.eval.tta:
+        return []
+    return ([[3]] if cfg.augment.hflip else []) + ([[2]] if cfg.augment.vflip else [])
+
+
 def _validate(s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-    probs, labels = predict_probs(s.model, s.val_loader, c, tta=cfg.eval.tta, desc="  val")
+    probs, labels = predict_probs(s.model, s.val_loader, c, tta=tta_flips(cfg), desc="  val")
     pred = probs.argmax(1)
     return {
         "val_loss": loss_from_probs(probs, labels),
@@ -102,12 +110,17 @@ def fit(
     resume: bool = False,
     callbacks: tuple[EpochCallback, ...] = (),
     prepare_model: Callable[[torch.nn.Module], None] | None = None,
+    evaluate_test: bool = True,
+    start_epoch: int = 0,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; return the final metrics (also in metrics.json).
 
     ``prepare_model`` is called on the bare network after it is built and before training (or
     resuming) starts: the hook later stages use to load a rewound state or attach pruning masks.
     ``callbacks`` are called after every epoch with (epoch, history row).
+    ``evaluate_test=False`` never runs the model on the test split (tuning trials).
+    ``start_epoch=k`` begins a fresh run at epoch ``k`` of the schedule (epochs before it are
+    skipped and the LR schedule is advanced past them): late rewinding retrains from epoch k.
     """
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
@@ -122,6 +135,9 @@ def fit(
         atomic_write_json(s.data.info, run_dir / "data.json")
     history: list[dict[str, Any]] = []
     best, stale, start = -1.0, 0, 0
+    if start_epoch:
+        start = start_epoch
+        _skip_schedule(s, start_epoch, cfg.train.steps_per_epoch)
     last = run_dir / "last.pt"
     if resume and last.exists():
         st = load_checkpoint(last)
@@ -177,7 +193,17 @@ def fit(
             if c.is_main:
                 console.print(f"early stopping: no val improvement for {stale} epochs")
             break
-    return finish(cfg, run_dir, s, c, history, time.perf_counter() - t_start)
+    seconds = time.perf_counter() - t_start
+    return finish(cfg, run_dir, s, c, history, seconds, evaluate_test=evaluate_test)
+
+
+def _skip_schedule(s: Setup, epochs: int, cap: int) -> None:
+    """Put the LR schedule where it stands after ``epochs`` epochs (``cap``: steps_per_epoch)."""
+    per_epoch = len(s.train_loader) if cap <= 0 else min(cap, len(s.train_loader))
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        s.sched.last_epoch = epochs * per_epoch - 1
+        s.sched.step()
 
 
 def finish(
@@ -187,8 +213,12 @@ def finish(
     c: compute_mod.Compute,
     history: list[dict[str, Any]],
     seconds: float,
+    *,
+    evaluate_test: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate the best checkpoint on val and test; write metrics.json and the figures."""
+    """Evaluate the best checkpoint on val and test; write metrics.json and the figures.
+
+    With ``evaluate_test=False`` only the validation split is evaluated."""
     _record_ranks(run_dir, s, c)
     compute_mod.barrier(c)
     best = load_checkpoint(run_dir / "best.pt")
@@ -208,10 +238,11 @@ def finish(
                     "precision": str(c.dtype) if c.dtype else "fp32", "world_size": c.world,
                     "threads": torch.get_num_threads()},
     }  # fmt: skip
-    for split, loader in (("val", s.val_loader), ("test", s.test_loader)):
+    splits = [("val", s.val_loader), ("test", s.test_loader)][: 2 if evaluate_test else 1]
+    for split, loader in splits:
         if len(loader.indices) == 0:
             continue
-        probs, labels = predict_probs(s.model, loader, c, tta=cfg.eval.tta, desc=f"  {split}")
+        probs, labels = predict_probs(s.model, loader, c, tta=tta_flips(cfg), desc=f"  {split}")
         if c.is_main:
             results[split] = compute_metrics(
                 labels, probs, s.data.classes, n_bootstrap=cfg.eval.n_bootstrap, seed=cfg.train.seed

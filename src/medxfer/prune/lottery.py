@@ -1,0 +1,261 @@
+"""Iterative magnitude pruning with rewinding (the lottery ticket procedure) on top of ``fit``.
+
+Level 0 trains the dense network and keeps its starting point (``init.pt``: ImageNet backbone +
+freshly initialised head) and, for late rewinding, its state after K epochs. Level k prunes the
+previous ticket's final weights (global magnitude), rewinds the survivors and retrains under
+the mask. Controls that tell whether the ticket is special: the same mask with randomly
+re-initialised weights, and a random mask with the same per-layer sparsity on the rewound
+weights; optionally the classic baseline: keep the pruned trained weights and fine-tune.
+Ticket and controls share one schedule (with ``epoch:K`` all retrain epochs K..E-1 from the
+LR at epoch K), so they differ only in their weights or their mask.
+
+Every run is a normal run folder (``level_k/<kind>/``: config, checkpoints, metrics.json) plus
+``mask.pt``; complete runs are skipped and interrupted ones resume, so a killed lottery is
+continued by running the same command again.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from medxfer.config import ExperimentConfig
+from medxfer.errors import MedxferError
+from medxfer.models import create_model
+from medxfer.models.registry import entry
+from medxfer.prune.magnitude import attach, fold_reparam, plain_state_dict, prune_count
+from medxfer.prune.mask import Mask, random_like
+from medxfer.prune.plan import Settings, bind_folder, kept_schedule, make_settings
+from medxfer.runs import is_complete
+from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
+from medxfer.train.loop import EpochCallback, fit
+
+console = Console(stderr=True)
+State = dict[str, torch.Tensor]
+
+
+def run_dir(out_dir: Path, level: int, kind: str) -> Path:
+    return out_dir / f"level_{level}" / kind
+
+
+def trained_state(run: Path) -> State:
+    """The final weights of a finished run (plain layout); a clear error when there are none."""
+    if not (run / "last.pt").exists():
+        raise MedxferError(f"{run} was never trained (no last.pt)", "train it before pruning it")
+    if not is_complete(run):
+        raise MedxferError(f"training of {run} did not finish", "run the same command again")
+    return fold_reparam(load_checkpoint(run / "last.pt")["model"])
+
+
+def _train(
+    cfg: ExperimentConfig,
+    run: Path,
+    prepare: Callable[[nn.Module], None],
+    callbacks: tuple[EpochCallback, ...],
+    start_epoch: int = 0,
+) -> None:
+    if is_complete(run):
+        console.print(f"already complete: {run}")
+        return
+    fit(cfg, run, resume=(run / "last.pt").exists(), prepare_model=prepare,
+        callbacks=callbacks, start_epoch=start_epoch)  # fmt: skip
+
+
+def train_dense(
+    cfg: ExperimentConfig, out_dir: Path, s: Settings, callbacks: tuple[EpochCallback, ...]
+) -> None:
+    """Level 0: the dense run; keeps ``init.pt`` and, for ``epoch:K``, ``rewind_epochK.pt``."""
+    run, k = run_dir(out_dir, 0, "dense"), s.rewind_epoch
+    rewind_file = out_dir / f"rewind_epoch{k}.pt"
+    if k and not rewind_file.exists() and _past_epoch(run, k - 1):
+        shutil.rmtree(run)  # killed between last.pt and the rewind save (or stopped early)
+    exclude = [] if s.include_head else [entry(cfg.model.arch).head]
+    model: list[nn.Module] = []
+
+    def prepare(m: nn.Module) -> None:
+        model.append(m)
+        if not (run / "mask.pt").exists():
+            Mask.dense(m, exclude).save(run / "mask.pt")
+        if not (out_dir / "init.pt").exists():
+            atomic_save(plain_state_dict(m), out_dir / "init.pt")
+
+    def keep_rewind_point(epoch: int, row: dict[str, Any]) -> None:
+        if k and epoch == k - 1:
+            atomic_save(plain_state_dict(model[0]), rewind_file)
+
+    _train(cfg, run, prepare, (keep_rewind_point, *callbacks))
+    if k and not rewind_file.exists():
+        raise MedxferError(
+            f"level 0 ended before epoch {k}, so there is no state to rewind to",
+            "turn off train.early_stopping or choose a smaller K in --rewind epoch:K",
+        )
+
+
+def _past_epoch(run: Path, epoch: int) -> bool:
+    """Whether ``run`` has finished ``epoch`` (0-based) already."""
+    if not (run / "last.pt").exists():
+        return False
+    return is_complete(run) or load_checkpoint(run / "last.pt")["epoch"] >= epoch
+
+
+def rewind_state(out_dir: Path, level: int, s: Settings) -> State:
+    """Where the ticket of ``level`` restarts from: init, epoch K, or the previous final weights."""
+    if s.rewind == "lr":
+        return trained_state(source_dir(out_dir, level))
+    name = "init.pt" if s.rewind == "init" else f"rewind_epoch{s.rewind_epoch}.pt"
+    state: State = torch.load(out_dir / name, map_location="cpu", weights_only=True)
+    return state
+
+
+def random_state(model: nn.Module, cfg: ExperimentConfig, seed: int) -> State:
+    """Fresh random weights for ``model``'s architecture (no ImageNet), seeded per level."""
+    head = model.get_submodule(entry(cfg.model.arch).head)
+    assert isinstance(head, nn.Linear)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = create_model(cfg.model.arch, weights="none", num_classes=head.out_features)
+    return fresh.model.state_dict()
+
+
+def source_dir(out_dir: Path, level: int) -> Path:
+    """The run whose final weights level ``level`` prunes: the dense run, then each ticket."""
+    return run_dir(out_dir, level - 1, "dense" if level == 1 else "ticket")
+
+
+def make_prepare(mask: Mask, state: Callable[[nn.Module], State]) -> Callable[[nn.Module], None]:
+    """``fit``'s hook: load the starting weights, then attach the mask (zeroing the pruned)."""
+
+    def prepare(model: nn.Module) -> None:
+        try:
+            model.load_state_dict(state(model))
+        except RuntimeError as err:
+            first = str(err).splitlines()[1:2] or [str(err)]
+            raise MedxferError(
+                f"the starting weights do not fit the model: {first[0].strip()}",
+                "the lottery folder was made with another model; use another --out or --force",
+            ) from None
+        attach(model, mask)
+
+    return prepare
+
+
+def _mask(path: Path, make: Callable[[], Mask]) -> Mask:
+    """The mask a run was started with (resume) or a new one, saved before training starts."""
+    if path.exists():
+        return Mask.load(path)
+    mask = make()
+    mask.save(path)
+    return mask
+
+
+def train_level(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    level: int,
+    kept: int,
+    s: Settings,
+    callbacks: tuple[EpochCallback, ...] = (),
+) -> None:
+    """Prune, rewind and retrain the ticket of ``level``, then its controls and baseline."""
+    src = source_dir(out_dir, level)
+
+    def new_mask() -> Mask:
+        prev = Mask.load(src / "mask.pt")
+        return prune_count(trained_state(src), prev, prev.kept - kept)
+
+    mask = _mask(run_dir(out_dir, level, "ticket") / "mask.pt", new_mask)
+    if mask.kept != kept:
+        raise MedxferError(f"{out_dir} level {level} keeps {mask.kept} weights, expected {kept}")
+    seed = cfg.train.seed * 1000 + level
+
+    def rewound(_: nn.Module) -> State:
+        return rewind_state(out_dir, level, s)
+
+    def reinit(model: nn.Module) -> State:
+        return random_state(model, cfg, seed + 500)
+
+    def trained(_: nn.Module) -> State:
+        return trained_state(src)
+
+    jobs: list[tuple[str, Mask, Callable[[nn.Module], State]]] = [("ticket", mask, rewound)]
+    if s.controls:
+        path = run_dir(out_dir, level, "random_mask") / "mask.pt"
+        jobs += [
+            ("random_reinit", mask, reinit),
+            ("random_mask", _mask(path, lambda: random_like(mask, seed)), rewound),
+        ]
+    if s.finetune:
+        jobs.append(("finetune", mask, trained))
+    for kind, kind_mask, state in jobs:
+        _train_pruned(cfg, out_dir, level, kind, kind_mask, state, s, callbacks)
+
+
+def _train_pruned(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    level: int,
+    kind: str,
+    mask: Mask,
+    state: Callable[[nn.Module], State],
+    s: Settings,
+    callbacks: tuple[EpochCallback, ...],
+) -> None:
+    run = run_dir(out_dir, level, kind)
+    if is_complete(run):
+        return
+    if not (run / "mask.pt").exists():
+        mask.save(run / "mask.pt")
+    run_cfg, start = cfg, s.rewind_epoch
+    if kind == "finetune":
+        run_cfg, start = finetune_config(cfg, s.finetune_lr_scale), 0
+    info = {"level": level, "kind": kind, "rewind": s.rewind, "start_epoch": start,
+            "sparsity": mask.sparsity, "kept": mask.kept, "total": mask.total,
+            "pruned_from": source_dir(out_dir, level)}  # fmt: skip
+    atomic_write_json(info, run / "prune.json")
+    console.print(f"level {level} {kind}: sparsity {mask.sparsity:.4f}")
+    _train(run_cfg, run, make_prepare(mask, state), callbacks, start)
+
+
+def finetune_config(cfg: ExperimentConfig, lr_scale: float) -> ExperimentConfig:
+    """The fine-tuning baseline: same epochs, ``lr_scale`` times the learning rate, no warm-up."""
+    out = copy.deepcopy(cfg)
+    out.train.lr = cfg.train.lr * lr_scale
+    out.train.warmup_epochs = 0.0
+    return out
+
+
+def run_lottery(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    *,
+    levels: int,
+    fraction: float = 0.2,
+    target_sparsity: float | None = None,
+    rewind: str = "init",
+    controls: bool = True,
+    include_head: bool = False,
+    finetune: bool = False,
+    finetune_lr_scale: float = 0.1,
+    callbacks: tuple[EpochCallback, ...] = (),
+) -> dict[str, Any]:
+    """Run (or continue) the whole lottery in ``out_dir``; returns the ``lottery.json`` summary."""
+    from medxfer.prune.report import write_summary
+
+    s = make_settings(
+        cfg, levels=levels, fraction=fraction, target_sparsity=target_sparsity, rewind=rewind,
+        controls=controls, include_head=include_head, finetune=finetune,
+        finetune_lr_scale=finetune_lr_scale,
+    )  # fmt: skip
+    bind_folder(out_dir, s)
+    train_dense(cfg, out_dir, s, callbacks)
+    kept = kept_schedule(Mask.load(run_dir(out_dir, 0, "dense") / "mask.pt").total, s)
+    for level in range(1, levels + 1):
+        train_level(cfg, out_dir, level, kept[level], s, callbacks)
+    return write_summary(out_dir, s.levels)

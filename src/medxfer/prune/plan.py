@@ -1,0 +1,92 @@
+"""What a lottery is asked to do, validated once: settings, the sparsity schedule, and the
+binding of an output folder to its settings (a rerun with other settings is refused, so one
+folder never mixes two experiments)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from medxfer.config import ExperimentConfig
+from medxfer.errors import MedxferError
+from medxfer.train.checkpoint import atomic_write_json
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a lottery folder was made with; a rerun with other settings is refused."""
+
+    fingerprint: str
+    levels: int
+    fraction: float
+    target_sparsity: float | None
+    rewind: str
+    controls: bool
+    include_head: bool
+    finetune: bool
+    finetune_lr_scale: float
+
+    @property
+    def rewind_epoch(self) -> int:
+        """K for ``epoch:K`` (retraining starts at epoch K of the schedule), else 0."""
+        return int(self.rewind.split(":")[1]) if self.rewind.startswith("epoch:") else 0
+
+    def key(self) -> dict[str, Any]:
+        """The settings a folder is bound to. Levels may grow when each round prunes a fraction."""
+        d = asdict(self)
+        if self.target_sparsity is None:
+            d.pop("levels")
+        return d
+
+
+def make_settings(cfg: ExperimentConfig, **kw: Any) -> Settings:
+    s = Settings(fingerprint=cfg.fingerprint(), **kw)
+    if s.levels < 1:
+        raise MedxferError(f"levels={s.levels}: need at least one pruning level", "e.g. --levels 5")
+    if s.target_sparsity is not None and not 0.0 < s.target_sparsity < 1.0:
+        raise MedxferError(
+            f"target sparsity {s.target_sparsity} is not in (0, 1)", "e.g. --target-sparsity 0.9"
+        )
+    if s.finetune_lr_scale <= 0:
+        raise MedxferError("prune.finetune_lr_scale must be positive", "e.g. 0.1")
+    if not 0.0 < s.fraction < 1.0:
+        raise MedxferError(f"pruning fraction {s.fraction} is not in (0, 1)", "e.g. --fraction 0.2")
+    ok = s.rewind in ("init", "lr") or (
+        s.rewind.startswith("epoch:") and s.rewind[6:].isdigit() and int(s.rewind[6:]) >= 1
+    )
+    if not ok:
+        raise MedxferError(f"rewind={s.rewind!r} is not understood", "use init, epoch:K or lr")
+    if s.rewind_epoch >= cfg.train.epochs:
+        raise MedxferError(
+            f"rewind to epoch {s.rewind_epoch} needs more than {cfg.train.epochs} training epochs",
+            "choose a smaller K in --rewind epoch:K or raise train.epochs",
+        )
+    return s
+
+
+def kept_schedule(total: int, s: Settings) -> list[int]:
+    """Weights kept after each level 0..L: a fraction of the survivors per round, or a
+    geometric schedule that ends exactly at the target sparsity."""
+    kept = [total]
+    for k in range(1, s.levels + 1):
+        if s.target_sparsity is None:
+            kept.append(kept[-1] - round(kept[-1] * s.fraction))
+        else:
+            kept.append(round(total * (1.0 - s.target_sparsity) ** (k / s.levels)))
+    return kept
+
+
+def bind_folder(out_dir: Path, s: Settings) -> None:
+    """Record ``s`` in ``out_dir/settings.json``; refuse a folder made with other settings."""
+    path = out_dir / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in s.key()} != s.key():
+            raise MedxferError(
+                f"{out_dir} holds a lottery run with other settings ({old})",
+                "use another --out folder, or --force to start again",
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(asdict(s), path)

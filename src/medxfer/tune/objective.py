@@ -1,0 +1,118 @@
+"""One trial = one ``fit`` of the sampled config on train/val; the test split is never touched.
+
+``Objective`` follows the Optuna examples' pattern (a callable class holding config and data):
+
+    study.optimize(Objective(cfg, params, study_dir), n_trials=20)
+
+Each epoch reports the validation metric to the trial, so the pruner can stop a poor trial early;
+the objective value is the best validation metric over the epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+
+from medxfer.config import ExperimentConfig
+from medxfer.errors import MedxferError
+from medxfer.train.loop import EpochCallback, fit
+from medxfer.tune.search_space import Param, apply_params, suggest
+
+Direction = Literal["maximize", "minimize"]
+METRICS: dict[str, Direction] = {
+    "val_balanced_accuracy": "maximize",
+    "val_accuracy": "maximize",
+    "val_loss": "minimize",
+}
+
+
+def direction(metric: str) -> Direction:
+    if metric not in METRICS:
+        raise MedxferError(f"tune.metric={metric!r} is not known", f"use one of {list(METRICS)}")
+    return METRICS[metric]
+
+
+def trial_config(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+    """The config one trial trains: the sampled values, then the per-trial budget."""
+    cfg = apply_params(base, values)
+    if base.tune.epochs > 0 and "train.epochs" not in values:
+        cfg.train.epochs = base.tune.epochs
+    cfg.data.train_subset = min(1.0, cfg.data.train_subset * base.tune.train_subset)
+    return cfg
+
+
+def best_config(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+    """The full-budget config with the best values: what ``medxfer train --config`` gets."""
+    return apply_params(base, values)
+
+
+def report_callback(trial: optuna.Trial, metric: str) -> EpochCallback:
+    """An epoch callback for ``fit``: report the metric; raise ``TrialPruned`` when told to."""
+
+    def report(epoch: int, row: dict[str, Any]) -> None:
+        value = float(row[metric])
+        trial.report(value, epoch)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_after_epoch", epoch + 1)
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {metric} {value:.4f}")
+
+    return report
+
+
+def best_of(history: list[float], metric: str) -> float:
+    return min(history) if direction(metric) == "minimize" else max(history)
+
+
+class Objective:
+    """Train one sampled config per trial into ``<study_dir>/trials/<number>/``."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        params: list[Param],
+        study_dir: Path,
+        *,
+        threads: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.params = params
+        self.study_dir = study_dir
+        self.metric = cfg.tune.metric
+        self.threads = threads  # torch threads per trial when several workers share the CPU
+        direction(self.metric)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg = trial_config(self.cfg, suggest(trial, self.params))
+        if self.threads and cfg.train.threads == 0:
+            cfg.train.threads = self.threads
+        run_dir = self.study_dir / "trials" / str(trial.number)
+        if run_dir.exists():  # a leftover of an earlier attempt under this number: start fresh
+            shutil.rmtree(run_dir)
+        trial.set_user_attr("trial_dir", str(run_dir))
+        seen: list[float] = []
+
+        def keep(epoch: int, row: dict[str, Any]) -> None:
+            seen.append(float(row[self.metric]))
+
+        try:
+            result = fit(
+                cfg,
+                run_dir,
+                callbacks=(keep, report_callback(trial, self.metric)),
+                evaluate_test=False,
+            )
+        except MedxferError as err:
+            trial.set_user_attr("error", err.message)
+            raise
+        finally:
+            (run_dir / "last.pt").unlink(missing_ok=True)  # trials are never resumed
+        trial.set_user_attr("epochs_run", result["epochs_run"])
+        trial.set_user_attr("best_epoch", result["best_epoch"])
+        value = best_of(seen, self.metric)
+        if not math.isfinite(value):  # diverged: a failed trial, not one to retry
+            raise FloatingPointError(f"{self.metric} is {value} (training diverged)")
+        return value

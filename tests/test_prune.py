@@ -1,0 +1,334 @@
+"""Lottery-ticket pruning: exact sparsity, masks that only shrink, zeros that stay zero, exact
+rewinding, controls, resume, export, and one tiny lottery end to end on the synthetic set."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from medxfer.cli import main
+from medxfer.config import load_config
+from medxfer.errors import MedxferError
+from medxfer.models import create_model
+from medxfer.prune.export import (
+    compact,
+    export_run,
+    latency_report,
+    load_compact_model,
+    onnx_check,
+)
+from medxfer.prune.lottery import (
+    finetune_config,
+    make_prepare,
+    rewind_state,
+    run_dir,
+    run_lottery,
+    trained_state,
+)
+from medxfer.prune.magnitude import (
+    attach,
+    global_magnitude_prune,
+    make_permanent,
+    mask_of,
+    plain_state_dict,
+    prune_count,
+)
+from medxfer.prune.mask import Mask, check_fits, random_like
+from medxfer.prune.plan import kept_schedule, make_settings
+
+FAST = [
+    "model.arch=resnet18", "model.weights=none", "data.image_size=32", "train.epochs=3",
+    "train.batch_size=8", "train.steps_per_epoch=1", "train.eval_batch_size=128",
+    "eval.n_bootstrap=20", "train.optimizer=sgd",  # SGD: half of AdamW's state to checkpoint
+]  # fmt: skip
+LOTTERY = ["--levels", "1", "--fraction", "0.2", "--rewind", "epoch:1"]
+
+
+def _resnet(num_classes: int = 4, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model("resnet18", weights="none", num_classes=num_classes).model
+
+
+def _tiny(num_classes: int = 4, seed: int = 0) -> nn.Module:
+    """Conv / BatchNorm / Linear like the backbones, small enough for unit tests on 2 cores."""
+    torch.manual_seed(seed)
+    layers = {
+        "conv1": nn.Conv2d(3, 8, 3), "bn1": nn.BatchNorm2d(8), "relu": nn.ReLU(),
+        "conv2": nn.Conv2d(8, 16, 3, bias=False), "bn2": nn.BatchNorm2d(16),
+        "pool": nn.AdaptiveAvgPool2d(1), "flat": nn.Flatten(), "fc": nn.Linear(16, num_classes),
+    }  # fmt: skip
+    return nn.Sequential(OrderedDict(layers))
+
+
+@pytest.fixture(scope="module")
+def lottery(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One tiny lottery through the CLI: dense level 0 (3 epochs), ticket + 2 controls at 20%."""
+    out = tmp_path_factory.mktemp("lottery") / "lth"
+    with pytest.MonkeyPatch.context() as mp:  # module scope: set what conftest sets per test
+        mp.setenv("MEDXFER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+        assert main(["prune", "--data", str(synth_root), "--out", str(out), *LOTTERY, *FAST]) == 0
+        yield out
+
+
+# ---------------------------------------------------------------- masks and pruning, no training
+
+
+def test_mask_covers_conv_and_linear_and_saves(tmp_path: Path) -> None:
+    model = _tiny()
+    mask = Mask.dense(model, exclude=["fc"])
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert list(mask) == [f"{n}.weight" for n in convs] and mask.sparsity == 0.0
+    assert "fc.weight" in Mask.dense(model)
+    pruned = global_magnitude_prune(model, mask, 0.3)
+    pruned.save(tmp_path / "m.pt")
+    back = Mask.load(tmp_path / "m.pt")
+    assert back.keys() == pruned.keys() and all(torch.equal(back[k], pruned[k]) for k in back)
+    assert back.sparsity == (back.total - back.kept) / back.total
+    rnd = random_like(pruned, seed=1)
+    assert rnd.kept_per_layer() == pruned.kept_per_layer() and rnd.per_layer() == back.per_layer()
+    assert not all(torch.equal(rnd[k], pruned[k]) for k in rnd)
+
+
+def test_global_prune_exact_count_one_threshold_masks_shrink() -> None:
+    model = _tiny()
+    weights = plain_state_dict(model)
+    mask = Mask.dense(model, exclude=["fc"])
+    for _ in range(3):
+        new = global_magnitude_prune(weights, mask, 0.2)
+        assert mask.kept - new.kept == round(0.2 * mask.kept)  # exact, to the weight
+        assert new.is_subset_of(mask)  # masks only shrink
+        removed = torch.cat([weights[k].abs()[mask[k] & ~new[k]] for k in new])
+        kept = torch.cat([weights[k].abs()[new[k]] for k in new])
+        assert removed.max() <= kept.min()  # one global threshold across layers
+        mask = new
+
+
+def test_ties_are_broken_deterministically() -> None:
+    weights = {"a.weight": torch.ones(4, 5), "b.weight": torch.ones(3, 2)}
+    mask = Mask({k: torch.ones(v.shape, dtype=torch.bool) for k, v in weights.items()})
+    first, second = prune_count(weights, mask, 7), prune_count(weights, mask, 7)
+    assert first.kept == 26 - 7 and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_pruned_weights_stay_zero_through_training(optimizer: str) -> None:
+    model = _tiny().to(memory_format=torch.channels_last)
+    mask = global_magnitude_prune(model, Mask.dense(model, exclude=["fc"]), 0.5)
+    attach(model, mask)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (
+        torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5)
+        if optimizer == "adamw"
+        else torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)
+    )
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
+    before = plain_state_dict(model)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    state = plain_state_dict(model)
+    assert all(not state[k][~m].any() for k, m in mask.items())  # effective weights
+    for k, m in mask.items():  # and the optimizer never moved the underlying ones either
+        assert not model.get_submodule(k.removesuffix(".weight")).weight_orig[~m].any()
+    assert any(not torch.equal(state[k][m], before[k][m]) for k, m in mask.items())
+    # checkpoints keep the plain layout: a model without pruning loads them and agrees
+    assert set(state) == set(_tiny().state_dict())
+    plain = _tiny(seed=1).to(memory_format=torch.channels_last).eval()
+    plain.load_state_dict(model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x))
+    # ...and so does a freshly pruned one (what --resume does), with the same mask
+    again = attach(_tiny(seed=2), mask)
+    again.load_state_dict(model.state_dict())
+    assert all(torch.equal(mask_of(again)[k], m) for k, m in mask.items())
+    make_permanent(model)
+    assert not any(n.endswith("_orig") for n, _ in model.named_parameters())
+    assert all(not model.state_dict()[k][~m].any() for k, m in mask.items())
+
+
+def test_mask_that_does_not_fit_is_one_clear_error() -> None:
+    mask = Mask.dense(_tiny(), exclude=[])
+    with pytest.raises(MedxferError, match="does not fit"):
+        check_fits(mask, _tiny(num_classes=3), "the checkpoint")  # the head's shape differs
+    with pytest.raises(MedxferError, match="does not fit"):
+        attach(_resnet(), mask)
+    pruned = global_magnitude_prune(_tiny(), Mask.dense(_tiny(), exclude=["fc"]), 0.5)
+    with pytest.raises(MedxferError, match="nonzero weights where the mask prunes"):
+        compact(plain_state_dict(_tiny(seed=3)), pruned)  # a dense checkpoint, not this mask's
+
+
+def _settings(**over: object):  # type: ignore[no-untyped-def]
+    kw = {
+        "levels": 1,
+        "fraction": 0.2,
+        "target_sparsity": None,
+        "rewind": "init",
+        "controls": True,
+        "include_head": False,
+        "finetune": False,
+        "finetune_lr_scale": 0.1,
+    }
+    return make_settings(load_config(None, FAST), **(kw | over))  # fmt: skip
+
+
+def test_schedule_and_settings() -> None:
+    assert kept_schedule(1000, _settings(levels=3)) == [1000, 800, 640, 512]
+    tgt = kept_schedule(12345, _settings(levels=4, target_sparsity=0.9))
+    assert tgt[-1] == round(12345 * 0.1) and tgt == sorted(tgt, reverse=True)
+    for over, needle in [({"target_sparsity": 1.0}, r"not in \(0, 1\)"),
+                         ({"target_sparsity": 0.0}, r"not in \(0, 1\)"),
+                         ({"fraction": 1.0}, r"not in \(0, 1\)"),
+                         ({"levels": 0}, "at least one"),
+                         ({"rewind": "epoch:3"}, "needs more than 3"),
+                         ({"rewind": "sometimes"}, "not understood")]:  # fmt: skip
+        with pytest.raises(MedxferError, match=needle):
+            _settings(**over)
+    cfg = load_config(None, ["train.lr=0.002"])
+    ft = finetune_config(cfg, 0.1)
+    assert ft.train.lr == pytest.approx(0.0002) and ft.train.warmup_epochs == 0
+    assert cfg.train.lr == 0.002  # the experiment's own config is untouched
+
+
+# ---------------------------------------------------------------- the lottery itself
+
+
+def test_lottery_end_to_end(lottery: Path) -> None:
+    summary = json.loads((lottery / "lottery.json").read_text())
+    assert (lottery / "sparsity_vs_accuracy.png").stat().st_size > 0
+    dense = Mask.load(run_dir(lottery, 0, "dense") / "mask.pt")
+    ticket = Mask.load(run_dir(lottery, 1, "ticket") / "mask.pt")
+    assert dense.total - ticket.kept == round(0.2 * dense.total)  # exact, to the weight
+    assert ticket.is_subset_of(dense) and "fc.weight" not in ticket
+    level1 = summary["levels"][1]
+    assert level1["kept"] == ticket.kept and level1["per_layer"] == ticket.per_layer()
+    assert set(level1["runs"]) == {"ticket", "random_reinit", "random_mask"}
+    assert {"accuracy", "balanced_accuracy"} <= set(level1["runs"]["ticket"]["test"])
+    for kind in ("ticket", "random_reinit", "random_mask"):
+        run = run_dir(lottery, 1, kind)
+        mask = Mask.load(run / "mask.pt")
+        assert mask.kept_per_layer() == ticket.kept_per_layer()  # same per-layer sparsity
+        state = torch.load(run / "best.pt", weights_only=False)["model"]
+        assert all(not state[k][~m].any() for k, m in mask.items())  # zeros survived training
+        history = json.loads((run / "history.json").read_text())
+        assert [h["epoch"] for h in history] == [2, 3]  # epoch:1 rewinding retrains epochs 2-3
+    assert torch.equal(Mask.load(run_dir(lottery, 1, "random_reinit") / "mask.pt")["conv1.weight"],
+                       ticket["conv1.weight"])  # fmt: skip
+    rnd = Mask.load(run_dir(lottery, 1, "random_mask") / "mask.pt")
+    assert not torch.equal(rnd["layer4.1.conv2.weight"], ticket["layer4.1.conv2.weight"])
+
+
+@pytest.mark.parametrize("rewind", ["init", "epoch:1", "lr"])
+def test_rewinding_restores_saved_weights(lottery: Path, rewind: str) -> None:
+    s = _settings(rewind=rewind)
+    saved = {"init": lottery / "init.pt", "epoch:1": lottery / "rewind_epoch1.pt"}.get(rewind)
+    target = (
+        torch.load(saved, weights_only=True)
+        if saved
+        else trained_state(run_dir(lottery, 0, "dense"))
+    )
+    mask = Mask.load(run_dir(lottery, 1, "ticket") / "mask.pt")
+    model = _resnet(seed=5)
+    make_prepare(mask, lambda _m: rewind_state(lottery, 1, s))(model)
+    got = plain_state_dict(model)
+    for key, value in target.items():
+        if key in mask:
+            assert torch.equal(got[key][mask[key]], value[mask[key]])
+            assert not got[key][~mask[key]].any()
+        else:
+            assert torch.equal(got[key], value), key
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resumed_level_equals_uninterrupted(
+    lottery: Path, synth_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "lth"
+    (out / "level_0" / "dense").mkdir(parents=True)
+    for name in ("level_0/dense/mask.pt", "level_0/dense/last.pt", "level_0/dense/metrics.json",
+                 "rewind_epoch1.pt"):  # fmt: skip
+        (out / name).symlink_to(lottery / name)  # level 0 is complete: only read
+    cfg = load_config(None, [f"data.root={synth_root}", *FAST])
+    kw = {"levels": 1, "rewind": "epoch:1", "controls": False}
+
+    def stop(epoch: int, row: object) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        run_lottery(cfg, out, callbacks=(stop,), **kw)  # type: ignore[arg-type]
+    ticket = run_dir(out, 1, "ticket")
+    assert (ticket / "last.pt").exists() and not (ticket / "metrics.json").exists()
+    run_lottery(cfg, out, **kw)  # type: ignore[arg-type]
+    a = torch.load(run_dir(lottery, 1, "ticket") / "last.pt", weights_only=False)
+    b = torch.load(ticket / "last.pt", weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    ma = json.loads((run_dir(lottery, 1, "ticket") / "metrics.json").read_text())["test"]
+    mb = json.loads((ticket / "metrics.json").read_text())["test"]
+    assert ma["confusion_matrix"] == mb["confusion_matrix"]
+    with pytest.raises(MedxferError, match="other settings"):
+        run_lottery(cfg, out, levels=1, rewind="init", controls=False)
+
+
+def test_export_round_trip(lottery: Path) -> None:
+    run = run_dir(lottery, 1, "ticket")
+    report = export_run(run, latency=False, onnx=False)
+    sizes = report["sizes"]
+    assert sizes["compact"]["raw_bytes"] < sizes["dense"]["raw_bytes"]
+    assert sizes["kept_weights"] == Mask.load(run / "mask.pt").kept
+    best = torch.load(run / "best.pt", weights_only=False)
+    restored, meta = load_compact_model(run / "export" / "model.sparse.pt")
+    state = restored.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in best["model"].items())
+    from medxfer.evaluate.predict import load_trained
+
+    original, _ = load_trained(run)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(original(x), restored(x))
+    assert meta["classes"] == best["meta"]["classes"]
+    assert json.loads((run / "export" / "export.json").read_text())["sizes"] == sizes
+
+
+def test_latency_report_says_plainly() -> None:
+    pruned = make_permanent(
+        attach(_tiny(), global_magnitude_prune(_tiny(), Mask.dense(_tiny()), 0.9))
+    )
+    report = latency_report(pruned, _tiny(seed=1), 32, batches=(1, 4), repeats=2)
+    assert set(report) >= {"batch_1", "batch_4", "note", "threads"}
+    assert report["batch_4"]["dense_ms"] > 0 and "faster" in report["note"]
+
+
+def test_onnx_export_matches_torch(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    model = attach(_tiny(), global_magnitude_prune(_tiny(), Mask.dense(_tiny()), 0.5))
+    result = onnx_check(make_permanent(model), 32, tmp_path / "m.onnx")
+    assert result["available"] and result["max_abs_diff"] < 1e-4
+    assert result["gzip_bytes"] < result["raw_bytes"]
+
+
+def test_bad_input_through_the_cli(
+    lottery: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["prune", "--target-sparsity", "1.5", "--out", str(tmp_path / "x"), *FAST]) == 2
+    assert "not in (0, 1)" in capsys.readouterr().err
+    (tmp_path / "untrained").mkdir()
+    assert main(["prune", "--export", str(tmp_path / "untrained")]) == 2
+    assert "never trained" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run_dir(lottery, 1, "ticket"), foreign)
+    Mask.dense(_tiny()).save(foreign / "mask.pt")
+    assert main(["prune", "--export", str(foreign), "--no-latency", "--no-onnx"]) == 2
+    assert "does not fit" in capsys.readouterr().err
