@@ -94,6 +94,25 @@ _ARCH_KEYS = (
 )  # fmt: skip
 
 
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median images/s (all rounds are kept in the JSON too)."""
+    ordered = sorted(runs, key=lambda r: r["images_per_s"])
+    return dict(ordered[len(ordered) // 2])
+
+
+def reference(script: Path, arch: str, args: argparse.Namespace) -> dict[str, Any]:
+    common = ["--arch", arch, "--size", str(args.size), "--batch-size", str(args.batch_size)]
+    cmd = [sys.executable, str(script), "--data", str(args.data), *common]
+    out, _ = run([*cmd, "--steps", str(args.steps)])
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def ceiling_child(arch: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--ceiling-only", "--archs", arch, "--size", str(args.size)]
+    out, _ = run([*cmd, "--batch-size", str(args.batch_size), "--steps", str(args.steps)])
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=SHARED_DATA / "brain-tumor-mri" / "train")
@@ -101,6 +120,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--archs", nargs="+", default=["efficientnet_lite0", "resnet18"])
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds; medians reported")
     p.add_argument("--ceiling-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.ceiling_only:  # child process: keeps each measurement in a fresh interpreter
@@ -119,36 +139,14 @@ def main() -> None:
     cache_seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for arch in args.archs:
-        common = ["--arch", arch, "--size", str(args.size), "--batch-size", str(args.batch_size)]
-        out, _ = run(
-            [
-                sys.executable,
-                str(ref_script),
-                "--data",
-                str(args.data),
-                *common,
-                "--steps",
-                str(args.steps),
-            ]
-        )
-        ref = json.loads(out.strip().splitlines()[-1])
-        mx = medxfer(arch, args.data, args.size, args.batch_size, args.steps, work)
-        out, _ = run(
-            [
-                sys.executable,
-                __file__,
-                "--ceiling-only",
-                "--archs",
-                arch,
-                "--size",
-                str(args.size),
-                "--batch-size",
-                str(args.batch_size),
-                "--steps",
-                str(args.steps),
-            ]
-        )
-        ceil = json.loads(out.strip().splitlines()[-1])
+        refs, mxs, ceils = [], [], []
+        for _ in range(args.repeats):  # interleaved rounds: drift hits all three alike
+            refs.append(reference(ref_script, arch, args))
+            mxs.append(medxfer(arch, args.data, args.size, args.batch_size, args.steps, work))
+            ceils.append(ceiling_child(arch, args))
+        ref, mx, ceil = _median(refs), _median(mxs), _median(ceils)
+        for d, runs in ((ref, refs), (mx, mxs), (ceil, ceils)):
+            d["rounds_images_per_s"] = [x["images_per_s"] for x in runs]
         r = {
             "medxfer_images_per_s": mx["images_per_s"],
             "reference_images_per_s": ref["images_per_s"],
