@@ -50,6 +50,7 @@ def train_one_epoch(
         m.eval()  # a frozen backbone also keeps its BatchNorm statistics
     total = len(loader) if max_steps <= 0 else min(max_steps, len(loader))
     loss_sum, seen, timed_images, t0 = 0.0, 0, 0, 0.0
+    t_first = time.perf_counter()
     with _progress(compute.is_main) as bar:
         task = bar.add_task(f"epoch {epoch + 1} train", total=total, status="")
         for step, (x, y) in enumerate(loader):
@@ -75,7 +76,9 @@ def train_one_epoch(
             bar.update(task, advance=1, status=f"loss {loss_sum / seen:.4f}")
             if on_step is not None:
                 on_step(step)
-    elapsed = time.perf_counter() - t0 if t0 else 0.0
+    if not t0:  # an epoch too short to skip the warm-up steps: time all of it
+        t0, timed_images = t_first, seen
+    elapsed = time.perf_counter() - t0
     ips = timed_images * compute.world / elapsed if elapsed > 0 else float("nan")
     return {"train_loss": loss_sum / max(1, seen), "train_images_per_s": ips, "train_steps": total}
 
