@@ -1,7 +1,8 @@
 """Where and how the arithmetic runs: device, memory format, precision, DDP.
 
-CPU defaults are measured, not guessed (bench/throughput.py): channels-last was +13% for
-resnet18 and +43% for efficientnet_lite0 on 2 cores, bf16 autocast was slower than fp32.
+CPU defaults follow measurements on this project's 2-core machine (the foundation issue reports
+channels-last +13% for resnet18, +43% for efficientnet_lite0, bf16 autocast slower than fp32;
+bench/cpu_compute_settings.py re-measures it on any machine).
 On CUDA: channels-last and AMP (bf16 where supported, else fp16 with a grad scaler).
 """
 
