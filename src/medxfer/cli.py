@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
     _add_prune_parser(sub)
+    _add_run_parser(sub)
     m = sub.add_parser("models", help="list the registered architectures")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_cmd_models)
@@ -265,6 +266,22 @@ def _add_prune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     pr.add_argument("--no-onnx", action="store_true", help="with --export: skip the ONNX check")
     pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
     pr.set_defaults(func=_cmd_prune)
+
+
+def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from medxfer.experiment import commands
+
+    r = sub.add_parser("run", help="the whole study: audit, gan, tune, train, prune, evaluate, "
+                       "report (resumable; stages.NAME=false turns one off)")  # fmt: skip
+    r.add_argument("experiment", help="experiment YAML, e.g. configs/demo.yaml")
+    r.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. train.epochs=2 stages.gan=false data.root=PATH")
+    r.set_defaults(func=commands.cmd_run)
+    t = sub.add_parser("paper-table", help="collect finished experiments into the paper's table")
+    t.add_argument("experiments", nargs="+", help="experiment folders (runs/experiments/<name>)")
+    t.add_argument("--out", default="bench/results/paper-table.json",
+                   help="JSON file; its Markdown twin is written beside it (.md)")
+    t.set_defaults(func=commands.cmd_paper_table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,6 +151,11 @@ class ExperimentConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Top-level keys of an experiment file (`medxfer run`, medxfer.experiment) that a plain
+# train / tune / prune of the same file ignores: which stages run, the matrix of cells, report.
+EXPERIMENT_KEYS = ("stages", "matrix", "report")
+
+
 def _valid_names(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
@@ -266,6 +271,8 @@ def load_config(
             raise MedxferError(f"config file {p} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise MedxferError(f"config file {p} must hold a mapping at the top level")
+    for key in EXPERIMENT_KEYS:  # an experiment file is a superset of a plain config
+        data.pop(key, None)
     cfg: ExperimentConfig = _from_dict(ExperimentConfig, data)
     for assignment in overrides or []:
         apply_override(cfg, assignment)

@@ -1,0 +1,128 @@
+"""``run_experiment``: every cell of the matrix, every stage in order, done-markers between.
+
+A stage that finishes writes ``<cell>/stages/<stage>.json`` (its fingerprint, outputs and
+seconds). A re-run reads the marker and skips the stage when the fingerprint still matches; a
+stage that was killed has no marker and is run again, resuming through its own package. Each
+call writes ``<cell>/experiment.json`` with what happened to every stage this time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from medxfer.experiment.spec import STAGES, Experiment
+from medxfer.experiment.stages import AFTER, RUN, Context, StageUnavailable, fingerprint
+from medxfer.train.checkpoint import atomic_write_json
+
+console = Console(stderr=True)
+
+
+def command_for(exp: Experiment) -> str:
+    parts = ["medxfer", "run", *([str(exp.path)] if exp.path else []), *exp.overrides]
+    return shlex.join(parts)
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        marker: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker
+
+
+def run_stage(ctx: Context, stage: str, log: dict[str, Any]) -> None:
+    """Run (or skip) one stage; record its status in ``ctx`` and ``log``."""
+    if not ctx.exp.stages.on(stage):
+        ctx.status[stage] = "off"
+        log[stage] = {"status": "off"}
+        return
+    fp = fingerprint(stage, ctx)
+    marker_path = ctx.cell.dir / "stages" / f"{stage}.json"
+    marker = read_marker(marker_path)
+    if marker is not None and marker.get("fingerprint") == fp:
+        outputs, status, seconds = marker["outputs"], "complete", 0.0
+        console.print(f"[dim]{ctx.cell.name}: {stage} already complete, skipped[/]")
+    else:
+        console.rule(f"{ctx.cell.name}: {stage}")
+        t0 = time.perf_counter()
+        try:
+            outputs = RUN[stage](ctx)
+        except StageUnavailable as why:
+            ctx.status[stage] = f"unavailable: {why}"
+            log[stage] = {"status": "unavailable", "reason": str(why)}
+            console.print(f"[bold yellow]{ctx.cell.name}: {why}")
+            return
+        seconds = time.perf_counter() - t0
+        status = "done"
+        marker_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            {
+                "stage": stage,
+                "fingerprint": fp,
+                "outputs": outputs,
+                "seconds": seconds,
+                "command": ctx.command,
+            },
+            marker_path,
+        )
+    ctx.outputs[stage] = outputs
+    ctx.status[stage] = status
+    log[stage] = {"status": status, "seconds": seconds, "fingerprint": fp}
+    if stage in AFTER:
+        AFTER[stage](ctx, outputs)
+
+
+def run_cell(exp: Experiment, ctx: Context) -> dict[str, Any]:
+    ctx.cell.dir.mkdir(parents=True, exist_ok=True)
+    if not ctx.cfg.data.root:
+        console.print("[bold yellow]data: the embedded SYNTHETIC demo set (not medical images)")
+    log: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for stage in STAGES:
+        run_stage(ctx, stage, log)
+    summary = {
+        "experiment": exp.base.name,
+        "cell": ctx.cell.name,
+        "values": ctx.cell.values,
+        "command": ctx.command,
+        "stages": log,
+        "seconds": time.perf_counter() - t0,
+    }
+    atomic_write_json(summary, ctx.cell.dir / "experiment.json")
+    return summary
+
+
+def run_experiment(exp: Experiment, *, command: str | None = None) -> Path:
+    """Run every cell; with several cells also an overview report. Returns the folder."""
+    command = command or command_for(exp)
+    cells = exp.cells()
+    contexts = []
+    for cell in cells:
+        ctx = Context(exp, cell, copy.deepcopy(cell.cfg), command)
+        run_cell(exp, ctx)
+        contexts.append(ctx)
+    if len(cells) > 1 and exp.stages.report:
+        from medxfer.report import write_overview
+
+        write_overview(
+            exp.base.name,
+            [
+                {
+                    "cell": c.cell.name,
+                    "dir": str(c.cell.dir),
+                    "status": c.status,
+                    "outputs": c.outputs,
+                }
+                for c in contexts
+            ],
+            exp.dir,
+            command,
+        )
+    return exp.dir

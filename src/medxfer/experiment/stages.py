@@ -1,0 +1,271 @@
+"""The stages of one experiment cell, each a call into the package that owns it.
+
+audit     medxfer.data.audit on the dataset          -> audit/audit.json
+gan       medxfer.gan: train, sample, quality        -> gan-<fp>/ (sets data.synthetic)
+tune      medxfer.tune.run_study                     -> tune/<study>/ (sets the best params)
+train     medxfer.train.loop.fit, best params        -> train-<fp>/ (a normal run folder)
+prune     medxfer.prune.run_lottery                  -> prune-<fp>/ (levels, controls)
+evaluate  test metrics of both models + Grad-CAM      -> evaluate-<fp>/evaluation.json
+report    medxfer.report                             -> report.html, report.md
+
+A stage's folder name carries the fingerprint of what it was computed from, so a changed input
+never reuses an old result. Every stage resumes with its package's own resume (the tune journal,
+``fit --resume``, complete lottery levels skipped, the GAN's state.pt).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medxfer.config import ExperimentConfig
+from medxfer.errors import MedxferError
+from medxfer.experiment.spec import Cell, Experiment
+from medxfer.train.checkpoint import atomic_write_json
+
+
+class StageUnavailable(Exception):
+    """A stage that cannot run in this installation or configuration (reported, not fatal)."""
+
+
+@dataclass
+class Context:
+    exp: Experiment
+    cell: Cell
+    cfg: ExperimentConfig  # effective: + data.synthetic after gan, + best params after tune
+    command: str
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+
+
+def digest(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def fingerprint(stage: str, ctx: Context) -> str:
+    """What a stage's result depends on; a stored result with another fingerprint is redone."""
+    cfg = ctx.cfg
+    if stage == "audit":
+        return digest(cfg.data.root, cfg.data.leak_threshold)
+    if stage == "gan":
+        return digest(cfg.fingerprint(), asdict(cfg.gan))
+    if stage == "tune":
+        from medxfer.tune.study import study_fingerprint
+
+        return digest(study_fingerprint(cfg), cfg.tune.n_trials)
+    if stage == "train":
+        return digest(cfg.fingerprint())
+    if stage == "prune":
+        return digest(cfg.fingerprint(), asdict(cfg.prune))
+    if stage == "evaluate":
+        keep = ("train", "prune", "tune", "gan")
+        return digest({k: ctx.outputs.get(k) for k in keep}, asdict(ctx.exp.report))
+    return digest(ctx.outputs, _on_off(ctx.status), asdict(ctx.exp.report))
+
+
+def _on_off(status: dict[str, str]) -> dict[str, str]:
+    return {k: "done" if v in ("done", "complete") else v for k, v in status.items()}
+
+
+def run_audit(ctx: Context) -> dict[str, Any]:
+    from medxfer.data.audit import audit
+    from medxfer.data.prepare import resolve_root
+    from medxfer.data.sources import discover
+
+    root, _ = resolve_root(ctx.cfg.data)
+    report = audit(discover(root), near_threshold=ctx.cfg.data.leak_threshold)
+    out = ctx.cell.dir / "audit" / "audit.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(report, out)
+    return {"audit": str(out), "root": str(root), "summary": report["summary"]}
+
+
+def run_gan(ctx: Context) -> dict[str, Any]:
+    try:
+        from medxfer.gan import gan_quality, sample_gan, train_gan
+    except ImportError as err:
+        raise StageUnavailable(
+            f"gan stage unavailable: this installation has no medxfer.gan ({err})"
+        ) from None
+    cfg = ctx.cfg
+    folder = ctx.cell.dir / f"gan-{fingerprint('gan', ctx)}"
+    checkpoint = train_gan(cfg, folder, resume=True)
+    manifest = sample_gan(
+        checkpoint, folder / "samples", balance=cfg.gan.balance, seed=cfg.gan.seed
+    )
+    quality = gan_quality(cfg, manifest, folder / "quality")
+    return {
+        "dir": str(folder),
+        "checkpoint": str(checkpoint),
+        "manifest": str(manifest),
+        "quality": quality,
+    }
+
+
+def after_gan(ctx: Context, outputs: dict[str, Any]) -> None:
+    ctx.cfg.data.synthetic = outputs["manifest"]
+
+
+def run_tune(ctx: Context) -> dict[str, Any]:
+    from medxfer.tune import StudyOptions, run_study
+
+    cfg = copy.deepcopy(ctx.cfg)
+    cfg.out_dir = str(ctx.cell.dir)  # the study folder: <cell>/tune/<study>/
+    summary = run_study(cfg, StudyOptions())
+    if summary["best"] is None:
+        raise MedxferError(
+            "tuning: no trial completed",
+            f"see {summary['study_dir']}/trials.csv (user_attrs_error)",
+        )
+    keys = ("study_dir", "n_trials", "complete", "pruned", "failed", "best", "wall_seconds")
+    return {k: summary.get(k) for k in keys}
+
+
+def after_tune(ctx: Context, outputs: dict[str, Any]) -> None:
+    from medxfer.tune.objective import best_config
+
+    ctx.cfg = best_config(ctx.cfg, outputs["best"]["params"])
+
+
+def run_train(ctx: Context) -> dict[str, Any]:
+    from medxfer.runs import is_complete, prepare_run_dir
+    from medxfer.train.loop import fit
+
+    run_dir = ctx.cell.dir / f"train-{ctx.cfg.fingerprint()}"
+    if is_complete(run_dir):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        metrics = fit(ctx.cfg, run_dir, resume=prepare_run_dir(run_dir, resume=True, force=False))
+    return {"run_dir": str(run_dir), "test": _short(metrics.get("test"))}
+
+
+def _short(split: dict[str, Any] | None) -> dict[str, Any] | None:
+    if split is None:
+        return None
+    return {
+        "accuracy": split["accuracy"],
+        "balanced_accuracy": split["balanced_accuracy"],
+        "ci95": split.get("ci95", {}),
+    }
+
+
+def run_prune(ctx: Context) -> dict[str, Any]:
+    from medxfer.prune import run_lottery
+
+    p, cfg = ctx.cfg.prune, ctx.cfg
+    out = ctx.cell.dir / f"prune-{fingerprint('prune', ctx)}"
+    summary = run_lottery(
+        cfg,
+        out,
+        levels=p.levels,
+        fraction=p.fraction,
+        target_sparsity=p.target_sparsity or None,
+        rewind=p.rewind,
+        controls=p.controls,
+        include_head=p.include_head,
+        finetune=p.finetune,
+        finetune_lr_scale=p.finetune_lr_scale,
+    )
+    return {"dir": str(out), "lottery": str(out / "lottery.json"), "selected": select(summary)}
+
+
+def select(summary: dict[str, Any]) -> dict[str, Any]:
+    """The pruned model the results table reports: the ticket level with the best validation
+    balanced accuracy (the sparser on a tie). Chosen on val only; test is just read."""
+    best: tuple[float, int] | None = None
+    chosen: dict[str, Any] = {}
+    for row in summary["levels"][1:]:
+        ticket = row["runs"].get("ticket")
+        if not ticket or "val" not in ticket:
+            continue
+        key = (ticket["val"]["balanced_accuracy"], row["level"])
+        if best is None or key > best:
+            best, chosen = (
+                key,
+                {"level": row["level"], "sparsity": row["sparsity"], "run_dir": ticket["run_dir"]},
+            )
+    if not chosen:
+        raise MedxferError("pruning finished without a ticket to report", "check the prune logs")
+    chosen["rule"] = "ticket level with the best val balanced accuracy"
+    return chosen
+
+
+def run_evaluate(ctx: Context) -> dict[str, Any]:
+    """Test metrics of the fine-tuned and the pruned model (from their metrics.json, computed
+    once on the untouched test split at the end of training) and Grad-CAM heatmaps."""
+    from medxfer.models.registry import entry
+    from medxfer.report.gradcam import compute_gradcam
+    from medxfer.report.paper import dataset_key, result_row
+
+    models = []
+    if "train" in ctx.outputs:
+        models.append(("fine-tuned", Path(ctx.outputs["train"]["run_dir"]), False, 0.0))
+    if "prune" in ctx.outputs:
+        sel = ctx.outputs["prune"]["selected"]
+        models.append(("pruned", Path(sel["run_dir"]), True, float(sel["sparsity"])))
+    if not models:
+        raise StageUnavailable("nothing to evaluate: the train and prune stages are both off")
+    folder = ctx.cell.dir / f"evaluate-{fingerprint('evaluate', ctx)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg, rows, cams = ctx.cfg, [], {}
+    for variant, run_dir, pruned, sparsity in models:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        rows.append(
+            result_row(
+                metrics,
+                dataset=dataset_key(cfg.data.root),
+                arch=cfg.model.arch,
+                family=entry(cfg.model.arch).family,
+                weights=cfg.model.weights,
+                tuned="tune" in ctx.outputs,
+                pruned=pruned,
+                sparsity=sparsity,
+                run_dir=str(run_dir),
+                command=ctx.command,
+            )
+        )
+        if ctx.exp.report.gradcam_per_class > 0:
+            png = folder / f"gradcam_{variant}.png"
+            cams[variant] = compute_gradcam(run_dir, ctx.exp.report.gradcam_per_class, png)
+    out = folder / "evaluation.json"
+    atomic_write_json({"rows": rows, "gradcam": cams}, out)
+    return {"evaluation": str(out), "dir": str(folder)}
+
+
+def run_report(ctx: Context) -> dict[str, Any]:
+    from medxfer.report import write_report
+
+    html, md = write_report(report_input(ctx), ctx.cell.dir)
+    return {"html": str(html), "md": str(md)}
+
+
+def report_input(ctx: Context) -> dict[str, Any]:
+    """Everything the report reads, as plain data (the report package knows no Context)."""
+    return {
+        "title": f"{ctx.exp.base.name}"
+        + ("" if ctx.cell.name == "main" else f" · {ctx.cell.name}"),
+        "cell": ctx.cell.name,
+        "values": ctx.cell.values,
+        "config": ctx.cfg.to_dict(),
+        "status": dict(ctx.status),
+        "outputs": ctx.outputs,
+        "options": asdict(ctx.exp.report),
+        "command": ctx.command,
+    }
+
+
+RUN = {
+    "audit": run_audit,
+    "gan": run_gan,
+    "tune": run_tune,
+    "train": run_train,
+    "prune": run_prune,
+    "evaluate": run_evaluate,
+    "report": run_report,
+}
+AFTER = {"gan": after_gan, "tune": after_tune}

@@ -1,0 +1,173 @@
+"""Report sections built from the files the stages wrote (never from memory), one function each.
+
+Input ``r`` is ``medxfer.experiment.stages.report_input``: config, stage statuses, outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medxfer.report import paper
+from medxfer.report.blocks import Note, Section, Table, Text, load, num, scalars, status_note
+from medxfer.report.blocks import with_ci as ci
+
+STAGE_TITLES = {
+    "audit": "data audit",
+    "gan": "GAN synthesis",
+    "tune": "tuning",
+    "train": "training",
+    "prune": "pruning",
+    "evaluate": "evaluation",
+    "report": "report",
+}
+
+
+def _st(r: dict[str, Any], stage: str) -> str:
+    return str(r["status"].get(stage, "not run"))
+
+
+def _ok(r: dict[str, Any], stage: str) -> bool:
+    return stage in r["outputs"]
+
+
+def overview(r: dict[str, Any]) -> Section:
+    cfg = r["config"]
+    s = Section("overview", "Overview")
+    if not cfg["data"]["root"]:
+        s.add(
+            Note(
+                "Data: the embedded SYNTHETIC demo set (shapes on noise that medxfer draws "
+                "itself) — not medical images; its numbers say nothing about medicine."
+            )
+        )
+    s.add(
+        Table(
+            ["setting", "value"],
+            [
+                ["dataset", cfg["data"]["root"] or "embedded synthetic demo set"],
+                ["architecture", f"{cfg['model']['arch']} ({cfg['model']['weights']} weights)"],
+                ["image size", f"{cfg['data']['image_size']} px"],
+                [
+                    "training",
+                    f"{cfg['train']['epochs']} epochs, batch {cfg['train']['batch_size']}, "
+                    f"lr {cfg['train']['lr']:.3g}, weight decay {cfg['train']['weight_decay']:.3g}",
+                ],
+                ["command", r["command"]],
+            ],
+            caption="What was run (the training row holds the tuned values when tuning ran)",
+        )
+    )
+    rows = [[STAGE_TITLES[k], v] for k, v in r["status"].items()]
+    s.add(Table(["stage", "status"], rows, caption="Stages (complete = done in an earlier call)"))
+    return s
+
+
+def results(r: dict[str, Any]) -> tuple[Section, list[dict[str, Any]]]:
+    s = Section("results", "Results beside the paper")
+    if not _ok(r, "evaluate"):
+        return s.add(status_note(_st(r, "evaluate"), "evaluate")), []
+    ev = load(r["outputs"]["evaluate"]["evaluation"])
+    header, body = paper.table(ev["rows"])
+    s.add(
+        Text(
+            f"Test accuracy on the untouched test split with 95% bootstrap intervals; the "
+            f"paper's column gives the numbers of {paper.PAPER} where it reports one. The "
+            "pruned model is the lottery ticket level with the best validation balanced "
+            "accuracy."
+        )
+    )
+    s.add(Table(header, body, caption="Results table laid out like the paper's", id="paper-table"))
+    rows = []
+    for row in ev["rows"]:
+        m = load(Path(row["run_dir"]) / "metrics.json")["test"]
+        c = m.get("ci95", {})
+        rows.append(
+            [
+                "fine-tuned + pruned" if row["pruned"] else "fine-tuned",
+                str(m["n"]),
+                ci(m["accuracy"], c.get("accuracy")),
+                ci(m["balanced_accuracy"], c.get("balanced_accuracy")),
+                num(m["macro_f1"]),
+                num(m["auroc_macro_ovr"]),
+                num(m["ece"]),
+                num(m["log_loss"]),
+            ]
+        )
+    s.add(
+        Table(
+            [
+                "model",
+                "test images",
+                "accuracy (95% CI)",
+                "balanced accuracy (95% CI)",
+                "macro-F1",
+                "macro AUROC",
+                "ECE",
+                "log-loss",
+            ],
+            rows,
+            caption="Test metrics (from each run's metrics.json)",
+            id="test-metrics",
+        )
+    )
+    return s, ev["rows"]
+
+
+def audit(r: dict[str, Any]) -> Section:
+    s = Section("audit", "Data audit and leaks")
+    if not _ok(r, "audit"):
+        return s.add(status_note(_st(r, "audit"), "audit"))
+    a = load(r["outputs"]["audit"]["audit"])
+    summ = a["summary"]
+    s.add(
+        Text(
+            f"{summ['images']} images under {r['outputs']['audit']['root']}. Leaks are train "
+            "images that duplicate a test image exactly or nearly (pixel correlation ≥ "
+            f"{a['settings']['near_threshold']}, also flipped or rotated); "
+            "`data.drop_leaks=true` removes them from training."
+        )
+    )
+    s.add(Table(["finding", "count"], scalars(summ), caption="Audit summary", id="audit"))
+    classes = sorted({c for counts in a["counts"].values() for c in counts})
+    s.add(
+        Table(
+            ["split", *classes],
+            [[sp, *[str(n.get(c, 0)) for c in classes]] for sp, n in a["counts"].items()],
+            caption="Images per split and class",
+        )
+    )
+    near = [p for p in a["near_duplicates"] if p["split_pair"] == "train-test"][:10]
+    if near:
+        s.add(
+            Table(
+                ["train file", "test file", "transform", "correlation"],
+                [
+                    [
+                        Path(p["a_path"]).name,
+                        Path(p["b_path"]).name,
+                        p["transform"],
+                        num(p.get("corr"), 4),
+                    ]
+                    for p in near
+                ],
+                caption="Examples of train–test near duplicates (first 10)",
+            )
+        )
+    return s
+
+
+def build(r: dict[str, Any], fig_dir: Path) -> list[Section]:
+    from medxfer.report.stage_sections import balance_and_gan, gradcam, pruning, training, tuning
+
+    res, _ = results(r)
+    return [
+        overview(r),
+        res,
+        audit(r),
+        *balance_and_gan(r, fig_dir),
+        tuning(r),
+        *training(r),
+        pruning(r),
+        gradcam(r),
+    ]

@@ -1,0 +1,143 @@
+"""``medxfer run``: experiment files, the matrix, the demo end to end, re-runs skip stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from experiment_demo import DEMO, REPO, gan_available, run_demo, tiny_overrides
+
+from medxfer.cli import main
+from medxfer.config import load_config
+from medxfer.errors import MedxferError
+from medxfer.experiment import STAGES, load_experiment
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("demo-experiment")
+    return run_demo(base / "runs", base / "cache")
+
+
+def test_experiment_files_are_also_train_configs() -> None:
+    for name in (
+        "demo",
+        "cpu-brain-tumor",
+        "cpu-pneumonia",
+        "paper-brain-tumor",
+        "paper-pneumonia",
+    ):
+        path = REPO / "configs" / f"{name}.yaml"
+        cfg = load_config(path)  # what `medxfer train --config` does: extra keys are ignored
+        exp = load_experiment(path)
+        assert exp.base.to_dict() == cfg.to_dict() or cfg.data.root != exp.base.data.root
+    paper = load_experiment(REPO / "configs" / "paper-brain-tumor.yaml")
+    assert [c.cfg.model.arch for c in paper.cells()] == ["googlenet", "resnet50", "efficientnet_b0"]
+    assert all(c.cfg.tune.n_trials == 20 and c.cfg.data.image_size == 224 for c in paper.cells())
+    cpu = load_experiment(REPO / "configs" / "cpu-pneumonia.yaml")
+    assert cpu.base.model.arch == "efficientnet_lite0" and cpu.base.model.weights == "imagenet"
+
+
+def test_matrix_cells_and_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text(
+        "name: m\nmatrix:\n  model.arch: [resnet18, googlenet]\n  data.root: [/d/brain, /d/chest]\n"
+        "stages: {gan: false}\n"
+    )
+    exp = load_experiment(f, [f"out_dir={tmp_path}", "stages.prune=false", "train.epochs=3"])
+    cells = exp.cells()
+    assert [c.name for c in cells] == [
+        "resnet18-brain",
+        "resnet18-chest",
+        "googlenet-brain",
+        "googlenet-chest",
+    ]
+    assert cells[3].cfg.model.arch == "googlenet" and cells[3].cfg.data.root == "/d/chest"
+    assert all(c.cfg.train.epochs == 3 for c in cells)
+    assert len({c.dir for c in cells}) == 4 and all(c.dir.parent == exp.dir for c in cells)
+    assert not exp.stages.gan and not exp.stages.prune and exp.stages.tune
+    # an override of a matrix key replaces that axis
+    one = load_experiment(f, ["model.arch=resnet50"]).cells()
+    assert [c.cfg.model.arch for c in one] == ["resnet50", "resnet50"]
+    # no matrix: one cell, the experiment folder itself
+    plain = load_experiment(DEMO, [f"out_dir={tmp_path}"])
+    assert [c.dir for c in plain.cells()] == [tmp_path / "experiments" / "demo"]
+
+
+@pytest.mark.parametrize(
+    ("text", "override", "message"),
+    [
+        ("matrix: {model.arch: resnet18}\n", None, "non-empty lists"),
+        ("matrix: {model.nope: [1]}\n", None, "unknown config key"),
+        ("matrix: {model.arch: [resnet18]}\nstages: {gann: true}\n", None, "unknown stages key"),
+        ("name: x\n", "stages.tune=maybe", "true or false"),
+        ("name: x\n", "stages.gan.x=1", "stages.NAME=value"),
+    ],
+)
+def test_bad_experiment_files(
+    tmp_path: Path, text: str, override: str | None, message: str
+) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(MedxferError, match=message):
+        load_experiment(f, [override] if override else [])
+
+
+def test_demo_end_to_end(demo: Path) -> None:
+    log = json.loads((demo / "experiment.json").read_text())
+    on = [s for s in STAGES if s != "gan" or gan_available()]
+    assert {s: log["stages"][s]["status"] for s in on} == dict.fromkeys(on, "done")
+    if not gan_available():
+        assert log["stages"]["gan"]["status"] == "off"
+    for stage in on:
+        marker = json.loads((demo / "stages" / f"{stage}.json").read_text())
+        assert (
+            marker["stage"] == stage
+            and marker["fingerprint"] == log["stages"][stage]["fingerprint"]
+        )
+    train = Path(json.loads((demo / "stages" / "train.json").read_text())["outputs"]["run_dir"])
+    tune = json.loads((demo / "stages" / "tune.json").read_text())["outputs"]
+    assert tune["complete"] + tune["pruned"] == 2
+    cfg = load_config(train / "config.yaml")  # trained with the tuned values
+    for key, value in tune["best"]["params"].items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == pytest.approx(value)
+    metrics = json.loads((train / "metrics.json").read_text())
+    assert metrics["data"]["synthetic"] is True and "test" in metrics
+    evaluation = json.loads(
+        Path(
+            json.loads((demo / "stages" / "evaluate.json").read_text())["outputs"]["evaluation"]
+        ).read_text()
+    )
+    rows = {r["pruned"]: r for r in evaluation["rows"]}
+    assert rows[False]["test_accuracy"] == metrics["test"]["accuracy"]
+    assert 0 < rows[True]["sparsity"] < 1 and rows[True]["tuned"]
+    for cam in evaluation["gradcam"].values():
+        assert Path(cam["png"]).stat().st_size > 0 and cam["layer"] == "bn2"
+        assert {i["kind"] for i in cam["images"]} <= {"correct", "wrong"}
+    assert (demo / "report.html").stat().st_size > 10_000 and (demo / "report.md").exists()
+
+
+def test_rerun_skips_completed_stages(
+    demo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import medxfer.train.loop
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a completed stage was run again")
+
+    monkeypatch.setattr(medxfer.train.loop, "fit", no_training)
+    markers = {p: p.stat().st_mtime_ns for p in (demo / "stages").glob("*.json")}
+    assert main(["run", str(DEMO), *tiny_overrides(demo.parents[1])]) == 0
+    assert capsys.readouterr().out.strip() == str(demo)
+    log = json.loads((demo / "experiment.json").read_text())
+    assert {s["status"] for s in log["stages"].values()} <= {"complete", "off"}
+    assert markers == {p: p.stat().st_mtime_ns for p in (demo / "stages").glob("*.json")}
+    # a stage whose marker is gone (killed before it finished) runs again, alone
+    (demo / "stages" / "report.json").unlink()
+    (demo / "report.html").unlink()
+    assert main(["run", str(DEMO), *tiny_overrides(demo.parents[1])]) == 0
+    log = json.loads((demo / "experiment.json").read_text())
+    assert log["stages"]["report"]["status"] == "done" and (demo / "report.html").exists()
+    assert log["stages"]["train"]["status"] == "complete"

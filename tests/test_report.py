@@ -1,0 +1,242 @@
+"""The experiment report: its tables match the run files, it is self-contained, it opens in a
+headless Chromium with every image decoded; the paper table collects finished experiments."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from experiment_demo import gan_available, run_demo
+
+from medxfer.cli import main
+from medxfer.report.blocks import with_ci
+from medxfer.report.paper import dataset_key, paper_value, table
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("demo-experiment")
+    return run_demo(base / "runs", base / "cache")
+
+
+class Tables(HTMLParser):
+    """Every <table id=...> as a list of rows of cell texts; every <img src>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: list[str] = []
+        self.scripts = 0
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "table":
+            self._table = a.get("id") or f"table{len(self.tables)}"
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img":
+            self.images.append(a.get("src") or "")
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._table:
+            self.tables[self._table][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _parse(path: Path) -> Tables:
+    p = Tables()
+    p.feed(path.read_text())
+    return p
+
+
+def _marker(demo: Path, stage: str) -> dict:  # type: ignore[type-arg]
+    return json.loads((demo / "stages" / f"{stage}.json").read_text())["outputs"]
+
+
+def test_report_tables_match_metrics(demo: Path) -> None:
+    t = _parse(demo / "report.html")
+    train = json.loads((Path(_marker(demo, "train")["run_dir"]) / "metrics.json").read_text())
+    ticket = Path(_marker(demo, "prune")["selected"]["run_dir"])
+    pruned = json.loads((ticket / "metrics.json").read_text())
+    rows = t.tables["test-metrics"][1:]
+    assert [r[0] for r in rows] == ["fine-tuned", "fine-tuned + pruned"]
+    for row, m in zip(rows, (train["test"], pruned["test"]), strict=True):
+        ci = m["ci95"]
+        assert row[1] == str(m["n"])
+        assert row[2] == with_ci(m["accuracy"], ci["accuracy"])
+        assert row[3] == with_ci(m["balanced_accuracy"], ci["balanced_accuracy"])
+        assert row[4:7] == [
+            f"{m['macro_f1']:.3f}",
+            f"{m['auroc_macro_ovr']:.3f}",
+            f"{m['ece']:.3f}",
+        ]
+    # the paper-style table: our numbers in the synthetic-demo column
+    paper = t.tables["paper-table"]
+    assert paper[1][:2] == ["efficientnet_lite0", "fine-tuned"]
+    assert (
+        paper[1][2]
+        == f"{train['test']['accuracy']:.3f} ["
+        + ", ".join(f"{x:.3f}" for x in train["test"]["ci95"]["accuracy"])
+        + "]"
+    )
+    assert paper[2][2].startswith(f"{pruned['test']['accuracy']:.3f} [")
+    # audit counts and the pruning levels
+    audit = json.loads(Path(_marker(demo, "audit")["audit"]).read_text())
+    found = dict(r for r in t.tables["audit"][1:])
+    assert found["images"] == str(audit["summary"]["images"])
+    assert found["leaking_train_files"] == str(audit["summary"]["leaking_train_files"])
+    lottery = json.loads(Path(_marker(demo, "prune")["lottery"]).read_text())
+    assert len(t.tables["pruning"]) - 1 == len(lottery["levels"])
+    trials = t.tables["trials"][1:]
+    assert len(trials) >= 2 and {r[1] for r in trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+
+
+def test_report_is_self_contained(demo: Path) -> None:
+    t = _parse(demo / "report.html")
+    assert t.scripts == 0 and "http://" not in (demo / "report.html").read_text()
+    assert t.images and all(src.startswith("data:image/png;base64,") for src in t.images)
+    # confusion, ROC, calibration of both models, curves, pruning, Grad-CAM, tuning, balance
+    assert len(t.images) >= 10
+    text = (demo / "report.html").read_text()
+    for title in (
+        "Data audit",
+        "Class balance",
+        "GAN samples",
+        "Hyper-parameter tuning",
+        "Training curves",
+        "confusion matrices",
+        "Lottery-ticket",
+        "Grad-CAM",
+    ):
+        assert title in text, title
+    if not gan_available():
+        assert "The gan stage was switched off" in text
+    md = (demo / "report.md").read_text()
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (demo / link).is_file(), link
+
+
+CHECK = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  document.body.setAttribute('data-medxfer-check', JSON.stringify({
+    images: imgs.length, loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+    tables: document.querySelectorAll('table').length,
+    paper: !!document.getElementById('paper-table')}));
+});
+</script>"""
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run tries it)")
+
+
+def test_report_opens_in_chromium(demo: Path, tmp_path: Path) -> None:
+    probe = tmp_path / "report.html"  # a copy with a checking script; the report has none
+    probe.write_text((demo / "report.html").read_text().replace("</body>", CHECK + "</body>"))
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"chromium could not be started: {err}")
+    found = re.search(r'data-medxfer-check="([^"]+)"', out.stdout)
+    if out.returncode != 0 and not found:
+        pytest.skip(f"chromium could not be started: {out.stderr.strip()[-300:]}")
+    assert found, out.stdout[-500:]
+    check = json.loads(found.group(1).replace("&quot;", '"'))
+    n_img = len(_parse(demo / "report.html").images)
+    assert check == {"images": n_img, "loaded": n_img, "tables": check["tables"], "paper": True}
+    assert check["tables"] >= 8
+
+
+def test_paper_table_command(demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "paper-table.json"
+    assert main(["paper-table", str(demo), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    keys = {
+        "dataset",
+        "arch",
+        "weights",
+        "tuned",
+        "pruned",
+        "sparsity",
+        "test_accuracy",
+        "test_balanced_accuracy",
+        "test_accuracy_ci95",
+        "test_balanced_accuracy_ci95",
+        "command",
+    }
+    assert len(rows) == 2 and all(keys <= set(r) for r in rows)
+    assert rows[0]["dataset"] == "synthetic-demo" and rows[0]["command"].startswith("medxfer run")
+    md = out.with_suffix(".md").read_text()
+    assert f"{rows[0]['test_accuracy']:.3f}" in md and "efficientnet_lite0" in md
+
+
+def test_paper_layout_and_references() -> None:
+    assert dataset_key("../shared/data/brain-tumor-mri") == "brain-tumor"
+    assert (
+        dataset_key("/x/chest-xray-pneumonia") == "pneumonia"
+        and dataset_key("") == "synthetic-demo"
+    )
+    assert paper_value("brain-tumor", "efficientnet", False) == 0.96
+    assert paper_value("pneumonia", "googlenet", True) == 0.815
+    assert paper_value("pneumonia", "googlenet", False) is None
+    row = {
+        "test_accuracy": 0.9,
+        "test_accuracy_ci95": [0.85, 0.95],
+        "test_balanced_accuracy": 0.8,
+        "test_balanced_accuracy_ci95": None,
+        "sparsity": 0.5,
+    }
+    rows = [
+        row
+        | {
+            "dataset": "pneumonia",
+            "arch": "googlenet",
+            "pruned": True,
+            "paper_test_accuracy": 0.815,
+        },
+        row
+        | {
+            "dataset": "brain-tumor",
+            "arch": "googlenet",
+            "pruned": False,
+            "paper_test_accuracy": None,
+        },
+    ]
+    header, body = table(rows)
+    assert header[2].startswith("brain tumor MRI") and header[5].startswith("chest X-ray")
+    assert body[0][:3] == ["googlenet", "fine-tuned", "0.900 [0.850, 0.950]"]
+    assert body[0][5] == "—" and body[1][5] == "0.900 [0.850, 0.950] (sparsity 50%)"
+    assert body[1][7] == "0.815"
