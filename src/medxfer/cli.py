@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_synth)
     _add_prune_parser(sub)
     _add_run_parser(sub)
+    _add_gan_parser(sub)
     m = sub.add_parser("models", help="list the registered architectures")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_cmd_models)
@@ -266,6 +267,58 @@ def _add_prune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     pr.add_argument("--no-onnx", action="store_true", help="with --export: skip the ONNX check")
     pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
     pr.set_defaults(func=_cmd_prune)
+
+
+def _add_gan_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = sub.add_parser("gan", help="WGAN-GP minority-class synthesis and imbalance comparison")
+    gs = g.add_subparsers(dest="gan_cmd", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="experiment YAML; its gan: section sets the GAN")
+        p.add_argument("--data", help="dataset folder or CSV manifest (= data.root=...)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. gan.steps=2000")
+
+    t = gs.add_parser("train", help="train a WGAN-GP on the training split (resumable)")
+    common(t)
+    t.add_argument("--out", help="GAN folder (default: <out_dir>/<name>-gan-<hash>)")
+    t.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    t.add_argument("--no-resume", action="store_true", help="start again, ignore a checkpoint")
+    t.add_argument("--force", action="store_true", help="delete the GAN folder first")
+    s = gs.add_parser("sample", help="write synthetic PNGs + a manifest for data.synthetic")
+    s.add_argument("checkpoint", help="generator.pt (or its folder) from `gan train`")
+    s.add_argument("--out", help="folder for the images (default: <checkpoint dir>/synthetic)")
+    s.add_argument("--n", nargs="+", metavar="CLASS:N", help="images per class, e.g. viral:500")
+    s.add_argument(
+        "--balance",
+        type=float,
+        metavar="RATIO",
+        help="fill minority classes up to RATIO x the largest (default gan.balance)",
+    )
+    s.add_argument("--seed", type=int, default=0)
+    q = gs.add_parser("quality", help="FID/KID per class, two-sample test, TSTR")
+    common(q)
+    q.add_argument("--manifest", required=True, help="manifest.csv written by `gan sample`")
+    q.add_argument("--out", help="folder for quality.json (default: beside the manifest)")
+    c = gs.add_parser("compare", help="train none/class_weight/oversample/gan/gan+class_weight")
+    common(c)
+    c.add_argument("--strategies", nargs="+", help="subset of the five (default: all)")
+    c.add_argument(
+        "--gan-ratio",
+        type=float,
+        default=1.0,
+        help="synthetic images fill minority classes up to RATIO x the largest",
+    )
+    c.add_argument("--manifest", help="use these synthetic images (skip GAN training)")
+    c.add_argument("--checkpoint", help="sample this generator.pt (skip GAN training)")
+    c.add_argument("--out", help="comparison folder (default: <out_dir>/<name>-compare-<hash>)")
+    c.add_argument("--no-quality", action="store_true", help="skip FID/KID/two-sample/TSTR")
+    g.set_defaults(func=_cmd_gan)
+
+
+def _cmd_gan(args: argparse.Namespace) -> int:
+    from medxfer.gan.commands import run
+
+    return run(args)
 
 
 def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -35,6 +35,9 @@ class DataConfig:
     skip_unreadable: bool = False
     cache_dir: str = ""  # "" = $MEDXFER_CACHE or ~/.cache/medxfer
     train_subset: float = 1.0  # fraction of the training split to use (quick searches)
+    class_fraction: str = ""  # e.g. "viral:0.25": keep that fraction of a class's train images
+    synthetic: str = ""  # manifest CSV of `medxfer gan sample`: generated images, train split only
+    synthetic_ratio: float = 0.0  # > 0: per class, add only up to ratio x largest class; 0 = all
 
 
 @dataclass
@@ -126,6 +129,31 @@ class PruneConfig:
 
 
 @dataclass
+class GanConfig:
+    """WGAN-GP synthesis of minority-class images (``medxfer gan``); plain ``train`` ignores it."""
+
+    image_size: int = 64  # 64 | 128
+    conditional: bool = True  # one class-conditional GAN; false = one GAN per minority class
+    steps: int = 5000  # generator steps
+    max_minutes: float = 0.0  # > 0: also stop (and finish) after this much training time
+    batch_size: int = 64
+    z_dim: int = 128
+    width: int = 64  # channels of the widest generator / critic block = 8 x width
+    lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    n_critic: int = 5  # critic steps per generator step
+    gp_weight: float = 10.0
+    ema: float = 0.0  # > 0: sample from an exponential moving average of the generator
+    min_images: int = 50  # a class with fewer training images is refused
+    balance: float = 1.0  # `gan sample --balance`: fill minority classes up to ratio x largest
+    sample_every: int = 500  # generator steps between sample grids
+    checkpoint_every: int = 100  # generator steps between resumable checkpoints
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "run"
     out_dir: str = "runs"
@@ -136,6 +164,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,6 +177,15 @@ class ExperimentConfig:
         d.pop("tune")
         d["train"].pop("device")
         d.pop("prune")  # a trained run does not depend on it; keeps older run folders' hashes
+        d.pop("gan")  # the generator is trained separately; its images count via data.synthetic
+        for key in ("class_fraction", "synthetic", "synthetic_ratio"):  # newer keys: at their
+            if d["data"][key] == getattr(DataConfig, key):  # defaults, older hashes are kept
+                d["data"].pop(key)
+        if self.data.synthetic and Path(self.data.synthetic).is_file():
+            # the same manifest path re-sampled is another training set
+            d["data"]["synthetic_sha256"] = hashlib.sha256(
+                Path(self.data.synthetic).read_bytes()
+            ).hexdigest()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -250,10 +288,31 @@ def validate(cfg: ExperimentConfig) -> None:
         raise MedxferError("data.val_fraction and data.test_fraction must be in [0, 1)")
     if not 0 < cfg.data.train_subset <= 1:
         raise MedxferError("data.train_subset must be in (0, 1]")
+    if cfg.data.synthetic_ratio < 0:
+        raise MedxferError("data.synthetic_ratio must be >= 0", "e.g. data.synthetic_ratio=1.0")
+    parse_class_fraction(cfg.data.class_fraction)
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
         raise MedxferError("train.epochs and train.batch_size must be positive")
     if cfg.train.lr <= 0:
         raise MedxferError("train.lr must be positive", "e.g. train.lr=1e-3")
+
+
+def parse_class_fraction(spec: str) -> dict[str, float]:
+    """``"viral:0.25,normal:0.5"`` -> ``{"viral": 0.25, "normal": 0.5}`` (fractions in (0, 1])."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, frac = part.rpartition(":")
+        try:
+            value = float(frac)
+        except ValueError:
+            value = -1.0
+        if not name or not 0 < value <= 1:
+            raise MedxferError(
+                f"data.class_fraction entry {part!r} is not class:fraction with fraction in (0, 1]",
+                'e.g. data.class_fraction="viral:0.25"',
+            )
+        out[name] = value
+    return out
 
 
 def load_config(

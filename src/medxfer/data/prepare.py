@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from medxfer.config import DataConfig
+from medxfer.config import DataConfig, parse_class_fraction
 from medxfer.data.cache import load_images
+from medxfer.data.generated import read_generated, select_generated
 from medxfer.data.sources import Sample, assign_splits, class_names, discover
 from medxfer.errors import MedxferError
 
@@ -65,6 +66,59 @@ def _subset(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
     return [s for s in samples if s.split != "train" or s.path in keep]
 
 
+def _cut_classes(samples: list[Sample], spec: str, seed: int) -> list[Sample]:
+    """Keep ``fraction`` of the named classes' training images (``data.class_fraction``)."""
+    fractions = parse_class_fraction(spec)
+    train_labels = {s.label for s in samples if s.split == "train"}
+    missing = sorted(set(fractions) - train_labels)
+    if missing:
+        raise MedxferError(
+            f"data.class_fraction names class(es) {missing} that have no training images",
+            f"the training classes are {sorted(train_labels)}",
+        )
+    rng = np.random.default_rng(seed + 2)
+    drop: set[str] = set()
+    for label, fraction in fractions.items():
+        group = [s.path for s in samples if s.split == "train" and s.label == label]
+        n_keep = max(2, round(len(group) * fraction))
+        drop.update(group[i] for i in rng.permutation(len(group))[n_keep:])
+    return [s for s in samples if s.path not in drop]
+
+
+def _add_generated(prepared: Prepared, cfg: DataConfig, workers: int) -> Prepared:
+    """Append the images of ``cfg.synthetic`` to the training split (never to val or test)."""
+    generated, source = read_generated(cfg.synthetic)
+    real_counts = prepared.counts("train")
+    generated = select_generated(generated, real_counts, cfg.synthetic_ratio)
+    paths = [s.path for s in generated]
+    images_np, errors = load_images(
+        paths, cfg.image_size, cfg.color, cfg.resize, cfg.cache_dir, workers
+    )
+    if errors:
+        first = next(iter(errors.items()))
+        raise MedxferError(
+            f"{len(errors)} synthetic image(s) cannot be read, e.g. {first[0]}: {first[1]}",
+            "sample again with `medxfer gan sample`",
+        )
+    lookup = {c: i for i, c in enumerate(prepared.classes)}
+    start = len(prepared.samples)
+    new_idx = torch.arange(start, start + len(generated), dtype=torch.long)
+    prepared.samples = prepared.samples + generated
+    prepared.images = torch.cat([prepared.images, torch.from_numpy(images_np)])
+    prepared.labels = torch.cat(
+        [prepared.labels, torch.tensor([lookup[s.label] for s in generated], dtype=torch.long)]
+    )
+    prepared.split_index["train"] = torch.cat([prepared.split_index["train"], new_idx])
+    per_class = {c: 0 for c in prepared.classes}
+    for s in generated:
+        per_class[s.label] += 1
+    prepared.info["synthetic_images"] = source | {
+        "ratio": cfg.synthetic_ratio, "per_class": per_class, "total": len(generated),
+        "real_train_counts": real_counts,
+    }  # fmt: skip
+    return prepared
+
+
 def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
     root, synthetic = resolve_root(cfg)
     samples = discover(root)
@@ -96,6 +150,9 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
         info["dropped_leaks"] = dropped
     samples = assign_splits(samples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     samples = _subset(samples, cfg.train_subset, cfg.split_seed)
+    if cfg.class_fraction:
+        samples = _cut_classes(samples, cfg.class_fraction, cfg.split_seed)
+        info["class_fraction"] = parse_class_fraction(cfg.class_fraction)
     if synthetic:
         samples = [replace(s, synthetic=True) for s in samples]
     classes = class_names(samples)
@@ -115,5 +172,7 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
         for sp in ("train", "val", "test")
     }
     prepared = Prepared(samples, classes, images, labels, split_index, info)
+    if cfg.synthetic:
+        prepared = _add_generated(prepared, cfg, workers)
     info["counts"] = {sp: prepared.counts(sp) for sp in split_index}
     return prepared

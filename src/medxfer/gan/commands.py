@@ -1,0 +1,121 @@
+"""``medxfer gan train|sample|quality|compare``: each one library call (parsers live in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+
+from medxfer.config import ExperimentConfig, load_config
+from medxfer.errors import MedxferError
+
+console = Console(stderr=True)
+
+
+def _config(args: argparse.Namespace, extra: list[str] | None = None) -> ExperimentConfig:
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.insert(0, f"data.root={args.data}")
+    cfg = load_config(args.config, overrides + (extra or []))
+    if not cfg.data.root:
+        console.print("[bold yellow]data: the embedded SYNTHETIC demo set (not medical images)")
+    return cfg
+
+
+def _default_out(cfg: ExperimentConfig, what: str) -> Path:
+    from medxfer.gan.trainer import gan_fingerprint
+
+    return Path(cfg.out_dir) / f"{cfg.name}-gan-{gan_fingerprint(cfg)}" / what
+
+
+def _n_per_class(items: list[str] | None) -> dict[str, int] | None:
+    if not items:
+        return None
+    out: dict[str, int] = {}
+    for item in items:
+        name, _, n = item.rpartition(":")
+        if not name or not n.isdigit():
+            raise MedxferError(f"--n {item!r} is not class:count", "e.g. --n viral:500")
+        out[name] = int(n)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medxfer.gan.trainer import train_gan
+
+    extra = [f"gan.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []
+    cfg = _config(args, extra)
+    out = Path(args.out) if args.out else _default_out(cfg, "")
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    print(train_gan(cfg, out, resume=not args.no_resume))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from medxfer.gan.synthesize import sample_gan
+
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt.parent if ckpt.is_file() else ckpt) / "synthetic"
+    manifest = sample_gan(
+        ckpt, out, n_per_class=_n_per_class(args.n), balance=args.balance, seed=args.seed
+    )
+    console.print(f"wrote synthetic images; train with data.synthetic={manifest}")
+    print(manifest)
+    return 0
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    from medxfer.gan.quality import gan_quality
+
+    cfg = _config(args)
+    manifest = Path(args.manifest)
+    out = Path(args.out) if args.out else manifest.parent / "quality"
+    result = gan_quality(cfg, manifest, out)
+    keys = ("fid", "kid", "two_sample_accuracy", "tstr_accuracy", "trtr_accuracy")
+    console.print(json.dumps({k: result[k] for k in keys}, indent=2))
+    print(out / "quality.json")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from medxfer.gan.compare import compare_strategies
+
+    cfg = _config(args)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(cfg.out_dir) / f"{cfg.name}-compare-{cfg.fingerprint()}"
+    )
+    summary = compare_strategies(
+        cfg,
+        out,
+        strategies=args.strategies,
+        gan_ratio=args.gan_ratio,
+        manifest=Path(args.manifest) if args.manifest else None,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        quality=not args.no_quality,
+    )
+    console.print((out / "comparison.md").read_text())
+    if summary.get("quality"):
+        q = summary["quality"]
+        console.print(
+            f"FID synthetic-vs-real {q['fid']['synthetic_vs_real']:.2f} "
+            f"(real-vs-real {q['fid']['real_vs_real']:.2f}); two-sample accuracy "
+            f"{q['two_sample_accuracy']:.3f}; TSTR {q['tstr_accuracy']}"
+        )
+    print(out)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    handlers = {
+        "train": cmd_train,
+        "sample": cmd_sample,
+        "quality": cmd_quality,
+        "compare": cmd_compare,
+    }
+    return handlers[args.gan_cmd](args)

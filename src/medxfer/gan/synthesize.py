@@ -1,0 +1,163 @@
+"""Sample a trained generator: PNGs per class plus a manifest that marks them synthetic.
+
+    manifest = sample_gan(Path("runs/gan/generator.pt"), Path("runs/gan/samples"), balance=1.0)
+    medxfer train data.synthetic=runs/gan/samples/manifest.csv
+
+Every class draws from its own random stream, seeded by (seed, class name), so the images of
+one class do not change when another class's count does, and the same call writes the same
+bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medxfer.data.generated import MANIFEST_FIELDS
+from medxfer.errors import MedxferError
+from medxfer.gan.data import to_uint8
+from medxfer.gan.networks import Generator
+from medxfer.train.checkpoint import atomic_write_text, load_checkpoint
+
+
+def load_generator(checkpoint: Path) -> dict[str, Any]:
+    """The payload of ``generator.pt`` (see trainer.train_gan); a clear error if it is not one."""
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "generator.pt"
+    if not checkpoint.exists():
+        raise MedxferError(
+            f"GAN checkpoint {checkpoint} does not exist",
+            "train one with `medxfer gan train` (it writes <out>/generator.pt)",
+        )
+    try:
+        payload = load_checkpoint(checkpoint)
+    except Exception as err:
+        raise MedxferError(f"cannot read GAN checkpoint {checkpoint}: {err}") from None
+    if not isinstance(payload, dict) or payload.get("kind") != "medxfer-wgan-gp":
+        raise MedxferError(
+            f"{checkpoint} is not a medxfer GAN checkpoint",
+            "pass the generator.pt that `medxfer gan train` wrote",
+        )
+    payload["path"] = checkpoint
+    return payload
+
+
+def generator_for(payload: dict[str, Any], key: str) -> Generator:
+    n_classes = len(payload["modelled"]) if key == "*" else 1
+    gen = Generator(
+        image_size=payload["image_size"],
+        channels=payload["channels"],
+        n_classes=n_classes,
+        z_dim=payload["z_dim"],
+        width=payload["width"],
+    )
+    gen.load_state_dict(payload["generators"][key])
+    return gen.eval()
+
+
+def _class_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:6], "little")
+
+
+@torch.no_grad()
+def generate(
+    payload: dict[str, Any], name: str, n: int, seed: int, batch: int = 256
+) -> torch.Tensor:
+    """``n`` uint8 images of class ``name`` (the cache's layout), deterministic under ``seed``."""
+    modelled: list[str] = payload["modelled"]
+    if name not in modelled:
+        raise MedxferError(
+            f"the GAN does not model class {name!r}", f"it models {', '.join(modelled)}"
+        )
+    conditional = payload["mode"] == "conditional"
+    gen = generator_for(payload, "*" if conditional else name)
+    g = torch.Generator().manual_seed(_class_seed(seed, name))
+    out = []
+    for start in range(0, n, batch):
+        z = torch.randn(min(batch, n - start), payload["z_dim"], generator=g)
+        y = torch.full((len(z),), modelled.index(name), dtype=torch.long) if conditional else None
+        out.append(to_uint8(gen(z, y)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def plan_counts(
+    payload: dict[str, Any], n_per_class: dict[str, int] | None, balance: float | None
+) -> dict[str, int]:
+    """Images to write per class: given, or enough to lift each modelled class to
+    ``balance`` x the largest class's real training count."""
+    if n_per_class is not None:
+        for name in n_per_class:
+            if name not in payload["modelled"]:
+                raise MedxferError(
+                    f"the GAN does not model class {name!r}",
+                    f"it models {', '.join(payload['modelled'])}",
+                )
+        return {k: int(v) for k, v in n_per_class.items() if v > 0}
+    ratio = payload["config"]["gan"]["balance"] if balance is None else balance
+    if ratio <= 0:
+        raise MedxferError("--balance must be positive", "e.g. --balance 1.0 (up to the majority)")
+    counts: dict[str, int] = payload["train_counts"]
+    target = round(ratio * max(counts.values()))
+    plan = {c: target - counts[c] for c in payload["modelled"] if target > counts[c]}
+    return plan
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_gan(
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    n_per_class: dict[str, int] | None = None,
+    balance: float | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write PNGs under ``out_dir/<class>/`` and ``out_dir/manifest.csv``; return the manifest.
+
+    Without ``n_per_class``, ``balance`` (default: the GAN config's ``gan.balance``) fills every
+    modelled class up to that ratio of the largest class's real training count.
+    """
+    payload = load_generator(Path(checkpoint))
+    plan = plan_counts(payload, n_per_class, balance)
+    if not plan:
+        raise MedxferError(
+            "nothing to sample: every modelled class already has that many real images",
+            "raise --balance or give --n",
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = str(Path(payload["path"]).resolve())
+    rows = []
+    for name, n in plan.items():
+        folder = out_dir / name
+        folder.mkdir(exist_ok=True)
+        for i, img in enumerate(generate(payload, name, n, seed).numpy()):
+            rel = f"{name}/gan-s{seed}-{i:05d}.png"
+            (out_dir / rel).write_bytes(_png_bytes(img))
+            rows.append(
+                {
+                    "path": rel,
+                    "label": name,
+                    "split": "train",
+                    "synthetic": "true",
+                    "checkpoint": ckpt,
+                    "seed": seed,
+                }
+            )
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(MANIFEST_FIELDS))
+    writer.writeheader()
+    writer.writerows(rows)
+    manifest = out_dir / "manifest.csv"
+    atomic_write_text(buf.getvalue(), manifest)  # written last: marks the sample complete
+    return manifest
