@@ -19,7 +19,7 @@ from _common import save
 
 from medxfer.config import GanConfig
 from medxfer.gan.data import GanData, resolve_device
-from medxfer.gan.trainer import GanLoop
+from medxfer.gan.loop import GanLoop
 
 
 def steps_per_second(size: int, width: int, batch: int, steps: int) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,12 @@ from medxfer.config import ExperimentConfig, load_config
 from medxfer.data.prepare import prepare
 from medxfer.errors import MedxferError
 from medxfer.gan.compare import strategy_config, verdict
+from medxfer.gan.distances import fid, kid, two_sample_accuracy
 from medxfer.gan.losses import gradient_penalty
 from medxfer.gan.networks import Critic, Generator, check_image_size
-from medxfer.gan.quality import fid, kid, two_sample_accuracy
 from medxfer.gan.report import bootstrap_class_metrics
 from medxfer.gan.synthesize import sample_gan
-from medxfer.gan.trainer import train_gan
+from medxfer.gan.trainer import check_gan_config, train_gan
 
 TINY = ["gan.width=4", "gan.z_dim=8", "gan.batch_size=8", "gan.n_critic=2", "gan.steps=4",
         "gan.checkpoint_every=1", "gan.sample_every=2", "gan.min_images=10"]  # fmt: skip
@@ -27,6 +28,16 @@ TINY = ["gan.width=4", "gan.z_dim=8", "gan.batch_size=8", "gan.n_critic=2", "gan
 
 def _cfg(root: Path, *extra: str) -> ExperimentConfig:
     return load_config(None, [f"data.root={root}", "data.image_size=32", *TINY, *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Networks this small gain nothing from threads; two busy-waiting OpenMP threads on a
+    shared 2-core machine made each step ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +88,8 @@ def test_generator_shape_and_range(size: int, channels: int, classes: int) -> No
 def test_unsupported_image_size(synth_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(MedxferError, match="not supported"):
         check_image_size(96)
+    with pytest.raises(MedxferError, match="batch_size at least 2"):
+        check_gan_config(load_config(None, ["gan.batch_size=1"]).gan)
     assert main(["gan", "train", "--data", str(synth_root), "gan.image_size=96"]) == 2
     assert "gan.image_size=96 is not supported" in capsys.readouterr().err
 
@@ -221,12 +234,10 @@ def test_fingerprint_counts_synthetic_not_gan(tmp_path: Path) -> None:
     assert base.fingerprint() == other_gan.fingerprint()
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label,split,synthetic\n")
-    with_synth = load_config(None, [f"data.synthetic={manifest}"])
-    assert with_synth.fingerprint() != base.fingerprint()
-    manifest.write_text("path,label,split,synthetic\nx.png,a,train,true\n")
-    assert (
-        load_config(None, [f"data.synthetic={manifest}"]).fingerprint() != with_synth.fingerprint()
-    )
+    with_synth = load_config(None, [f"data.synthetic={manifest}"]).fingerprint()
+    assert with_synth != base.fingerprint()
+    manifest.write_text("path,label,split,synthetic\nx.png,a,train,true\n")  # re-sampled
+    assert load_config(None, [f"data.synthetic={manifest}"]).fingerprint() != with_synth
 
 
 def test_quality_measures_behave() -> None:

@@ -14,7 +14,6 @@ resumes). ``conditional=false`` trains one unconditional GAN per minority class 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -29,9 +28,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medxfer.config import ExperimentConfig, GanConfig
 from medxfer.errors import MedxferError
-from medxfer.gan.data import GanData, classes_to_model, load_train_split, resolve_device, to_unit
-from medxfer.gan.losses import critic_loss, generator_loss, gradient_penalty
-from medxfer.gan.networks import Generator, build_pair, check_image_size
+from medxfer.gan.data import GanData, classes_to_model, load_train_split, resolve_device
+from medxfer.gan.loop import GanLoop, step_generator
+from medxfer.gan.networks import Generator, check_image_size
 from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -47,116 +46,25 @@ def gan_fingerprint(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-class GanLoop:
-    """One GAN (conditional over ``n_classes``, or unconditional when it is 1) and its state."""
-
-    def __init__(
-        self,
-        gc: GanConfig,
-        data: GanData,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        n_classes: int,
-        device: torch.device,
-        hflip: bool,
-    ) -> None:
-        torch.manual_seed(gc.seed)
-        self.gc, self.device, self.hflip = gc, device, hflip
-        self.images, self.labels = images.to(device), labels.to(device)
-        self.g, self.d = build_pair(
-            image_size=gc.image_size,
-            channels=data.channels,
-            n_classes=n_classes,
-            z_dim=gc.z_dim,
-            width=gc.width,
+def check_gan_config(gc: GanConfig) -> None:
+    """Settings a user can get wrong, refused before any data is read."""
+    check_image_size(gc.image_size)
+    if gc.steps < 1 or gc.n_critic < 1 or gc.lr <= 0 or gc.batch_size < 2:
+        raise MedxferError(
+            "gan.steps, gan.n_critic and gan.lr must be positive and gan.batch_size at least 2",
+            "e.g. gan.steps=5000 gan.n_critic=5 gan.lr=1e-4 gan.batch_size=64",
         )
-        self.g.to(device)
-        self.d.to(device)
-        self.ema = copy.deepcopy(self.g).eval() if gc.ema > 0 else None
-        betas = (gc.beta1, gc.beta2)
-        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=gc.lr, betas=betas)
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=gc.lr, betas=betas)
-        self.step, self.seconds, self.history = 0, 0.0, list[dict[str, float]]()
-
-    def _real(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(self.images), (self.gc.batch_size,), generator=g)
-        flip = torch.rand(self.gc.batch_size, generator=g) < 0.5
-        idx = idx.to(self.device)
-        x = to_unit(self.images[idx])
-        if self.hflip:
-            x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
-        return x, self.labels[idx]
-
-    def _z(self, g: torch.Generator) -> torch.Tensor:
-        return torch.randn(self.gc.batch_size, self.gc.z_dim, generator=g).to(self.device)
-
-    def train_step(self) -> dict[str, float]:
-        g = _step_generator(self.gc.seed, self.step)
-        for _ in range(self.gc.n_critic):
-            real, y = self._real(g)
-            with torch.no_grad():
-                fake = self.g(self._z(g), y)
-            loss, w = critic_loss(self.d(real, y), self.d(fake, y))
-            gp = gradient_penalty(self.d, real, fake, y, weight=self.gc.gp_weight, generator=g)
-            self.opt_d.zero_grad(set_to_none=True)
-            (loss + gp).backward()
-            self.opt_d.step()
-        _, y = self._real(g)  # labels drawn with the data's class frequencies
-        g_loss = generator_loss(self.d(self.g(self._z(g), y), y))
-        self.opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.opt_g.step()
-        if self.ema is not None:
-            with torch.no_grad():
-                for pe, p in zip(self.ema.parameters(), self.g.parameters(), strict=True):
-                    pe.lerp_(p, 1.0 - self.gc.ema)
-                for be, b in zip(self.ema.buffers(), self.g.buffers(), strict=True):
-                    be.copy_(b)
-        self.step += 1
-        row = {
-            "step": self.step,
-            "critic_loss": float((loss + gp).detach()),
-            "wasserstein": float(w),
-            "gp": float(gp.detach()),
-            "g_loss": float(g_loss.detach()),
-        }
-        self.history.append(row)
-        return row
-
-    def final(self) -> Generator:
-        return (self.ema if self.ema is not None else self.g).eval()
-
-    def state(self, fingerprint: str) -> dict[str, Any]:
-        return {
-            "g": self.g.state_dict(),
-            "d": self.d.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "step": self.step,
-            "seconds": self.seconds,
-            "history": self.history,
-            "fingerprint": fingerprint,
-        }
-
-    def load(self, st: dict[str, Any]) -> None:
-        self.g.load_state_dict(st["g"])
-        self.d.load_state_dict(st["d"])
-        if self.ema is not None and st["ema"] is not None:
-            self.ema.load_state_dict(st["ema"])
-        self.opt_g.load_state_dict(st["opt_g"])
-        self.opt_d.load_state_dict(st["opt_d"])
-        self.step, self.seconds, self.history = st["step"], st["seconds"], st["history"]
+    if gc.sample_every < 1 or gc.checkpoint_every < 1 or not 0 <= gc.ema < 1:
+        raise MedxferError(
+            "gan.sample_every and gan.checkpoint_every must be positive and gan.ema in [0, 1)",
+            "e.g. gan.ema=0.999 or gan.ema=0 (off)",
+        )
 
 
 def _save_grid(loop: GanLoop, path: Path, n_classes: int, per_row: int = 8) -> None:
     from torchvision.utils import save_image
 
-    g = _step_generator(loop.gc.seed, -1)  # the same z at every grid: progress is comparable
+    g = step_generator(loop.gc.seed, -1)  # the same z at every grid: progress is comparable
     z = torch.randn(per_row * n_classes, loop.gc.z_dim, generator=g).to(loop.device)
     y = torch.arange(n_classes).repeat_interleave(per_row).to(loop.device)
     gen = loop.final()
@@ -259,7 +167,7 @@ def train_gan(
     A finished folder (``generator.pt`` present) is returned as it is when ``resume``.
     ``on_step(step, row)`` is called after every generator step (and its checkpoint).
     """
-    check_image_size(cfg.gan.image_size)
+    check_gan_config(cfg.gan)
     final = run_dir / "generator.pt"
     if resume and final.exists():
         return final
