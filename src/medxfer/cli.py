@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
     _add_prune_parser(sub)
+    _add_prune_structured_parser(sub)
     _add_run_parser(sub)
     _add_gan_parser(sub)
     m = sub.add_parser("models", help="list the registered architectures")
@@ -267,6 +268,41 @@ def _add_prune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     pr.add_argument("--no-onnx", action="store_true", help="with --export: skip the ONNX check")
     pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
     pr.set_defaults(func=_cmd_prune)
+
+
+def _add_prune_structured_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ps = sub.add_parser("prune-structured", help="remove whole channels (L1 norm) of a trained "
+                        "run and fine-tune: a faster model, measured on CPU")  # fmt: skip
+    ps.add_argument("run", help="a finished run folder (train, or a lottery's level_0/dense)")
+    ps.add_argument("--ratio", type=float, help="channels removed per layer, in (0, 1)")
+    ps.add_argument("--speedup", type=float, help="without --ratio: MACs cut to aim at (2.0)")
+    ps.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the run's)")
+    ps.add_argument("--out", help="fine-tune run folder (default: <run>-structured-<hash>)")
+    ps.add_argument("--force", action="store_true", help="delete the output folder first")
+    ps.add_argument("--no-latency", action="store_true", help="skip the CPU timing")
+    ps.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3")
+    ps.set_defaults(func=_cmd_prune_structured)
+
+
+def _cmd_prune_structured(args: argparse.Namespace) -> int:
+    import hashlib
+    import shutil
+
+    from medxfer.prune.structured import run_structured
+
+    flags = {"ratio": args.ratio, "speedup": args.speedup, "epochs": args.epochs}
+    overrides = [f"prune.structured_{k}={v}" for k, v in flags.items() if v is not None]
+    overrides += list(args.overrides)
+    run = Path(args.run)
+    tag = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
+    out = Path(args.out) if args.out else run.with_name(f"{run.name}-structured-{tag}")
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    report = run_structured(run, out, overrides=overrides, latency=not args.no_latency)
+    keys = ("ratio", "macs_speedup", "params_fraction", "dense", "pruned", "latency")
+    console.print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
+    print(out / "structured.json")
+    return 0
 
 
 def _add_gan_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

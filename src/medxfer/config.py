@@ -126,6 +126,11 @@ class PruneConfig:
     include_head: bool = False  # prune the classification head too
     finetune: bool = False  # baseline per level: prune the trained weights and fine-tune
     finetune_lr_scale: float = 0.1  # fine-tuning learning rate = train.lr * this
+    # `medxfer prune-structured`: L1-norm channel pruning of a trained run, then fine-tuning
+    structured_ratio: float = 0.0  # in (0, 1): channels removed per layer; 0 = by the speed-up
+    structured_speedup: float = 2.0  # MACs cut the ratio is chosen for (CPU time falls less)
+    structured_epochs: int = 0  # fine-tuning epochs; 0 = train.epochs of the dense run
+    structured_lr_scale: float = 0.3  # fine-tuning learning rate = train.lr * this
 
 
 @dataclass

@@ -16,6 +16,7 @@ import io
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,19 +121,48 @@ def _time_ms(model: nn.Module, x: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
+def interleaved_latency_ms(
+    models: Mapping[str, nn.Module], image_size: int, batch: int, repeats: int = 20
+) -> dict[str, float]:
+    """Median ms per forward of each model after 2 warm-up calls, measured round-robin so that
+    load from other processes (or CPU frequency changes) hits every model alike."""
+    x = torch.randn(batch, 3, image_size, image_size)
+    for m in models.values():
+        m.eval()
+    for _ in range(2):  # warm-up: allocations, oneDNN kernel selection
+        for m in models.values():
+            _time_ms(m, x)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            times[name].append(_time_ms(m, x))
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def paired_latency_ms(
     dense: nn.Module, pruned: nn.Module, image_size: int, batch: int, repeats: int = 20
 ) -> tuple[float, float]:
-    """Median ms per forward of each model, measured alternately so that load from other
-    processes (or CPU frequency changes) hits both alike."""
-    dense.eval()
-    pruned.eval()
-    x = torch.randn(batch, 3, image_size, image_size)
-    for _ in range(2):  # warm-up: allocations, oneDNN kernel selection
-        _time_ms(dense, x)
-        _time_ms(pruned, x)
-    times = np.array([(_time_ms(dense, x), _time_ms(pruned, x)) for _ in range(repeats)])
-    return float(np.median(times[:, 0])), float(np.median(times[:, 1]))
+    """Median ms per forward of a dense and a pruned model, measured alternately."""
+    t = interleaved_latency_ms({"dense": dense, "pruned": pruned}, image_size, batch, repeats)
+    return t["dense"], t["pruned"]
+
+
+def measure_latency(
+    models: Mapping[str, nn.Module], image_size: int, batches: tuple[int, ...] = (1, 32),
+    repeats: int = 20, threads: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """CPU latency of several models at each batch size, with the speed-up of each over the
+    first model (the baseline); ``threads`` > 0 sets torch's CPU threads first."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    base = next(iter(models))
+    out: dict[str, Any] = {"device": "cpu", "threads": torch.get_num_threads(), "warmup": 2,
+                           "repeats": repeats, "statistic": "median ms per forward",
+                           "image_size": image_size, "baseline": base}  # fmt: skip
+    for b in batches:
+        ms = interleaved_latency_ms(models, image_size, b, repeats)
+        out[f"batch_{b}"] = {"ms": ms, "speedup": {k: ms[base] / v for k, v in ms.items()}}
+    return out
 
 
 def latency_report(

@@ -1,0 +1,239 @@
+"""Structured L1-norm channel pruning: whole filters removed (Torch-Pruning), then fine-tuned.
+
+Unlike the lottery's unstructured masks, this makes the network physically smaller: in every
+group of coupled layers (a conv, its BatchNorm, the depthwise conv and the next layer's input
+channels, the branches of a residual sum) the channels with the smallest L1 norm are removed,
+the same fraction in every layer (Li et al. 2017), so dense CPU kernels do less work. The
+classification head keeps its outputs. The pruned network is fine-tuned with ``fit``.
+
+    run_structured(Path("runs/brain-…"), Path("runs/brain-…-structured"), ratio=0.4)
+
+The fine-tune run folder is a normal run (config, checkpoints, metrics.json); ``model.pt`` holds
+the whole pruned module (its shapes are no longer the registered architecture's) and reloads
+with ``load_structured``; ``structured.json`` compares params, MACs, latency and accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medxfer.config import ExperimentConfig, load_config
+from medxfer.errors import MedxferError
+from medxfer.models import create_model
+from medxfer.models.registry import entry
+from medxfer.prune.export import measure_latency
+from medxfer.prune.lottery import finetune_config
+from medxfer.prune.magnitude import fold_reparam
+from medxfer.runs import is_complete
+from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
+from medxfer.train.loop import fit
+
+State = dict[str, torch.Tensor]
+MODEL_FILE = "model.pt"
+FORMAT = "medxfer-structured-v1"
+
+
+def _tp() -> Any:
+    try:
+        import torch_pruning
+    except ImportError:
+        raise MedxferError(
+            "structured pruning needs Torch-Pruning", "pip install 'medxfer[prune]'"
+        ) from None
+    return torch_pruning
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio < 1.0:
+        raise MedxferError(
+            f"channel pruning ratio {ratio} is not in (0, 1)", "e.g. --ratio 0.4 (40% of channels)"
+        )
+
+
+def _example(model: nn.Module, image_size: int) -> torch.Tensor:
+    return torch.randn(1, 3, image_size, image_size, device=next(model.parameters()).device)
+
+
+def count(model: nn.Module, image_size: int) -> dict[str, int]:
+    """Multiply-accumulates of one image and parameters (Torch-Pruning's counter)."""
+    tp = _tp()
+    was_training = model.training
+    macs, params = tp.utils.count_ops_and_params(model.eval(), _example(model, image_size))
+    model.train(was_training)
+    return {"macs": int(macs), "params": int(params)}
+
+
+def prune_channels(model: nn.Module, head: str, ratio: float, image_size: int) -> nn.Module:
+    """In place: remove ``ratio`` of the channels of every coupled group by L1 norm.
+
+    Parameters keep their identity (only their data shrinks), so an optimizer built on the
+    model before pruning, as ``fit`` builds it, updates the pruned tensors.
+    """
+    tp = _tp()
+    check_ratio(ratio)
+    params = {(id(m), n): p for m in model.modules() for n, p in m.named_parameters(recurse=False)}
+    was_training = model.training
+    model.eval()  # tracing runs a forward: BatchNorm statistics must not move
+    with warnings.catch_warnings():  # Torch-Pruning warns about layers it leaves alone
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model, _example(model, image_size), importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=ratio, ignored_layers=[model.get_submodule(head)], round_to=8,
+        )  # fmt: skip
+        pruner.step()
+    del pruner  # its traced graph holds autograd nodes that remember the old shapes
+    gc.collect()
+    model.train(was_training)
+    for m in model.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            old = params.get((id(m), name))
+            if old is not None and old is not p:
+                old.data = p.data  # same Parameter object, new (smaller) tensor
+                setattr(m, name, old)
+    return model
+
+
+def ratio_for_speedup(model: nn.Module, head: str, image_size: int, speedup: float) -> float:
+    """The smallest ratio (a multiple of 1/64) whose pruned copy needs ``speedup`` x fewer MACs."""
+    if speedup <= 1.0:
+        raise MedxferError(f"MACs speed-up {speedup} must be above 1", "e.g. --speedup 2")
+    dense = count(model, image_size)["macs"]
+
+    def reaches(steps: int) -> bool:
+        pruned = prune_channels(copy.deepcopy(model), head, steps / 64, image_size)
+        return dense / count(pruned, image_size)["macs"] >= speedup
+
+    lo, hi = 0, 48  # above 0.75, rounding channels to 8 can leave small layers unpruned
+    if not reaches(hi):
+        raise MedxferError(f"even removing 75% of the channels does not cut MACs {speedup}x",
+                           "ask for a smaller --speedup or give --ratio")  # fmt: skip
+    while hi - lo > 1:  # bisection: reaches(hi) is true and reaches(lo) false (or lo = 0)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi / 64
+
+
+def dense_source(source: Path) -> tuple[State, dict[str, Any]]:
+    """The best weights and meta of a finished run (``train`` or a lottery's dense level)."""
+    if not (source / "best.pt").exists() or not is_complete(source):
+        raise MedxferError(
+            f"{source} was never trained to the end (no best.pt / metrics.json)",
+            "pass a finished `medxfer train` run or a lottery's level_0/dense folder",
+        )
+    best = load_checkpoint(source / "best.pt")
+    return fold_reparam(best["model"]), best["meta"]
+
+
+def pruned_model(arch: str, state: State, n_classes: int, ratio: float, size: int) -> nn.Module:
+    """The dense run's network with its channels pruned (deterministic given the weights)."""
+    model = create_model(arch, weights="none", num_classes=n_classes).model
+    model.load_state_dict(state)
+    return prune_channels(model, entry(arch).head, ratio, size).eval()
+
+
+def save_structured(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    atomic_save({"format": FORMAT, "module": model.cpu().eval(), "meta": meta}, path)
+
+
+def load_structured(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(eval-mode pruned module, meta) from ``model.pt`` (a run folder or the file)."""
+    path = path / MODEL_FILE if path.is_dir() else path
+    if not path.exists():
+        raise MedxferError(f"no pruned model at {path}", "run `medxfer prune-structured` first")
+    obj = torch.load(path, map_location="cpu", weights_only=False)  # a whole module: our file
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise MedxferError(f"{path} is not a medxfer structured-pruned model")
+    model: nn.Module = obj["module"]
+    return model.eval(), obj["meta"]
+
+
+def _finetune_cfg(cfg: ExperimentConfig, epochs: int, lr_scale: float) -> ExperimentConfig:
+    """Same data and recipe as the dense run, ``lr_scale`` x its LR, no freezing, no download."""
+    out = finetune_config(cfg, lr_scale)
+    out.train.epochs = epochs or cfg.train.epochs
+    out.model.weights, out.model.freeze = "none", "none"  # prepare loads the dense weights
+    return out
+
+
+def _prepare(state: State, head: str, ratio: float, size: int) -> Callable[[nn.Module], None]:
+    def prepare(model: nn.Module) -> None:
+        model.load_state_dict(state)
+        prune_channels(model, head, ratio, size)
+
+    return prepare
+
+
+def _test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    test = metrics.get("test", {})
+    return {f"test_{k}": test.get(k) for k in ("accuracy", "balanced_accuracy")}
+
+
+def _bind(out: Path, settings: dict[str, Any]) -> None:
+    path = out / "structured_settings.json"
+    if path.exists() and json.loads(path.read_text()) != settings:
+        raise MedxferError(f"{out} holds a structured run with other settings",
+                           "use another --out folder, or --force to start again")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(settings, path)
+
+
+def run_structured(
+    source: Path,
+    out: Path,
+    *,
+    overrides: list[str] | None = None,
+    latency: bool = True,
+    repeats: int = 20,
+) -> dict[str, Any]:
+    """Prune ``source``'s best weights by channels, fine-tune into ``out``, report (resumable).
+
+    ``prune.structured_ratio`` (> 0) fixes the ratio; otherwise the smallest ratio that cuts
+    MACs by ``prune.structured_speedup`` is used. Returns (and writes) ``structured.json``.
+    """
+    state, meta = dense_source(source)
+    cfg = load_config(source / "config.yaml", overrides)
+    p, arch, size, n = cfg.prune, meta["arch"], int(meta["image_size"]), len(meta["classes"])
+    head = entry(arch).head
+    dense = create_model(arch, weights="none", num_classes=n).model.eval()
+    dense.load_state_dict(state)
+    if p.structured_ratio:
+        check_ratio(p.structured_ratio)
+    ratio = p.structured_ratio or ratio_for_speedup(dense, head, size, p.structured_speedup)
+    ft = _finetune_cfg(cfg, p.structured_epochs, p.structured_lr_scale)
+    _bind(out, {"source": str(source.resolve()), "ratio": ratio, "config": ft.to_dict()})
+    if is_complete(out):
+        metrics = json.loads((out / "metrics.json").read_text())
+    else:
+        prepare = _prepare(state, head, ratio, size)
+        metrics = fit(ft, out, resume=(out / "last.pt").exists(), prepare_model=prepare)
+    model = pruned_model(arch, state, n, ratio, size)
+    best = load_checkpoint(out / "best.pt")
+    model.load_state_dict(best["model"])
+    save_structured(out / MODEL_FILE, model, best["meta"])
+    before, after = count(dense, size), count(model, size)
+    dense_metrics = json.loads((source / "metrics.json").read_text())
+    report: dict[str, Any] = {
+        "source_run": str(source), "run_dir": str(out), "model_file": str(out / MODEL_FILE),
+        "method": "L1-norm channel pruning (Torch-Pruning MetaPruner, MagnitudeImportance p=1, "
+                  "same ratio per layer group, channels rounded to 8, head outputs kept)",
+        "ratio": ratio, "target_macs_speedup": None if p.structured_ratio else p.structured_speedup,
+        "dense": before | _test_scores(dense_metrics), "pruned": after | _test_scores(metrics),
+        "macs_speedup": before["macs"] / after["macs"],
+        "params_fraction": after["params"] / before["params"],
+        "finetune": {"epochs": ft.train.epochs, "lr": ft.train.lr,
+                     "best_epoch": metrics.get("best_epoch")},
+    }  # fmt: skip
+    if latency:
+        report["latency"] = measure_latency({"dense": dense, "structured": model}, size,
+                                            repeats=repeats)  # fmt: skip
+    atomic_write_json(report, out / "structured.json")
+    return report

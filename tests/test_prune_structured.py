@@ -1,0 +1,165 @@
+"""Structured (channel) pruning: channels really go, the head keeps its classes, the optimizer
+built before pruning still trains the pruned tensors, the saved model reloads with the same
+predictions, and bad input ends in one clear message."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from medxfer.cli import main
+from medxfer.errors import MedxferError
+from medxfer.models import create_model
+from medxfer.models.registry import entry
+from medxfer.prune.export import measure_latency
+from medxfer.prune.structured import (
+    count,
+    load_structured,
+    prune_channels,
+    pruned_model,
+    ratio_for_speedup,
+)
+from medxfer.train.checkpoint import load_checkpoint
+
+FAST = [
+    "model.arch=resnet18", "model.weights=none", "data.image_size=32", "train.epochs=1",
+    "train.batch_size=8", "train.steps_per_epoch=1", "train.eval_batch_size=128",
+    "eval.n_bootstrap=20", "train.optimizer=sgd",
+]  # fmt: skip
+
+
+def _convs(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {
+        n: (m.in_channels, m.out_channels)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
+
+
+def _tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = {
+        "conv1": nn.Conv2d(3, 32, 3), "bn1": nn.BatchNorm2d(32), "relu": nn.ReLU(),
+        "conv2": nn.Conv2d(32, 64, 3, bias=False), "bn2": nn.BatchNorm2d(64),
+        "pool": nn.AdaptiveAvgPool2d(1), "flat": nn.Flatten(), "fc": nn.Linear(64, 3),
+    }  # fmt: skip
+    return nn.Sequential(OrderedDict(layers))
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_channels_are_removed_and_classes_kept(arch: str) -> None:
+    torch.manual_seed(0)
+    head = entry(arch).head
+    model = create_model(arch, weights="none", num_classes=4).model
+    before, shapes = count(model, 32), _convs(model)
+    features = model.get_submodule(head).in_features
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before pruning, as ``fit`` does
+    prune_channels(model, head, 0.5, 32)
+    after, pruned = count(model, 32), _convs(model)
+    assert after["params"] < 0.5 * before["params"] and after["macs"] < 0.5 * before["macs"]
+    assert sum(p.numel() for p in model.parameters()) == after["params"]
+    assert all(pruned[n][1] <= shapes[n][1] for n in shapes)  # no conv grew
+    smaller = [n for n in shapes if pruned[n][1] < shapes[n][1]]
+    assert len(smaller) > len(shapes) // 2  # most convs lost output channels
+    fc = model.get_submodule(head)
+    assert isinstance(fc, nn.Linear) and fc.out_features == 4
+    assert fc.in_features < features
+    x = torch.randn(2, 3, 32, 32)
+    assert model.train()(x).shape == (2, 4)
+    first = next(iter(model.parameters())).detach().clone()
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 3])).backward()
+    opt.step()  # the optimizer's parameters are the pruned tensors
+    assert not torch.equal(first, next(iter(model.parameters())))
+
+
+def test_pruning_removes_the_smallest_l1_channels_with_their_bn() -> None:
+    model = _tiny().eval()
+    weak = torch.arange(0, 32, 2)  # make these channels the smallest in every coupled layer
+    with torch.no_grad():
+        model.conv1.weight[weak] *= 0.01
+        model.bn1.weight[weak] *= 0.01
+        model.conv2.weight[:, weak] *= 0.01
+    strong = torch.arange(1, 32, 2)
+    w1, mean1 = model.conv1.weight.detach().clone(), model.bn1.running_mean.clone()
+    rows = model.conv2.weight.detach().clone()[:, strong]  # conv2's inputs follow conv1's outputs
+    prune_channels(model, "fc", 0.5, 32)
+    assert model.conv1.out_channels == 16 and model.conv2.in_channels == 16
+    assert torch.equal(model.conv1.weight, w1[strong])
+    assert torch.equal(model.bn1.running_mean, mean1[strong])  # tracing ran in eval mode
+    assert all(any(torch.equal(r, q) for q in rows) for r in model.conv2.weight)
+    assert model.fc.out_features == 3
+
+
+def test_ratio_for_speedup_is_the_smallest_that_reaches_it() -> None:
+    model, target = _tiny(), 2.0
+    ratio = ratio_for_speedup(model, "fc", 32, target)
+    dense = count(model, 32)["macs"]
+
+    def speedup(r: float) -> float:
+        return dense / count(prune_channels(_tiny(), "fc", r, 32), 32)["macs"]
+
+    assert speedup(ratio) >= target > speedup(ratio - 1 / 64)
+    assert count(model, 32)["macs"] == dense  # searched on copies
+    with pytest.raises(MedxferError, match="must be above 1"):
+        ratio_for_speedup(model, "fc", 32, 1.0)
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(MedxferError, match=r"not in \(0, 1\)"):
+            prune_channels(_tiny(), "fc", bad, 32)
+
+
+def test_measure_latency_reports_every_model() -> None:
+    lat = measure_latency({"dense": _tiny(), "small": prune_channels(_tiny(), "fc", 0.5, 32)}, 32,
+                          batches=(1, 4), repeats=2, threads=1)  # fmt: skip
+    assert lat["threads"] == 1 and lat["baseline"] == "dense"
+    assert lat["batch_4"]["speedup"]["dense"] == 1.0 and lat["batch_1"]["ms"]["small"] > 0
+
+
+@pytest.fixture(scope="module")
+def dense_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("structured") / "dense"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDXFER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        assert main(["train", "--data", str(synth_root), "--run-dir", str(run), *FAST]) == 0
+    return run
+
+
+def test_structured_end_to_end_and_reload(dense_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    args = ["prune-structured", str(dense_run), "train.lr=0.01", "--ratio", "0.5"]
+    args += ["--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "structured.json").read_text())
+    assert report["ratio"] == 0.5 and report["macs_speedup"] > 2
+    assert report["pruned"]["params"] < 0.5 * report["dense"]["params"]
+    assert report["pruned"]["test_accuracy"] is not None and report["finetune"]["epochs"] == 1
+    assert set(report["latency"]["batch_32"]["ms"]) == {"dense", "structured"}
+    model, meta = load_structured(out)
+    best = load_checkpoint(out / "best.pt")
+    assert meta["classes"] == best["meta"]["classes"]
+    dense = load_checkpoint(dense_run / "best.pt")["model"]
+    rebuilt = pruned_model("resnet18", dense, len(meta["classes"]), 0.5, 32)
+    rebuilt.load_state_dict(best["model"])  # the checkpoint fits the re-pruned network
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+        assert model(x).shape == (5, len(meta["classes"]))
+    assert main([*args, "--no-latency"]) == 0  # complete: only re-reports
+    assert json.loads((out / "structured.json").read_text())["pruned"] == report["pruned"]
+
+
+def test_bad_input_is_one_clear_message(
+    dense_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["prune-structured", str(dense_run), "--ratio", "1.5"]) == 2
+    assert "not in (0, 1)" in capsys.readouterr().err
+    (tmp_path / "untrained").mkdir()
+    assert main(["prune-structured", str(tmp_path / "untrained"), "--ratio", "0.3"]) == 2
+    assert "never trained" in capsys.readouterr().err
+    assert main(["prune-structured", str(dense_run), "--speedup", "0.9"]) == 2
+    assert "must be above 1" in capsys.readouterr().err
+    assert [p.name for p in dense_run.parent.iterdir()] == ["dense"]  # no folder left behind
