@@ -4,6 +4,7 @@
     python bench/imbalance.py chest-xray-pneumonia --variant viral25  # viral cut to 25% in train
     python bench/imbalance.py brain-tumor-mri
     python bench/imbalance.py smoke            # tiny end-to-end check on the SYNTHETIC demo set
+    python bench/imbalance.py chest-xray-pneumonia --gan-checkpoint g/generator.pt  # GPU-trained
 
 Strategies (same seed, same epochs, same resolution): none, class_weight (weighted loss),
 oversample (real images drawn class-balanced), gan and gan+class_weight (a class-conditional
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--data-root", type=Path, default=SHARED_DATA)
     p.add_argument("--gan-minutes", type=float, default=60.0, help="GAN training time budget")
     p.add_argument("--gan-ratio", type=float, default=1.0)
+    p.add_argument("--gan-checkpoint", type=Path, help="a generator.pt trained elsewhere (GPU)")
     p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench" / "imbalance")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     args = p.parse_args()
@@ -92,13 +94,15 @@ def main() -> None:
                 *args.extra]  # fmt: skip
     out = args.out_dir / name
     out.parent.mkdir(parents=True, exist_ok=True)
+    external = ["--checkpoint", str(args.gan_checkpoint)] if args.gan_checkpoint else []
     cmd = [*medxfer_cmd(), "gan", "compare", *data, "--out", str(out),
-           "--gan-ratio", str(args.gan_ratio), *protocol]  # fmt: skip
+           "--gan-ratio", str(args.gan_ratio), *external, *protocol]  # fmt: skip
     _, seconds = run(cmd, args.out_dir / f"{name}.log")
     summary = json.loads((out / "comparison.json").read_text())
     strategies = {k: {key: v.get(key) for key in KEYS} for k, v in summary["strategies"].items()}
     quality = summary.get("quality") or {}
-    gan_info = out / "gan" / "gan.json"
+    gan_dir = args.gan_checkpoint.parent if args.gan_checkpoint else out / "wgan"
+    gan_info = gan_dir / "gan.json"
     result: dict[str, Any] = {
         "strategies": strategies,
         "minority_classes": summary["minority_classes"],
@@ -114,6 +118,7 @@ def main() -> None:
         "trtr_accuracy": quality.get("trtr_accuracy"),
         "inception": quality.get("inception"),
         "gan_training": json.loads(gan_info.read_text())["runs"] if gan_info.exists() else None,
+        "gan_checkpoint": str(gan_dir / "generator.pt"),
         "verdict": summary["verdict"],
         "targets": targets(strategies),
         "comparison_markdown": (out / "comparison.md").read_text(),

@@ -6,8 +6,9 @@
     gan               + synthetic minority images (data.synthetic, up to ratio x largest class)
     gan+class_weight  both
 
-Each strategy is a normal run folder under ``out_dir`` (a finished one is reused, an interrupted
-one resumes). Writes comparison.json, comparison.md and comparison.png.
+Each strategy is a normal run folder ``out_dir/<strategy>`` (a finished one is reused, an
+interrupted one resumes); the GAN trains in ``out_dir/wgan`` and samples to
+``out_dir/synthetic``. Writes comparison.json, comparison.md and comparison.png.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _synthetic_manifest(
     if manifest is not None:
         return manifest
     if checkpoint is None:
-        checkpoint = train_gan(cfg, out_dir / "gan")
+        checkpoint = train_gan(cfg, out_dir / "wgan")  # not "gan": that is a strategy
     target = out_dir / "synthetic" / "manifest.csv"
     if target.exists():
         return target
