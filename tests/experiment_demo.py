@@ -14,6 +14,7 @@ DEMO = REPO / "configs" / "demo.yaml"
 TINY = [
     "data.image_size=32",
     "train.epochs=1",
+    "train.steps_per_epoch=3",
     "train.early_stopping=0",
     "tune.n_trials=2",
     "tune.epochs=1",
@@ -25,6 +26,7 @@ TINY = [
 # the GAN stage runs when medxfer.gan is installed, with a few generator steps
 GAN = [
     "gan.steps=4",
+    "gan.balance=0.3",
     "gan.batch_size=16",
     "gan.n_critic=1",
     "gan.min_images=10",

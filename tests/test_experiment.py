@@ -16,7 +16,7 @@ from medxfer.experiment import STAGES, load_experiment
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("demo-experiment")
+    base = tmp_path_factory.getbasetemp() / "demo-experiment"  # one run for both test files
     return run_demo(base / "runs", base / "cache")
 
 
