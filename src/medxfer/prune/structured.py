@@ -205,9 +205,13 @@ def run_structured(
     head = entry(arch).head
     dense = create_model(arch, weights="none", num_classes=n).model.eval()
     dense.load_state_dict(state)
-    if p.structured_ratio:
-        check_ratio(p.structured_ratio)
-    ratio = p.structured_ratio or ratio_for_speedup(dense, head, size, p.structured_speedup)
+    ratio = p.structured_ratio
+    if ratio:
+        check_ratio(ratio)
+    else:  # the search costs minutes on a busy CPU: a rerun takes the ratio it found before
+        old = out / "structured_settings.json"
+        found = json.loads(old.read_text()).get("ratio") if old.exists() else None
+        ratio = found or ratio_for_speedup(dense, head, size, p.structured_speedup)
     ft = _finetune_cfg(cfg, p.structured_epochs, p.structured_lr_scale)
     _bind(out, {"source": str(source.resolve()), "ratio": ratio, "config": ft.to_dict()})
     if is_complete(out):
