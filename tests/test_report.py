@@ -240,3 +240,28 @@ def test_paper_layout_and_references() -> None:
     assert body[0][:3] == ["googlenet", "fine-tuned", "0.900 [0.850, 0.950]"]
     assert body[0][5] == "—" and body[1][5] == "0.900 [0.850, 0.950] (sparsity 50%)"
     assert body[1][7] == "0.815"
+
+
+def test_matrix_overview_and_off_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text(
+        "name: m\nmatrix: {model.arch: [resnet18, googlenet]}\nstages: {audit: false, gan: false,"
+        " tune: false, train: false, prune: false, evaluate: true, report: true}\n"
+    )
+    assert main(["run", str(f), f"out_dir={tmp_path}"]) == 0
+    exp = Path(capsys.readouterr().out.strip())
+    assert exp == tmp_path / "experiments" / "m"
+    for cell in ("resnet18", "googlenet"):
+        text = (exp / cell / "report.html").read_text()
+        for stage in ("audit", "gan", "tune", "prune"):
+            assert f"The {stage} stage was switched off" in text, (cell, stage)
+        assert "nothing to evaluate" in text
+        log = json.loads((exp / cell / "experiment.json").read_text())
+        assert log["stages"]["evaluate"]["status"] == "unavailable"
+    overview = _parse(exp / "report.html")
+    cells = overview.tables["table0"]
+    assert [r[0] for r in cells[1:]] == ["resnet18", "googlenet"]
+    assert (
+        cells[1][1] == "resnet18/report.html"
+        and "No cell has finished" in (exp / "report.html").read_text()
+    )
