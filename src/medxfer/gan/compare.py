@@ -124,6 +124,15 @@ def verdict(strategies: dict[str, Any]) -> list[str]:
     return out
 
 
+def _notes(names: list[str], gan_ratio: float) -> list[str]:
+    if gan_ratio >= 1 and "gan+class_weight" in names:
+        return ["- note: class weights come from the training set the loss sees (real + "
+                "synthetic); at gan ratio >= 1 every class is filled up to the largest, the "
+                "weights are all 1 and `gan+class_weight` equals `gan`. Use a ratio < 1 to "
+                "make them differ."]  # fmt: skip
+    return []
+
+
 def compare_strategies(
     cfg: ExperimentConfig,
     out_dir: Path,
@@ -170,7 +179,7 @@ def compare_strategies(
         "gan_ratio": gan_ratio,
         "synthetic_manifest": str(synth) if synth else None,
         "strategies": table,
-        "verdict": verdict(table),
+        "verdict": verdict(table) + _notes(names, gan_ratio),
         "protocol": {
             "seed": cfg.train.seed,
             "epochs": cfg.train.epochs,
