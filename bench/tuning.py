@@ -77,9 +77,15 @@ def trial_rows(study_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def epochs_trained(study_dir: Path) -> int:
+    """Training epochs the study ran, over all its trials: its cost independent of the load."""
+    return sum(int(r["epochs_reported"] or 0) for r in trial_rows(study_dir))
+
+
 def result(summary: dict[str, Any]) -> dict[str, Any]:
     best = summary["best"] or {}
     return {
+        "epochs_trained": epochs_trained(Path(summary["study_dir"])),
         "n_trials": summary["complete"] + summary["pruned"],
         "n_complete": summary["complete"],
         "n_pruned": summary["pruned"],
@@ -144,6 +150,7 @@ def main() -> None:
     out["targets"] = {
         "pruned_wall_fraction": round(q["wall_seconds"] / u["wall_seconds"], 3),
         "pruned_at_most_half_the_wall_time": q["wall_seconds"] <= 0.5 * u["wall_seconds"],
+        "pruned_epoch_fraction": round(q["epochs_trained"] / u["epochs_trained"], 3),
         "best_value_gap_points": round(100 * (u["best_value"] - q["best_value"]), 2),
         "best_within_1_point": abs(u["best_value"] - q["best_value"]) <= 0.01
         or q["best_value"] >= u["best_value"],
