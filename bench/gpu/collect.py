@@ -1,7 +1,7 @@
 """Collect the GPU runs of bench/gpu/brain_224.sh into bench/results/<name>.json.
 
     python bench/gpu/collect.py runs/bench/gpu/brain224-s* --name accuracy-brain-tumor-mri-gpu224 \
-        --log /work/.device/4/log.txt --command "bash bench/gpu/brain_224.sh '$OUT 30 0 1 2'
+        --log /work/.device/4/log.txt --command 'bash bench/gpu/brain_224.sh $OUT 30 0 1 2'
 
 Each run folder is what the GPU machine sent back (checkpoints excluded): config.yaml,
 metrics.json, history, figures. The machine line is the script's nvidia-smi/torch output.

@@ -363,13 +363,19 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     r = sub.add_parser("run", help="the whole study: audit, gan, tune, train, prune, evaluate, "
                        "report (resumable; stages.NAME=false turns one off)")  # fmt: skip
     r.add_argument("experiment", help="experiment YAML, e.g. configs/demo.yaml")
-    r.add_argument("overrides", nargs="*",
-                   help="dotted overrides, e.g. train.epochs=2 stages.gan=false data.root=PATH")
+    r.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. train.epochs=2 stages.gan=false data.root=PATH",
+    )
     r.set_defaults(func=commands.cmd_run)
     t = sub.add_parser("paper-table", help="collect finished experiments into the paper's table")
     t.add_argument("experiments", nargs="+", help="experiment folders (runs/experiments/<name>)")
-    t.add_argument("--out", default="bench/results/paper-table.json",
-                   help="JSON file; its Markdown twin is written beside it (.md)")
+    t.add_argument(
+        "--out",
+        default="bench/results/paper-table.json",
+        help="JSON file; its Markdown twin is written beside it (.md)",
+    )
     t.set_defaults(func=commands.cmd_paper_table)
 
 
