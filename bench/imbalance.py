@@ -110,7 +110,7 @@ def main() -> None:
         "fid": quality.get("fid"),
         "kid": quality.get("kid"),
         "fid_per_class": {
-            c: {k: v[k] for k in ("fid_synthetic_vs_real", "fid_real_vs_real")}
+            c: {k: v.get(k) for k in ("fid_synthetic_vs_real", "fid_real_vs_real")}
             for c, v in quality.get("per_class", {}).items()
         },
         "two_sample_accuracy": quality.get("two_sample_accuracy"),

@@ -276,3 +276,17 @@ def test_strategies_change_only_their_keys() -> None:
     row = {"minority_recall": 0.5, "test_balanced_accuracy": 0.8}
     lines = verdict({"gan": row, "oversample": row | {"minority_recall": 0.6}})
     assert lines == [lines[0]] and "does not beat `oversample`" in lines[0]
+
+
+def test_quality_skips_a_class_with_too_few_synthetic_images() -> None:
+    """A class filled with only a few images (nearly as large as the largest) is reported as
+    skipped instead of failing the cross-validated two-sample test or giving a degenerate FID."""
+    from medxfer.gan.quality import MIN_COMPARED, _per_class
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 8))
+    few = _per_class(real, rng.normal(size=(3, 8)), seed=0)
+    assert few["n_compared"] == 0 and "skipped" in few and "fid_synthetic_vs_real" not in few
+    enough = _per_class(real, rng.normal(size=(MIN_COMPARED + 5, 8)), seed=0)
+    assert enough["n_compared"] == MIN_COMPARED + 5
+    assert 0.0 <= enough["two_sample_accuracy"] <= 1.0

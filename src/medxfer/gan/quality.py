@@ -97,7 +97,13 @@ def _synthetic_images(manifest: Path, size: int, cfg: ExperimentConfig) -> dict[
     return {c: torch.from_numpy(arr[labels == c]) for c in sorted(set(labels.tolist()))}
 
 
+MIN_COMPARED = 20  # fewer synthetic images than this in a class: no FID/KID/two-sample for it
+
+
 def _per_class(real: np.ndarray, synth: np.ndarray, seed: int) -> dict[str, Any]:
+    if min(len(synth), len(real) // 2) < MIN_COMPARED:  # a nearly full class gets few images
+        return {"n_real": len(real), "n_synthetic": len(synth), "n_compared": 0,
+                "skipped": f"fewer than {MIN_COMPARED} images to compare"}  # fmt: skip
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(real))
     half_a, half_b = real[perm[: len(real) // 2]], real[perm[len(real) // 2 :]]
@@ -179,7 +185,7 @@ def gan_quality(cfg: ExperimentConfig, manifest: Path, out_dir: Path) -> dict[st
     tstr = _tstr(cfg, manifest, real_feats, test_feats, seed)
 
     def mean(key: str) -> float | None:
-        vals = [v[key] for v in per_class.values()]
+        vals = [v[key] for v in per_class.values() if v.get(key) is not None]
         return float(np.mean(vals)) if vals else None
 
     result: dict[str, Any] = {

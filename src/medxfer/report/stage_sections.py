@@ -19,6 +19,10 @@ def _ok(r: dict[str, Any], stage: str) -> bool:
     return stage in r["outputs"]
 
 
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else num(value, 4)
+
+
 def balance_and_gan(r: dict[str, Any], fig_dir: Path) -> list[Section]:
     from medxfer.report.figures import (
         manifest_counts,
@@ -62,11 +66,11 @@ def balance_and_gan(r: dict[str, Any], fig_dir: Path) -> list[Section]:
     q = dict(out.get("quality") or {})
     per_class = q.pop("per_class", None)
     if isinstance(per_class, dict) and per_class:
-        keys = list(next(iter(per_class.values())))
+        keys = list(dict.fromkeys(k for v in per_class.values() for k in v))  # a class may skip
         gan.add(
             Table(
                 ["class", *[k.replace("_", " ") for k in keys]],
-                [[c, *[num(v.get(k), 4) for k in keys]] for c, v in per_class.items()],
+                [[c, *[_cell(v.get(k)) for k in keys]] for c, v in per_class.items()],
                 caption="GAN quality per class (lite0 features; real vs real is the floor)",
                 id="gan-per-class",
             )
