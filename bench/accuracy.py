@@ -19,6 +19,8 @@ from typing import Any
 
 from _common import REPO, SHARED_DATA, medxfer_cmd, run, save
 
+from medxfer.evaluate.metrics import run_summary
+
 PROTOCOLS: dict[str, list[str]] = {
     "brain-tumor-mri": [
         "data.image_size=160",
@@ -47,23 +49,10 @@ VARIANTS = {
     "scratch": ["model.weights=none"],
     "imagenet_no_leaks": ["model.weights=imagenet", "data.drop_leaks=true"],
 }
-KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro_ovr", "ece")
 
 
 def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
-    t = metrics["test"]
-    out = {f"test_{k}": t[k] for k in KEYS}
-    out |= {
-        "per_class_recall": t["per_class_recall"],
-        "test_accuracy_ci95": t["ci95"]["accuracy"],
-        "test_balanced_accuracy_ci95": t["ci95"]["balanced_accuracy"],
-        "val_balanced_accuracy": metrics["val"]["balanced_accuracy"],
-        "train_seconds": round(metrics["train_seconds"], 1),
-        "best_epoch": metrics["best_epoch"],
-        "train_counts": metrics["data"]["counts"]["train"],
-        "dropped_leaks": metrics["data"]["dropped_leaks"],
-    }
-    return out
+    return run_summary(metrics) | {"dropped_leaks": metrics["data"]["dropped_leaks"]}
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from _common import REPO, SHARED_DATA, medxfer_cmd, run, save
 
 CLASSIFIER = [
-    "model.arch=efficientnet_lite0", "model.weights=imagenet", "data.image_size=96",
+    "model.arch=efficientnet_lite0", "model.weights=imagenet", "data.image_size=64",
     "train.epochs=3", "train.batch_size=32", "train.lr=1e-3", "train.weight_decay=0.05",
     "train.label_smoothing=0.1", "train.seed=0", "eval.n_bootstrap=1000",
 ]  # fmt: skip

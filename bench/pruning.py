@@ -30,7 +30,7 @@ PROTOCOLS: dict[str, list[str]] = {
     "chest-xray-pneumonia": ["augment.hflip=false"],  # laterality matters on a chest film
 }
 COMMON = [
-    "model.arch=efficientnet_lite0", "model.weights=imagenet", "data.image_size=96",
+    "model.arch=efficientnet_lite0", "model.weights=imagenet", "data.image_size=64",
     "train.epochs=3", "train.batch_size=32", "train.lr=1e-3", "train.weight_decay=0.05",
     "train.label_smoothing=0.1", "train.seed=0",
 ]  # fmt: skip

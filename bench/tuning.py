@@ -8,6 +8,8 @@ protocol (PROTOCOL below, saved in the JSON), the default search space (learning
 
 - `unpruned`: 20 trials, `tune.pruner=none` (every trial trains all its epochs);
 - `pruned`: the same 20 trials' budget with `tune.pruner=halving` (successive halving);
+  the two studies run side by side, one torch thread each, so that both see the same load
+  (`load_check` compares the epoch times of the trials both studies sampled alike);
 - `parallel_workers`: a study run by `--workers 2` on one journal storage; every trial is
   checked: finished exactly once, none left running, none lost or run twice.
 
@@ -22,6 +24,7 @@ import csv
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,30 @@ def result(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def load_check(unpruned: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    """Seconds per training epoch of the trials that both studies sampled with the same
+    parameters (TPE's seeded random start), pruned / unpruned: 1.0 means equal load."""
+    dirs = [Path(unpruned["study_dir"]), Path(pruned["study_dir"])]
+    rows = [{r["number"]: r for r in trial_rows(d)} for d in dirs]
+    keys = [k for k in rows[0]["0"] if k.startswith("params_")] if "0" in rows[0] else []
+    ratios = {}
+    for n, r in rows[1].items():
+        u = rows[0].get(n)
+        if u is None or any(u[k] != r[k] for k in keys):
+            continue
+        secs = []
+        for d in dirs:
+            with (d / "trials" / n / "history.csv").open() as f:
+                secs.append([float(x["train_seconds"]) for x in csv.DictReader(f)])
+        common = min(len(secs[0]), len(secs[1]))
+        if common:
+            ratios[n] = round(sum(secs[1][:common]) / sum(secs[0][:common]), 3)
+    return {
+        "pruned_over_unpruned_epoch_seconds": ratios,
+        "note": "same trial number and parameters in both studies, same epochs compared",
+    }
+
+
 def parallel_check(summary: dict[str, Any], n_trials: int) -> dict[str, Any]:
     rows = trial_rows(Path(summary["study_dir"]))
     finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
@@ -140,10 +167,17 @@ def main() -> None:
     warm = round(warm_cache(data), 1)
     out: dict[str, Any] = {"data": str(data), "arch": "efficientnet_lite0",
                            "protocol": PROTOCOL, "warm_cache_seconds": warm}  # fmt: skip
-    for name, extra in VARIANTS.items():
-        out[name] = result(study(data, args.out_dir / name, extra, args.n_trials))
-        shown = ("n_pruned", "wall_seconds", "best_value")
-        print(json.dumps({name: {k: out[name][k] for k in shown}}), flush=True)
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:  # side by side: the same load for both
+        futures = {
+            name: pool.submit(study, data, args.out_dir / name, extra, args.n_trials)
+            for name, extra in VARIANTS.items()
+        }
+        for name, future in futures.items():
+            out[name] = result(future.result())
+            shown = ("n_pruned", "wall_seconds", "best_value")
+            print(json.dumps({name: {k: out[name][k] for k in shown}}), flush=True)
+    out["load_check"] = load_check(out["unpruned"], out["pruned"])
+    out["schedule"] = "unpruned and pruned studies side by side, 1 torch thread each"
     par = study(data, args.out_dir / "parallel", PARALLEL, args.parallel_trials, workers=2)
     out["parallel_workers"] = parallel_check(par, args.parallel_trials) | {"protocol": PARALLEL}
     u, q = out["unpruned"], out["pruned"]

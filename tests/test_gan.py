@@ -290,3 +290,13 @@ def test_quality_skips_a_class_with_too_few_synthetic_images() -> None:
     enough = _per_class(real, rng.normal(size=(MIN_COMPARED + 5, 8)), seed=0)
     assert enough["n_compared"] == MIN_COMPARED + 5
     assert 0.0 <= enough["two_sample_accuracy"] <= 1.0
+
+
+def test_minority_rule_falls_back_to_the_smallest_class() -> None:
+    """Imbalanced: the classes under 80% of the largest. Nearly balanced (brain tumor MRI):
+    the smallest class stands in, and the rule says so, so minority recall is never empty."""
+    from medxfer.gan.compare import compared_minority
+
+    assert compared_minority({"a": 100, "b": 50, "c": 79})[0] == ["b", "c"]
+    chosen, rule = compared_minority({"glioma": 1123, "meningioma": 1047, "notumor": 1229})
+    assert chosen == ["meningioma"] and "smallest" in rule and "1047 of 1229" in rule

@@ -8,12 +8,15 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from medxfer.cli import main
 from medxfer.errors import MedxferError
+from medxfer.evaluate.predict import load_trained
 from medxfer.models import create_model
 from medxfer.models.registry import entry
 from medxfer.prune.export import measure_latency
@@ -148,6 +151,14 @@ def test_structured_end_to_end_and_reload(dense_run: Path, tmp_path: Path) -> No
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
         assert model(x).shape == (5, len(meta["classes"]))
+    loaded, _ = load_trained(out)  # what `medxfer predict` and Grad-CAM load
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(tmp_path / "scan.png")
+    csv_out = tmp_path / "p.csv"
+    assert main(["predict", str(out), str(tmp_path / "scan.png"), "--out", str(csv_out)]) == 0
+    header = csv_out.read_text().splitlines()[0]
+    assert header.startswith("path,predicted") and f"p_{meta['classes'][0]}" in header
     assert main([*args, "--no-latency"]) == 0  # complete: only re-reports
     assert json.loads((out / "structured.json").read_text())["pruned"] == report["pruned"]
 

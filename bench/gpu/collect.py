@@ -18,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import save
 
+from medxfer.evaluate.metrics import run_summary
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,19 +32,8 @@ def main() -> None:
     rows = {}
     for run in sorted(args.runs):
         m = json.loads((run / "metrics.json").read_text())
-        t = m["test"]
-        rows[run.name] = {
-            "test_accuracy": t["accuracy"],
-            "test_accuracy_ci95": t["ci95"]["accuracy"],
-            "test_balanced_accuracy": t["balanced_accuracy"],
-            "test_balanced_accuracy_ci95": t["ci95"]["balanced_accuracy"],
-            "test_macro_f1": t["macro_f1"],
-            "per_class_recall": t["per_class_recall"],
-            "val_balanced_accuracy": m["val"]["balanced_accuracy"],
-            "best_epoch": m["best_epoch"],
-            "train_seconds": round(m["train_seconds"], 1),
+        rows[run.name] = run_summary(m) | {
             "compute": m["compute"],
-            "train_counts": m["data"]["counts"]["train"],
             "config": (run / "config.yaml").read_text(),
         }
     accs = [r["test_accuracy"] for r in rows.values()]

@@ -258,3 +258,25 @@ def format_summary(metrics: dict[str, Any]) -> str:
         f"ECE {_fmt(metrics.get('ece'))}",
     ]
     return " · ".join(parts)
+
+
+def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The flat record that benchmarks and comparisons quote from a run's ``metrics.json``:
+    test accuracy, balanced accuracy and macro-F1 with their 95% intervals, per-class recall,
+    the validation score the model was selected on, and what training cost and saw."""
+    t = metrics["test"]
+    ci = t.get("ci95", {})
+    return {
+        "test_accuracy": t["accuracy"],
+        "test_accuracy_ci95": ci.get("accuracy"),
+        "test_balanced_accuracy": t["balanced_accuracy"],
+        "test_balanced_accuracy_ci95": ci.get("balanced_accuracy"),
+        "test_macro_f1": t["macro_f1"],
+        "test_auroc_macro_ovr": t.get("auroc_macro_ovr"),
+        "test_ece": t.get("ece"),
+        "per_class_recall": t["per_class_recall"],
+        "val_balanced_accuracy": metrics["val"]["balanced_accuracy"],
+        "best_epoch": metrics["best_epoch"],
+        "train_seconds": round(metrics["train_seconds"], 1),
+        "train_counts": metrics["data"]["counts"]["train"],
+    }

@@ -15,23 +15,57 @@ from medxfer.errors import MedxferError
 from medxfer.models import create_model
 from medxfer.models.registry import Preprocess
 
+# The model files medxfer writes, in the order a run folder is searched for them.
+MODEL_FILES = ("model.pt", "best.pt", "export/model.sparse.pt")
+
+
+def model_file(checkpoint: Path) -> Path:
+    """A run folder -> the first model file it holds (prune-structured ``model.pt``, whose
+    ``best.pt`` only fits the thinner network; train/tune/prune ``best.pt``; the compact
+    export); a file is returned as is."""
+    if not checkpoint.is_dir():
+        return checkpoint
+    for name in MODEL_FILES:
+        if (checkpoint / name).exists():
+            return checkpoint / name
+    return checkpoint / MODEL_FILES[0]
+
 
 def load_trained(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A medxfer ``best.pt`` (or a run folder holding one) -> eval-mode model and its meta."""
-    path = checkpoint / "best.pt" if checkpoint.is_dir() else checkpoint
+    """Any model medxfer writes (a run folder or the file: ``best.pt`` of train, tune or a
+    lottery level, the structured-pruned ``model.pt``, the compact ``model.sparse.pt``) ->
+    eval-mode model and its meta (arch, classes, mean/std, image size)."""
+    from medxfer.prune.export import FORMAT as SPARSE_FORMAT  # bit mask + surviving values
+    from medxfer.prune.structured import FORMAT as STRUCTURED_FORMAT  # a thinner module
+
+    path = model_file(checkpoint)
     if not path.exists():
         raise MedxferError(
-            f"no checkpoint at {path}", "pass a run folder of `medxfer train` or its best.pt"
+            f"no checkpoint at {path}",
+            "pass a run folder of `medxfer train`, `prune` or `prune-structured`, or a model file",
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise MedxferError(f"cannot load checkpoint {path}: {err}") from None
-    if not isinstance(obj, dict) or "meta" not in obj:
-        raise MedxferError(f"{path} is not a medxfer checkpoint", "use a run folder's best.pt")
-    meta = obj["meta"]
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if fmt == STRUCTURED_FORMAT:  # channels physically removed: the module itself is stored
+        module: torch.nn.Module = obj["module"]
+        return module.eval(), obj["meta"]
+    if fmt == SPARSE_FORMAT:
+        from medxfer.prune.export import expand
+
+        state, meta = expand(obj), obj.get("meta", {})
+    elif isinstance(obj, dict) and "meta" in obj and "model" in obj:
+        from medxfer.prune.magnitude import fold_reparam
+
+        state, meta = fold_reparam(obj["model"]), obj["meta"]  # a pruned level: mask folded in
+    else:
+        raise MedxferError(f"{path} is not a medxfer model file", "use a run folder's best.pt")
+    if not {"arch", "classes"} <= set(meta):
+        raise MedxferError(f"{path} has no model description (arch, classes) in its meta")
     built = create_model(meta["arch"], weights="none", num_classes=len(meta["classes"]))
-    built.model.load_state_dict(obj["model"])
+    built.model.load_state_dict(state)
     return built.model.eval(), meta
 
 

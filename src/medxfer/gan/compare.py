@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from medxfer.config import ExperimentConfig, apply_override
-from medxfer.data.generated import minority_classes
+from medxfer.data.generated import MINORITY_BELOW, minority_classes
 from medxfer.errors import MedxferError
+from medxfer.evaluate.metrics import run_summary
 from medxfer.gan.report import bootstrap_class_metrics, comparison_plot, markdown_table
 from medxfer.train.checkpoint import atomic_write_json, atomic_write_text
 
@@ -72,6 +73,20 @@ def _synthetic_manifest(
     return sample_gan(checkpoint, target.parent, balance=ratio, seed=cfg.train.seed)
 
 
+def compared_minority(counts: dict[str, int]) -> tuple[list[str], str]:
+    """The classes whose recall ``minority_recall`` averages, and the rule that chose them:
+    those under 80% of the largest class; when none is (a nearly balanced set, such as brain
+    tumor MRI), the smallest class, so the comparison still says what happens to it."""
+    minority = minority_classes(counts)
+    if minority:
+        return minority, f"classes with fewer than {MINORITY_BELOW:.0%} of the largest class"
+    smallest = min(counts, key=lambda c: (counts[c], c))
+    return [smallest], (
+        f"no class has fewer than {MINORITY_BELOW:.0%} of the largest, so the smallest "
+        f"({smallest}, {counts[smallest]} of {max(counts.values())}) stands in"
+    )
+
+
 def summarize(run_dir: Path, minority: list[str], n_bootstrap: int, seed: int) -> dict[str, Any]:
     """Test metrics of one strategy's run, with per-class bootstrap intervals added."""
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -85,23 +100,13 @@ def summarize(run_dir: Path, minority: list[str], n_bootstrap: int, seed: int) -
     recall = t["per_class_recall"]
     defined = [recall[c] for c in minority if recall[c] is not None]
     synth = m["data"].get("synthetic_images") or {}
-    return {
-        "test_accuracy": t["accuracy"],
-        "test_accuracy_ci95": t["ci95"]["accuracy"],
-        "test_balanced_accuracy": t["balanced_accuracy"],
-        "test_balanced_accuracy_ci95": t["ci95"]["balanced_accuracy"],
-        "test_macro_f1": t["macro_f1"],
+    return run_summary(m) | {
         "test_macro_f1_ci95": cis["macro_f1"],
-        "per_class_recall": recall,
         "per_class_recall_ci95": dict(zip(classes, cis["per_class_recall"], strict=True)),
         "minority_recall": float(np.mean(defined)) if defined else None,
         "minority_recall_ci95": cis["minority_recall"],
-        "val_balanced_accuracy": m["val"]["balanced_accuracy"],
-        "train_counts": m["data"]["counts"]["train"],
         "synthetic_images": synth.get("per_class", {}),
         "synthetic_images_total": synth.get("total", 0),
-        "train_seconds": round(m["train_seconds"], 1),
-        "best_epoch": m["best_epoch"],
         "run_dir": str(run_dir),
     }
 
@@ -164,13 +169,14 @@ def compare_strategies(
     real_counts = (first.get("synthetic_images") or {}).get("real_train_counts") or first["counts"][
         "train"
     ]
-    minority = minority_classes(real_counts)
+    minority, minority_rule = compared_minority(real_counts)
     table = {n: summarize(runs[n], minority, cfg.eval.n_bootstrap, cfg.train.seed) for n in names}
     summary: dict[str, Any] = {
         "dataset": cfg.data.root or "embedded SYNTHETIC demo set",
         "classes": first["classes"],
         "real_train_counts": real_counts,
         "minority_classes": minority,
+        "minority_rule": minority_rule,
         "test_n": sum(
             json.loads((runs[names[0]] / "metrics.json").read_text())["data"]["counts"][
                 "test"
