@@ -2,6 +2,8 @@
 
     python bench/accuracy.py brain-tumor-mri [--variants imagenet scratch imagenet_no_leaks]
     python bench/accuracy.py chest-xray-pneumonia
+    python bench/accuracy.py brain-tumor-mri --variants imagenet --tag cpu224 \
+        --extra data.image_size=224 train.epochs=10 eval.tta=true
 
 Each variant is one `medxfer train` call under the same CPU protocol (resolution, epochs,
 seed, recipe given below and saved in the JSON): `imagenet` fine-tunes efficientnet_lite0 from
@@ -62,6 +64,9 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=None)
     p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every variant")
+    p.add_argument(
+        "--tag", default="", help="a protocol variant: accuracy-<dataset>-<tag>.json, own runs"
+    )
     args = p.parse_args()
     data = args.data_root / args.dataset
     variants = args.variants or (
@@ -69,14 +74,15 @@ def main() -> None:
         if args.dataset == "brain-tumor-mri"
         else ["imagenet", "scratch"]
     )
-    out_name = f"accuracy-{args.dataset}"
+    stem = f"{args.dataset}-{args.tag}" if args.tag else args.dataset
+    out_name = f"accuracy-{stem}"
     out_path = REPO / "bench" / "results" / f"{out_name}.json"
     results: dict[str, Any] = {}
     if out_path.exists():  # keep variants measured by an earlier call
         results = {k: v for k, v in json.loads(out_path.read_text()).items() if k in VARIANTS}
     protocol = [*PROTOCOLS[args.dataset], *args.extra]
     for v in variants:
-        run_dir = args.out_dir / f"{args.dataset}-{v}"
+        run_dir = args.out_dir / f"{stem}-{v}"
         cmd = [
             *medxfer_cmd(),
             "train",
@@ -90,7 +96,7 @@ def main() -> None:
             *VARIANTS[v],
         ]
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        _, seconds = run(cmd, args.out_dir / f"{args.dataset}-{v}.log")
+        _, seconds = run(cmd, args.out_dir / f"{stem}-{v}.log")
         metrics = json.loads((run_dir / "metrics.json").read_text())
         results[v] = summarize(metrics) | {
             "command": " ".join(cmd),
