@@ -65,6 +65,20 @@ def test_matrix_cells_and_overrides(tmp_path: Path) -> None:
     assert [c.dir for c in plain.cells()] == [tmp_path / "experiments" / "demo"]
 
 
+def test_a_missing_data_root_fails_before_any_stage(tmp_path: Path) -> None:
+    """A typo in the last cell of a matrix must not surface hours into the experiment."""
+    from medxfer.experiment import run_experiment
+
+    real = tmp_path / "brain"
+    real.mkdir()
+    f = tmp_path / "m.yaml"
+    f.write_text(f"name: m\nmatrix:\n  data.root: [{real}, {tmp_path / 'chets'}]\n")
+    exp = load_experiment(f, [f"out_dir={tmp_path / 'runs'}"])
+    with pytest.raises(MedxferError, match="chets does not exist"):
+        run_experiment(exp)
+    assert not (tmp_path / "runs").exists()  # nothing ran, nothing written
+
+
 @pytest.mark.parametrize(
     ("text", "override", "message"),
     [

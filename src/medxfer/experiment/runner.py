@@ -17,7 +17,8 @@ from typing import Any
 
 from rich.console import Console
 
-from medxfer.experiment.spec import STAGES, Experiment
+from medxfer.errors import MedxferError
+from medxfer.experiment.spec import STAGES, Cell, Experiment
 from medxfer.experiment.stages import AFTER, RUN, Context, StageUnavailable, fingerprint
 from medxfer.train.checkpoint import atomic_write_json
 
@@ -99,10 +100,25 @@ def run_cell(exp: Experiment, ctx: Context) -> dict[str, Any]:
     return summary
 
 
+def check_data_roots(cells: list[Cell]) -> None:
+    """Every cell's data folder exists before the first stage of the first cell runs, so a
+    typo in the last cell of a matrix does not surface hours into the experiment."""
+    missing = sorted(
+        {c.cfg.data.root for c in cells if c.cfg.data.root and not Path(c.cfg.data.root).exists()}
+    )
+    if missing:
+        names = ", ".join(c.name for c in cells if c.cfg.data.root in missing)
+        raise MedxferError(
+            f"data.root {', '.join(missing)} does not exist (cell {names})",
+            "fix the path in the experiment file or pass data.root=/path/to/data",
+        )
+
+
 def run_experiment(exp: Experiment, *, command: str | None = None) -> Path:
     """Run every cell; with several cells also an overview report. Returns the folder."""
     command = command or command_for(exp)
     cells = exp.cells()
+    check_data_roots(cells)
     contexts = []
     for cell in cells:
         ctx = Context(exp, cell, copy.deepcopy(cell.cfg), command)
