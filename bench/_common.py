@@ -8,6 +8,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,16 +46,30 @@ def machine() -> dict[str, Any]:
 
 def run(cmd: list[str], log: Path | None = None) -> tuple[str, float]:
     """Run a command, echo it, return (stdout, seconds). Raises on failure."""
+    stdout, seconds, _ = run_timed(cmd, log)
+    return stdout, seconds
+
+
+def run_timed(cmd: list[str], log: Path | None = None) -> tuple[str, float, float]:
+    """``run`` that also returns the CPU seconds (user + system) of the command and every
+    process it waited for: on a shared machine the load-independent cost of a 1-thread job."""
     print("$", shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
     if log is not None:
-        log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+        log.write_text(stdout + "\n--- stderr ---\n" + stderr)
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
+        sys.stderr.write(stderr[-4000:])
         raise SystemExit(f"command failed ({proc.returncode}): {shlex.join(cmd)}")
-    return proc.stdout, seconds
+    return stdout, seconds, usage.ru_utime + usage.ru_stime
 
 
 def medxfer_cmd() -> list[str]:

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, medxfer_cmd, run, save
+from _common import REPO, SHARED_DATA, medxfer_cmd, run_timed, save
 
 PROTOCOL = [
     "model.arch=efficientnet_lite0",
@@ -67,11 +67,12 @@ def study(data: Path, out_dir: Path, extra: list[str], n_trials: int, workers: i
            "--workers", str(workers), f"out_dir={out_dir}", "name=bench",
            *PROTOCOL, *extra]  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    stdout, seconds = run(cmd, out_dir / "tune.log")
+    stdout, seconds, cpu = run_timed(cmd, out_dir / "tune.log")
     study_dir = Path(stdout.strip().splitlines()[-1])
     summary: dict[str, Any] = json.loads((study_dir / "summary.json").read_text())
     summary["command"] = " ".join(cmd)
     summary["process_seconds"] = round(seconds, 1)
+    summary["cpu_seconds"] = round(cpu, 1)
     return summary
 
 
@@ -94,6 +95,7 @@ def result(summary: dict[str, Any]) -> dict[str, Any]:
         "n_pruned": summary["pruned"],
         "n_failed": summary["failed"],
         "wall_seconds": round(summary["wall_seconds"], 1),
+        "cpu_seconds": summary["cpu_seconds"],
         "best_value": best.get("value"),
         "best_params": best.get("params"),
         "best_trial": best.get("number"),
@@ -185,6 +187,7 @@ def main() -> None:
         "pruned_wall_fraction": round(q["wall_seconds"] / u["wall_seconds"], 3),
         "pruned_at_most_half_the_wall_time": q["wall_seconds"] <= 0.5 * u["wall_seconds"],
         "pruned_epoch_fraction": round(q["epochs_trained"] / u["epochs_trained"], 3),
+        "pruned_cpu_fraction": round(q["cpu_seconds"] / u["cpu_seconds"], 3),
         "best_value_gap_points": round(100 * (u["best_value"] - q["best_value"]), 2),
         "best_within_1_point": abs(u["best_value"] - q["best_value"]) <= 0.01
         or q["best_value"] >= u["best_value"],
