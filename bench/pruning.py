@@ -136,9 +136,9 @@ def main() -> None:
     tag = f"{args.structured_speedup:g}x-{args.structured_epochs}ep-lr{args.structured_lr_scale:g}"
     struct_dir = folder / ("structured" if tag == "2.5x-3ep-lr0.3" else f"structured-{tag}")
     struct_cmd = [*medxfer_cmd(), "prune-structured", str(lottery / "level_0" / "dense"),
+                  f"prune.structured_lr_scale={args.structured_lr_scale}",
                   "--out", str(struct_dir), "--speedup", str(args.structured_speedup),
-                  "--epochs", str(args.structured_epochs), "--no-latency",
-                  f"prune.structured_lr_scale={args.structured_lr_scale}"]  # fmt: skip
+                  "--epochs", str(args.structured_epochs), "--no-latency"]  # fmt: skip
     _, seconds["structured"] = run(struct_cmd, folder / "structured.log")
     sj = json.loads((struct_dir / "structured.json").read_text())
     size = int(next(a.split("=")[1] for a in reversed(protocol) if a.startswith("data.image_size")))
