@@ -81,7 +81,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(
-        f"\\* minority class in training ("
+        "\\* minority class in training ("
         + summary.get("minority_rule", "fewer than 80% of the largest class's images")
         + "). "
         f"Test split: {summary['test_n']} real images, never used for training or model "
