@@ -126,6 +126,10 @@ def test_demo_end_to_end(demo: Path) -> None:
     )
     rows = {r["pruned"]: r for r in evaluation["rows"]}
     assert rows[False]["test_accuracy"] == metrics["test"]["accuracy"]
+    assert rows[False]["image_size"] == rows[True]["image_size"] == 32
+    lottery = Path(json.loads((demo / "stages" / "prune.json").read_text())["outputs"]["dir"])
+    adopted = json.loads((lottery / "level_0" / "dense" / "adopted.json").read_text())
+    assert adopted == {"adopted_from": str(train)}  # the train run is level 0: trained once
     assert 0 < rows[True]["sparsity"] < 1 and rows[True]["tuned"]
     for cam in evaluation["gradcam"].values():
         assert Path(cam["png"]).stat().st_size > 0 and cam["layer"] == "bn2"

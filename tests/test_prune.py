@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medxfer.cli import main
-from medxfer.config import load_config
+from medxfer.config import ExperimentConfig, load_config
 from medxfer.errors import MedxferError
 from medxfer.models import create_model
 from medxfer.prune.export import (
@@ -41,7 +41,7 @@ from medxfer.prune.magnitude import (
     prune_count,
 )
 from medxfer.prune.mask import Mask, check_fits, random_like
-from medxfer.prune.plan import kept_schedule, make_settings
+from medxfer.prune.plan import Settings, kept_schedule, make_settings
 
 FAST = [
     "model.arch=resnet18", "model.weights=none", "data.image_size=32", "train.epochs=3",
@@ -332,3 +332,50 @@ def test_bad_input_through_the_cli(
     Mask.dense(_tiny()).save(foreign / "mask.pt")
     assert main(["prune", "--export", str(foreign), "--no-latency", "--no-onnx"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_lottery_adopts_a_finished_dense_run_and_lottery_overrides(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    """An experiment's train run (made with ``save_init``) is the lottery's level 0 when it
+    trained the same config: no second dense training; ``prune.epochs`` / ``prune.image_size``
+    make a cheaper lottery, which then trains its own level 0."""
+    from medxfer.prune.lottery import save_init
+    from medxfer.prune.plan import lottery_config
+    from medxfer.train.loop import fit
+
+    cfg = load_config(None, [f"data.root={synth_root}", *FAST, "train.epochs=2"])
+    dense = tmp_path / "train"
+    fit(cfg, dense, prepare_model=save_init(dense))
+    before = (dense / "history.json").read_text()
+    out = tmp_path / "lth"
+    run_lottery(cfg, out, levels=1, fraction=0.3, controls=False, dense_run=dense)
+    level0 = run_dir(out, 0, "dense")
+    assert json.loads((level0 / "adopted.json").read_text()) == {"adopted_from": str(dense)}
+    assert (level0 / "history.json").read_text() == before  # copied, not retrained
+    init = torch.load(dense / "init.pt", weights_only=True)
+    assert all(torch.equal(v, init[k]) for k, v in rewind_state(out, 1, _settings(cfg)).items())
+    full, ticket = Mask.load(level0 / "mask.pt"), Mask.load(run_dir(out, 1, "ticket") / "mask.pt")
+    assert full.kept == full.total and full.total == ticket.total
+    expected = prune_count(trained_state(dense), full, full.kept - ticket.kept)
+    assert all(torch.equal(ticket[k], m) for k, m in expected.items())  # pruned from its weights
+
+    cheap = load_config(None, [f"data.root={synth_root}", *FAST, "train.epochs=2",
+                               "prune.epochs=1", "prune.image_size=40"])  # fmt: skip
+    assert lottery_config(cheap).train.epochs == 1 and lottery_config(cheap).data.image_size == 40
+    out2 = tmp_path / "lth-cheap"
+    run_lottery(cheap, out2, levels=1, fraction=0.3, controls=False, dense_run=dense)
+    assert not (run_dir(out2, 0, "dense") / "adopted.json").exists()  # another config: trained
+    for kind in ((0, "dense"), (1, "ticket")):
+        trained = load_config(run_dir(out2, *kind) / "config.yaml")
+        assert (trained.train.epochs, trained.data.image_size) == (1, 40)
+    with pytest.raises(MedxferError, match=r"prune\.epochs"):
+        load_config(None, ["prune.epochs=-1"])
+    with pytest.raises(MedxferError, match=r"prune\.image_size"):
+        load_config(None, ["prune.image_size=8"])
+
+
+def _settings(cfg: ExperimentConfig) -> Settings:
+    return make_settings(cfg, levels=1, fraction=0.3, target_sparsity=None, rewind="init",
+                         controls=False, include_head=False, finetune=False,
+                         finetune_lr_scale=0.1)  # fmt: skip

@@ -74,6 +74,22 @@ def test_objective_reports_every_epoch_and_never_tests(synth_root: Path, tmp_pat
     assert load_config(run / "config.yaml").train.lr == pytest.approx(1e-3)
 
 
+def test_trial_budget_and_low_resolution_search() -> None:
+    """``tune.epochs`` / ``train_subset`` / ``image_size`` shape each trial; the best config
+    (what ``medxfer train`` gets) keeps the full budget and size."""
+    from medxfer.tune.objective import best_config, trial_config
+
+    base = load_config(None, ["data.image_size=224", "train.epochs=10", "tune.epochs=2",
+                              "tune.train_subset=0.25", "tune.image_size=96"])  # fmt: skip
+    trial = trial_config(base, {"train.lr": 2e-3})
+    assert (trial.data.image_size, trial.train.epochs, trial.data.train_subset) == (96, 2, 0.25)
+    best = best_config(base, {"train.lr": 2e-3})
+    assert (best.data.image_size, best.train.epochs, best.train.lr) == (224, 10, 2e-3)
+    assert trial_config(load_config(None, ["data.image_size=128"]), {}).data.image_size == 128
+    with pytest.raises(MedxferError, match=r"tune\.image_size"):
+        load_config(None, ["tune.image_size=16"])
+
+
 def test_report_callback_prunes() -> None:
     class Stub:
         def report(self, value: float, step: int) -> None:

@@ -110,6 +110,7 @@ class TuneConfig:
     warmup_epochs: int = 1  # median pruner: epochs before a trial can be pruned
     epochs: int = 0  # per-trial epoch budget; 0 = train.epochs
     train_subset: float = 1.0  # per-trial fraction of the training split (the best config: 1)
+    image_size: int = 0  # per-trial image size (a cheaper, low-resolution search); 0 = data's
     max_failures: int = 3  # a worker stops after this many failed trials in a row
     space: dict[str, dict[str, Any]] = field(default_factory=default_space)
 
@@ -126,6 +127,8 @@ class PruneConfig:
     include_head: bool = False  # prune the classification head too
     finetune: bool = False  # baseline per level: prune the trained weights and fine-tune
     finetune_lr_scale: float = 0.1  # fine-tuning learning rate = train.lr * this
+    image_size: int = 0  # every lottery run at this size; 0 = data.image_size
+    epochs: int = 0  # epochs of every lottery run; 0 = train.epochs
     # `medxfer prune-structured`: L1-norm channel pruning of a trained run, then fine-tuning
     structured_ratio: float = 0.0  # in (0, 1): channels removed per layer; 0 = by the speed-up
     structured_speedup: float = 2.0  # MACs cut the ratio is chosen for (CPU time falls less)
@@ -289,6 +292,12 @@ def validate(cfg: ExperimentConfig) -> None:
             raise MedxferError(f"{key}={value!r} is not allowed", f"use one of {sorted(allowed)}")
     if cfg.data.image_size < 32:
         raise MedxferError("data.image_size must be at least 32", "e.g. data.image_size=224")
+    for key, size in (("tune.image_size", cfg.tune.image_size),
+                      ("prune.image_size", cfg.prune.image_size)):  # fmt: skip
+        if size != 0 and size < 32:
+            raise MedxferError(f"{key} must be 0 (= data.image_size) or at least 32")
+    if cfg.prune.epochs < 0:
+        raise MedxferError("prune.epochs must be >= 0 (0 = train.epochs)")
     if not 0 <= cfg.data.val_fraction < 1 or not 0 <= cfg.data.test_fraction < 1:
         raise MedxferError("data.val_fraction and data.test_fraction must be in [0, 1)")
     if not 0 < cfg.data.train_subset <= 1:

@@ -133,6 +133,7 @@ def after_tune(ctx: Context, outputs: dict[str, Any]) -> None:
 
 
 def run_train(ctx: Context) -> dict[str, Any]:
+    from medxfer.prune.lottery import save_init
     from medxfer.runs import is_complete, prepare_run_dir
     from medxfer.train.loop import fit
 
@@ -140,7 +141,9 @@ def run_train(ctx: Context) -> dict[str, Any]:
     if is_complete(run_dir):
         metrics = json.loads((run_dir / "metrics.json").read_text())
     else:
-        metrics = fit(ctx.cfg, run_dir, resume=prepare_run_dir(run_dir, resume=True, force=False))
+        resume = prepare_run_dir(run_dir, resume=True, force=False)
+        # init.pt lets the prune stage adopt this run as its dense level 0
+        metrics = fit(ctx.cfg, run_dir, resume=resume, prepare_model=save_init(run_dir))
     return {"run_dir": str(run_dir), "test": _short(metrics.get("test"))}
 
 
@@ -170,6 +173,7 @@ def run_prune(ctx: Context) -> dict[str, Any]:
         include_head=p.include_head,
         finetune=p.finetune,
         finetune_lr_scale=p.finetune_lr_scale,
+        dense_run=Path(ctx.outputs["train"]["run_dir"]) if "train" in ctx.outputs else None,
     )
     return {"dir": str(out), "lottery": str(out / "lottery.json"), "selected": select(summary)}
 
@@ -213,8 +217,11 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     folder = ctx.cell.dir / f"evaluate-{fingerprint('evaluate', ctx)}"
     folder.mkdir(parents=True, exist_ok=True)
     cfg, rows, cams = ctx.cfg, [], {}
+    from medxfer.config import load_config
+
     for variant, run_dir, pruned, sparsity in models:
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        trained = load_config(run_dir / "config.yaml")
         rows.append(
             result_row(
                 metrics,
@@ -227,6 +234,8 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
                 sparsity=sparsity,
                 run_dir=str(run_dir),
                 command=ctx.command,
+                image_size=trained.data.image_size,
+                epochs=trained.train.epochs,
             )
         )
         if ctx.exp.report.gradcam_per_class > 0:

@@ -32,7 +32,13 @@ from medxfer.models import create_model
 from medxfer.models.registry import entry
 from medxfer.prune.magnitude import attach, fold_reparam, plain_state_dict, prune_count
 from medxfer.prune.mask import Mask, random_like
-from medxfer.prune.plan import Settings, bind_folder, kept_schedule, make_settings
+from medxfer.prune.plan import (
+    Settings,
+    bind_folder,
+    kept_schedule,
+    lottery_config,
+    make_settings,
+)
 from medxfer.runs import is_complete
 from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
 from medxfer.train.loop import EpochCallback, fit
@@ -66,6 +72,51 @@ def _train(
         return
     fit(cfg, run, resume=(run / "last.pt").exists(), prepare_model=prepare,
         callbacks=callbacks, start_epoch=start_epoch)  # fmt: skip
+
+
+def save_init(run: Path) -> Callable[[nn.Module], None]:
+    """``fit``'s hook for a dense run that a lottery may later adopt as its level 0: keeps the
+    starting weights (ImageNet backbone + fresh head) in ``run/init.pt``."""
+
+    def prepare(m: nn.Module) -> None:
+        if not (run / "init.pt").exists():
+            run.mkdir(parents=True, exist_ok=True)
+            atomic_save(plain_state_dict(m), run / "init.pt")
+
+    return prepare
+
+
+def adopt_dense(cfg: ExperimentConfig, out_dir: Path, s: Settings, dense: Path) -> bool:
+    """Use a finished dense run (trained with ``save_init``) as level 0 instead of training the
+    same network again. Only when it trained exactly this config and rewinding needs nothing
+    but its start and end (``init`` or ``lr``); returns whether it was adopted."""
+    from medxfer.config import load_config
+
+    run = run_dir(out_dir, 0, "dense")
+    if is_complete(run):
+        return True
+    if s.rewind_epoch or not is_complete(dense) or not (dense / "init.pt").exists():
+        return False
+    if load_config(dense / "config.yaml").fingerprint() != cfg.fingerprint():
+        return False
+    if run.exists():
+        shutil.rmtree(run)  # a half-copied or half-trained level 0
+    tmp = run.with_name("dense.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(dense, tmp)
+    init: State = torch.load(dense / "init.pt", map_location="cpu", weights_only=True)
+    head = entry(cfg.model.arch).head
+    n_classes = init[f"{head}.weight"].shape[0]
+    built = create_model(cfg.model.arch, weights="none", num_classes=n_classes)
+    built.model.load_state_dict(init)
+    exclude = [] if s.include_head else [head]
+    Mask.dense(built.model, exclude).save(tmp / "mask.pt")
+    atomic_write_json({"adopted_from": str(dense)}, tmp / "adopted.json")
+    atomic_save(init, out_dir / "init.pt")
+    tmp.rename(run)
+    console.print(f"level 0: adopted the finished dense run {dense}")
+    return True
 
 
 def train_dense(
@@ -244,17 +295,24 @@ def run_lottery(
     finetune: bool = False,
     finetune_lr_scale: float = 0.1,
     callbacks: tuple[EpochCallback, ...] = (),
+    dense_run: Path | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) the whole lottery in ``out_dir``; returns the ``lottery.json`` summary."""
+    """Run (or continue) the whole lottery in ``out_dir``; returns the ``lottery.json`` summary.
+
+    Every run trains ``lottery_config(cfg)`` (``prune.image_size`` / ``prune.epochs`` applied).
+    ``dense_run``: a finished run of that same config (made with ``save_init``) becomes level 0
+    instead of a second dense training (see ``adopt_dense``)."""
     from medxfer.prune.report import write_summary
 
+    cfg = lottery_config(cfg)
     s = make_settings(
         cfg, levels=levels, fraction=fraction, target_sparsity=target_sparsity, rewind=rewind,
         controls=controls, include_head=include_head, finetune=finetune,
         finetune_lr_scale=finetune_lr_scale,
     )  # fmt: skip
     bind_folder(out_dir, s)
-    train_dense(cfg, out_dir, s, callbacks)
+    if dense_run is None or not adopt_dense(cfg, out_dir, s, dense_run):
+        train_dense(cfg, out_dir, s, callbacks)
     kept = kept_schedule(Mask.load(run_dir(out_dir, 0, "dense") / "mask.pt").total, s)
     for level in range(1, levels + 1):
         train_level(cfg, out_dir, level, kept[level], s, callbacks)

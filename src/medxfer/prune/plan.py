@@ -4,6 +4,7 @@ folder never mixes two experiments)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,17 @@ class Settings:
         if self.target_sparsity is None:
             d.pop("levels")
         return d
+
+
+def lottery_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config every lottery run trains: ``prune.image_size`` / ``prune.epochs`` (when set)
+    replace the data size and the epochs, e.g. a cheaper lottery beside a full-size train."""
+    out = copy.deepcopy(cfg)
+    if cfg.prune.image_size > 0:
+        out.data.image_size = cfg.prune.image_size
+    if cfg.prune.epochs > 0:
+        out.train.epochs = cfg.prune.epochs
+    return out
 
 
 def make_settings(cfg: ExperimentConfig, **kw: Any) -> Settings:

@@ -49,8 +49,11 @@ def result_row(
     sparsity: float,
     run_dir: str,
     command: str,
+    image_size: int | None = None,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
-    """One row of paper-table.json from a run's metrics.json (test split)."""
+    """One row of paper-table.json from a run's metrics.json (test split); ``image_size`` and
+    ``epochs`` say what that run trained (a lottery may run cheaper than the fine-tune)."""
     test = metrics["test"]
     ci = test.get("ci95", {})
     return {
@@ -68,6 +71,8 @@ def result_row(
         "test_macro_f1": test.get("macro_f1"),
         "n_test": int(sum(map(sum, test.get("confusion_matrix", [[0]])))),
         "paper_test_accuracy": paper_value(dataset, family, pruned),
+        "image_size": image_size,
+        "epochs": epochs,
         "run_dir": run_dir,
         "command": command,
     }

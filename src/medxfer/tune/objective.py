@@ -42,6 +42,8 @@ def trial_config(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentCo
     if base.tune.epochs > 0 and "train.epochs" not in values:
         cfg.train.epochs = base.tune.epochs
     cfg.data.train_subset = min(1.0, cfg.data.train_subset * base.tune.train_subset)
+    if base.tune.image_size > 0 and "data.image_size" not in values:
+        cfg.data.image_size = base.tune.image_size
     return cfg
 
 

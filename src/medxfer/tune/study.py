@@ -67,6 +67,8 @@ def study_fingerprint(cfg: ExperimentConfig) -> str:
     t = cfg.to_dict()["tune"]
     for key in ("n_trials", "max_failures"):
         t.pop(key)
+    if t.get("image_size") == 0:
+        t.pop("image_size")  # a newer key at its default: older studies keep their hash
     blob = json.dumps({"config": cfg.fingerprint(), "tune": t}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
