@@ -209,6 +209,8 @@ def test_paper_layout_and_references() -> None:
         dataset_key("/x/chest-xray-pneumonia") == "pneumonia"
         and dataset_key("") == "synthetic-demo"
     )
+    assert dataset_key("/tmp/brain/p1/manifest.csv") == "brain-tumor"  # a manifest's folders
+    assert dataset_key("/data/knee/manifest.csv") == "knee"
     assert paper_value("brain-tumor", "efficientnet", False) == 0.96
     assert paper_value("pneumonia", "googlenet", True) == 0.815
     assert paper_value("pneumonia", "googlenet", False) is None

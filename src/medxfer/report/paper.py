@@ -22,15 +22,17 @@ DATASETS = {"brain-tumor": "brain tumor MRI", "pneumonia": "chest X-ray (pneumon
 
 
 def dataset_key(root: str) -> str:
-    """``../shared/data/brain-tumor-mri`` -> ``brain-tumor``; "" -> ``synthetic-demo``."""
-    name = Path(root).name.lower() if root else ""
-    if not name:
+    """``../shared/data/brain-tumor-mri`` -> ``brain-tumor``; "" -> ``synthetic-demo``; a
+    manifest file is named by its folders (``/data/brain/p1/manifest.csv`` -> ``brain-tumor``)."""
+    if not root:
         return "synthetic-demo"
-    if "brain" in name:
-        return "brain-tumor"
-    if "pneumonia" in name or "xray" in name.replace("-", ""):
-        return "pneumonia"
-    return name
+    path = Path(root)
+    for name in [p.lower() for p in reversed(path.parts)]:
+        if "brain" in name:
+            return "brain-tumor"
+        if "pneumonia" in name or "xray" in name.replace("-", ""):
+            return "pneumonia"
+    return (path.parent.name if path.suffix else path.name).lower()
 
 
 def paper_value(dataset: str, family: str, pruned: bool) -> float | None:
