@@ -242,6 +242,30 @@ def test_paper_layout_and_references() -> None:
     assert body[0][:3] == ["googlenet", "fine-tuned", "0.900 [0.850, 0.950]"]
     assert body[0][5] == "—" and body[1][5] == "0.900 [0.850, 0.950] (sparsity 50%)"
     assert body[1][7] == "0.815"
+    # two studies (cpu-* and paper-* experiments) of one architecture: a study column
+    two = [rows[1] | {"experiment": "cpu-brain-tumor"},
+           rows[1] | {"experiment": "paper-brain-tumor", "test_accuracy": 0.97}]  # fmt: skip
+    header, body = table(two)
+    assert header[:3] == ["study", "architecture", "variant"]
+    assert [[*b[:2], b[3][:5]] for b in body] == [["cpu", "googlenet", "0.900"],
+                                                  ["paper", "googlenet", "0.970"]]  # fmt: skip
+
+
+def test_paper_table_reads_a_moved_experiment(demo: Path, tmp_path: Path) -> None:
+    """An experiment folder fetched from another machine: its markers name absolute paths
+    that do not exist here; the table reads the same files under the moved folder."""
+    moved = tmp_path / "elsewhere" / "demo-copy"
+    shutil.copytree(demo, moved)
+    marker = moved / "stages" / "evaluate.json"
+    m = json.loads(marker.read_text())
+    m["outputs"]["evaluation"] = "/nonexistent/x/" + "/".join(
+        Path(m["outputs"]["evaluation"]).parts[-2:]
+    )
+    marker.write_text(json.dumps(m))
+    out = tmp_path / "t.json"
+    assert main(["paper-table", str(moved), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and {r["experiment"] for r in rows} == {"demo-copy"}
 
 
 def test_matrix_overview_and_off_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -47,8 +47,9 @@ def run_stage(ctx: Context, stage: str, log: dict[str, Any]) -> None:
     fp = fingerprint(stage, ctx)
     marker_path = ctx.cell.dir / "stages" / f"{stage}.json"
     marker = read_marker(marker_path)
+    ran = None  # a skipped stage: the seconds it took when it ran
     if marker is not None and marker.get("fingerprint") == fp:
-        outputs, status, seconds = marker["outputs"], "complete", 0.0
+        outputs, status, seconds, ran = marker["outputs"], "complete", 0.0, marker.get("seconds")
         console.print(f"[dim]{ctx.cell.name}: {stage} already complete, skipped[/]")
     else:
         console.rule(f"{ctx.cell.name}: {stage}")
@@ -76,6 +77,8 @@ def run_stage(ctx: Context, stage: str, log: dict[str, Any]) -> None:
     ctx.outputs[stage] = outputs
     ctx.status[stage] = status
     log[stage] = {"status": status, "seconds": seconds, "fingerprint": fp}
+    if ran is not None:
+        log[stage]["seconds_when_run"] = ran
     if stage in AFTER:
         AFTER[stage](ctx, outputs)
 
@@ -94,7 +97,11 @@ def run_cell(exp: Experiment, ctx: Context) -> dict[str, Any]:
         "values": ctx.cell.values,
         "command": ctx.command,
         "stages": log,
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0,  # this invocation
+        # every stage's own time (a skipped stage: when it ran; a resumed one: its last part)
+        "stage_seconds_total": sum(
+            v.get("seconds_when_run", v.get("seconds", 0.0)) for v in log.values()
+        ),
     }
     atomic_write_json(summary, ctx.cell.dir / "experiment.json")
     return summary

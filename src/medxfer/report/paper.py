@@ -86,11 +86,18 @@ def fmt(x: float | None, ci: list[float] | None = None) -> str:
     return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def study(row: dict[str, Any]) -> str:
+    return str(row.get("experiment", "")).split("-")[0]
+
+
 def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The paper's layout: one row per architecture and variant (fine-tuned / pruned), one
-    column group per dataset with our accuracy (95% CI), balanced accuracy and the paper's."""
+    column group per dataset with our accuracy (95% CI), balanced accuracy and the paper's.
+    Rows of several studies (``cpu-*`` and ``paper-*`` experiments) get a first column with
+    the study: the experiment name before its first ``-``."""
     datasets = sorted({r["dataset"] for r in rows})
-    header = ["architecture", "variant"]
+    studies = {study(r) for r in rows}
+    header = (["study"] if len(studies) > 1 else []) + ["architecture", "variant"]
     for d in datasets:
         label = DATASETS.get(d, d)
         header += [
@@ -98,12 +105,16 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             f"{label}: balanced acc. (95% CI)",
             f"{label}: paper",
         ]
-    keys = sorted({(r["arch"], r["pruned"]) for r in rows})
+    keys = sorted({(study(r), r["arch"], r["pruned"]) for r in rows})
     body = []
-    for arch, pruned in keys:
-        line = [arch, "fine-tuned + pruned" if pruned else "fine-tuned"]
+    for name, arch, pruned in keys:
+        line = ([name] if len(studies) > 1 else []) + [arch]
+        line.append("fine-tuned + pruned" if pruned else "fine-tuned")
         for d in datasets:
-            match = [r for r in rows if (r["dataset"], r["arch"], r["pruned"]) == (d, arch, pruned)]
+            match = [
+                r for r in rows
+                if (r["dataset"], study(r), r["arch"], r["pruned"]) == (d, name, arch, pruned)
+            ]  # fmt: skip
             r = match[-1] if match else None
             if r is None:
                 line += ["—", "—", "—"]
@@ -128,13 +139,16 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
 
 
 def collect_rows(experiment_dirs: list[Path]) -> list[dict[str, Any]]:
-    """Rows of every finished evaluate stage under the given experiment folders."""
+    """Rows of every finished evaluate stage under the given experiment folders (also when a
+    folder was moved, e.g. fetched from another machine); each row names its ``experiment``."""
     rows: list[dict[str, Any]] = []
     for root in experiment_dirs:
         for marker in sorted(Path(root).rglob("stages/evaluate.json")):
-            outputs = json.loads(marker.read_text())["outputs"]
-            evaluation = json.loads(Path(outputs["evaluation"]).read_text())
-            rows += evaluation["rows"]
+            path = Path(json.loads(marker.read_text())["outputs"]["evaluation"])
+            if not path.exists():  # moved: the same folder under this cell
+                path = marker.parents[1] / path.parent.name / path.name
+            for row in json.loads(path.read_text())["rows"]:
+                rows.append({"experiment": Path(root).resolve().name, **row})
     return rows
 
 
