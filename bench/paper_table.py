@@ -47,6 +47,7 @@ def main_() -> int:
     ap.add_argument("experiments", nargs="*", type=Path)
     ap.add_argument("--ran-on", action="append", default=[], metavar="DIR=TEXT",
                     help="where the experiment in DIR ran (default: this machine)")  # fmt: skip
+    ap.add_argument("--note", action="append", default=[], help="a line for the notes")
     args = ap.parse_args()
     dirs = args.experiments or sorted((REPO / "runs" / "experiments").glob("*"))
     where = {}
@@ -71,6 +72,11 @@ def main_() -> int:
         }
         for d in dirs
     }
+    data["notes"] = [
+        "stage times are each stage's last run: a stage that was stopped and resumed counts "
+        "only its last part",
+        *args.note,
+    ]
     data["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     data["machine"] = here
     out.write_text(json.dumps(data, indent=2))
@@ -81,6 +87,7 @@ def main_() -> int:
             label = name if cell == "." else f"{name}/{cell}"
             parts = ", ".join(f"{k} {v:.0f}" for k, v in t["stages"].items())
             lines.append(f"- {label}: {e['ran_on']}; {parts}; total {t['total_seconds']:.0f}")
+    lines += ["\nNotes:\n", *[f"- {n}" for n in data["notes"]]]
     md.write_text(md.read_text() + "\n".join(lines) + "\n")
     print(md.read_text())
     return 0

@@ -354,7 +354,8 @@ def test_lottery_adopts_a_finished_dense_run_and_lottery_overrides(
     assert json.loads((level0 / "adopted.json").read_text()) == {"adopted_from": str(dense)}
     assert (level0 / "history.json").read_text() == before  # copied, not retrained
     init = torch.load(dense / "init.pt", weights_only=True)
-    assert all(torch.equal(v, init[k]) for k, v in rewind_state(out, 1, _settings(cfg)).items())
+    rewound = rewind_state(out, 1, _init_settings(cfg))
+    assert all(torch.equal(v, init[k]) for k, v in rewound.items())
     full, ticket = Mask.load(level0 / "mask.pt"), Mask.load(run_dir(out, 1, "ticket") / "mask.pt")
     assert full.kept == full.total and full.total == ticket.total
     expected = prune_count(trained_state(dense), full, full.kept - ticket.kept)
@@ -375,7 +376,7 @@ def test_lottery_adopts_a_finished_dense_run_and_lottery_overrides(
         load_config(None, ["prune.image_size=8"])
 
 
-def _settings(cfg: ExperimentConfig) -> Settings:
+def _init_settings(cfg: ExperimentConfig) -> Settings:
     return make_settings(cfg, levels=1, fraction=0.3, target_sparsity=None, rewind="init",
                          controls=False, include_head=False, finetune=False,
                          finetune_lr_scale=0.1)  # fmt: skip
