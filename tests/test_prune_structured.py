@@ -174,3 +174,14 @@ def test_bad_input_is_one_clear_message(
     assert main(["prune-structured", str(dense_run), "--speedup", "0.9"]) == 2
     assert "must be above 1" in capsys.readouterr().err
     assert [p.name for p in dense_run.parent.iterdir()] == ["dense"]  # no folder left behind
+
+
+def test_a_newer_config_key_at_its_default_keeps_a_structured_folder(tmp_path: Path) -> None:
+    """A key a later medxfer added (here at 0) must not make an existing folder "other
+    settings"; a changed value still does."""
+    from medxfer.prune.structured import _bind
+
+    _bind(tmp_path, {"ratio": 0.3, "config": {"prune": {"epochs_old": 8}}})
+    _bind(tmp_path, {"ratio": 0.3, "config": {"prune": {"epochs_old": 8, "image_size": 0}}})
+    with pytest.raises(MedxferError, match="other settings"):
+        _bind(tmp_path, {"ratio": 0.3, "config": {"prune": {"epochs_old": 8, "image_size": 64}}})

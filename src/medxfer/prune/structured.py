@@ -177,9 +177,22 @@ def _test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
     return {f"test_{k}": test.get(k) for k in ("accuracy", "balanced_accuracy")}
 
 
+def _without_newer_keys(new: Any, old: Any) -> Any:
+    """``new`` less the keys ``old`` lacks that sit at an empty default (0, "", False): config
+    keys added by a later medxfer version do not make an existing folder "other settings"."""
+    if not (isinstance(new, dict) and isinstance(old, dict)):
+        return new
+    return {
+        k: _without_newer_keys(v, old[k]) if k in old else v
+        for k, v in new.items()
+        if k in old or v not in (0, "", False, None)
+    }
+
+
 def _bind(out: Path, settings: dict[str, Any]) -> None:
     path = out / "structured_settings.json"
-    if path.exists() and json.loads(path.read_text()) != settings:
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old is not None and _without_newer_keys(settings, old) != old:
         raise MedxferError(f"{out} holds a structured run with other settings",
                            "use another --out folder, or --force to start again")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
