@@ -177,11 +177,20 @@ def test_bad_input_is_one_clear_message(
 
 
 def test_a_newer_config_key_at_its_default_keeps_a_structured_folder(tmp_path: Path) -> None:
-    """A key a later medxfer added (here at 0) must not make an existing folder "other
-    settings"; a changed value still does."""
+    """A folder bound before a later medxfer added config keys (here ``prune.image_size``,
+    ``prune.epochs``, ``tune.image_size``, all at their defaults) is still "these settings";
+    a changed training value still refuses it."""
+    from medxfer.config import load_config
     from medxfer.prune.structured import _bind
 
-    _bind(tmp_path, {"ratio": 0.3, "config": {"prune": {"epochs_old": 8}}})
-    _bind(tmp_path, {"ratio": 0.3, "config": {"prune": {"epochs_old": 8, "image_size": 0}}})
+    new = load_config(None, ["train.epochs=8"]).to_dict()
+    old = json.loads(json.dumps(new))
+    for section, key in (("prune", "image_size"), ("prune", "epochs"), ("tune", "image_size")):
+        del old[section][key]
+    _bind(tmp_path, {"source": "x", "ratio": 0.3, "config": old})
+    _bind(tmp_path, {"source": "x", "ratio": 0.3, "config": new})
+    changed = load_config(None, ["train.epochs=8", "train.lr=0.002"]).to_dict()
     with pytest.raises(MedxferError, match="other settings"):
-        _bind(tmp_path, {"ratio": 0.3, "config": {"prune": {"epochs_old": 8, "image_size": 64}}})
+        _bind(tmp_path, {"source": "x", "ratio": 0.3, "config": changed})
+    with pytest.raises(MedxferError, match="other settings"):
+        _bind(tmp_path, {"source": "x", "ratio": 0.4, "config": new})

@@ -353,5 +353,11 @@ def load_config(
     return cfg
 
 
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """A config from ``to_dict()`` output (keys a newer version added take their defaults)."""
+    cfg: ExperimentConfig = _from_dict(ExperimentConfig, data)
+    return cfg
+
+
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -202,6 +202,7 @@ def select(summary: dict[str, Any]) -> dict[str, Any]:
 def run_evaluate(ctx: Context) -> dict[str, Any]:
     """Test metrics of the fine-tuned and the pruned model (from their metrics.json, computed
     once on the untouched test split at the end of training) and Grad-CAM heatmaps."""
+    from medxfer.config import load_config
     from medxfer.models.registry import entry
     from medxfer.report.gradcam import compute_gradcam
     from medxfer.report.paper import dataset_key, result_row
@@ -217,8 +218,6 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     folder = ctx.cell.dir / f"evaluate-{fingerprint('evaluate', ctx)}"
     folder.mkdir(parents=True, exist_ok=True)
     cfg, rows, cams = ctx.cfg, [], {}
-    from medxfer.config import load_config
-
     for variant, run_dir, pruned, sparsity in models:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         trained = load_config(run_dir / "config.yaml")

@@ -109,9 +109,8 @@ def adopt_dense(cfg: ExperimentConfig, out_dir: Path, s: Settings, dense: Path) 
     head = entry(cfg.model.arch).head
     n_classes = init[f"{head}.weight"].shape[0]
     built = create_model(cfg.model.arch, weights="none", num_classes=n_classes)
-    built.model.load_state_dict(init)
     exclude = [] if s.include_head else [head]
-    Mask.dense(built.model, exclude).save(tmp / "mask.pt")
+    Mask.dense(built.model, exclude).save(tmp / "mask.pt")  # names and shapes only
     atomic_write_json({"adopted_from": str(dense)}, tmp / "adopted.json")
     atomic_save(init, out_dir / "init.pt")
     tmp.rename(run)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medxfer.config import ExperimentConfig, load_config
+from medxfer.config import ExperimentConfig, config_from_dict, load_config
 from medxfer.errors import MedxferError
 from medxfer.models import create_model
 from medxfer.models.registry import entry
@@ -177,22 +177,15 @@ def _test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
     return {f"test_{k}": test.get(k) for k in ("accuracy", "balanced_accuracy")}
 
 
-def _without_newer_keys(new: Any, old: Any) -> Any:
-    """``new`` less the keys ``old`` lacks that sit at an empty default (0, "", False): config
-    keys added by a later medxfer version do not make an existing folder "other settings"."""
-    if not (isinstance(new, dict) and isinstance(old, dict)):
-        return new
-    return {
-        k: _without_newer_keys(v, old[k]) if k in old else v
-        for k, v in new.items()
-        if k in old or v not in (0, "", False, None)
-    }
+def _binding(settings: dict[str, Any]) -> dict[str, Any]:
+    """What a structured folder is bound to: source, ratio and the fine-tuning config's
+    fingerprint (which ignores keys a later medxfer added at their defaults)."""
+    return {**settings, "config": config_from_dict(settings["config"]).fingerprint()}
 
 
 def _bind(out: Path, settings: dict[str, Any]) -> None:
     path = out / "structured_settings.json"
-    old = json.loads(path.read_text()) if path.exists() else None
-    if old is not None and _without_newer_keys(settings, old) != old:
+    if path.exists() and _binding(json.loads(path.read_text())) != _binding(settings):
         raise MedxferError(f"{out} holds a structured run with other settings",
                            "use another --out folder, or --force to start again")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
