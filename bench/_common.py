@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `kill` of a bench stops what it started
 
 
 def machine() -> dict[str, Any]:
@@ -57,7 +65,12 @@ def run_timed(cmd: list[str], log: Path | None = None) -> tuple[str, float, floa
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
+        except BaseException:  # Ctrl-C, or SIGTERM turned into SystemExit: stop the child too
+            proc.terminate()
+            proc.wait()
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - t0
         out.seek(0)

@@ -10,15 +10,18 @@ Steps (each resumable: re-running the same command skips finished levels and run
    pruned), rewinding to the starting weights, with both controls (random re-init, random mask).
 2. `medxfer prune --export` of the last ticket: compact file against the dense state dict.
 3. `medxfer prune-structured` of the dense level-0 run: L1-norm channel pruning to the MACs cut
-   `--structured-speedup`, fine-tuned for `--structured-epochs` at 0.3x the learning rate.
+   `--structured-speedup`, fine-tuned for `--structured-epochs` at `--structured-lr-scale`
+   times the dense run's learning rate.
 4. CPU latency of dense, unstructured (last ticket, sparsity made permanent) and structured,
-   at batch 1 and 32, measured round-robin in this process (median of `--repeats`).
+   at batch 1 and 32, measured round-robin in this process (median of `--repeats`), in eager
+   PyTorch and, exported to ONNX, in onnxruntime.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -76,13 +79,16 @@ def targets(
             "accuracy_drop_points": 100 * (dense - acc),
             "met_by_input_size": {
                 n: min(v.values()) >= 1.5 and acc >= dense - 0.015
-                for n, v in structured.get("speedup_by_size", {}).items()}},
+                for n, v in structured.get("speedup_by_size", {}).items()},
+            "met_by_input_size_onnxruntime": {
+                n: min(v.values()) >= 1.5 and acc >= dense - 0.015
+                for n, v in structured.get("speedup_onnxruntime_by_size", {}).items()}},
     }  # fmt: skip
 
 
 def measure(lottery: Path, ticket: Path, structured: Path, size: int, repeats: int) -> Any:
     from medxfer.evaluate.predict import load_trained
-    from medxfer.prune.export import load_compact_model, measure_latency
+    from medxfer.prune.export import load_compact_model, measure_latency, onnxruntime_latency
     from medxfer.prune.structured import load_structured
 
     models = {
@@ -91,6 +97,8 @@ def measure(lottery: Path, ticket: Path, structured: Path, size: int, repeats: i
         "structured": load_structured(structured)[0],
     }
     lat = measure_latency(models, size, repeats=repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        lat["onnxruntime"] = onnxruntime_latency(models, size, Path(tmp), repeats=repeats)
     slow = min(lat[f"batch_{b}"]["speedup"]["unstructured"] for b in (1, 32))
     lat["note"] = (
         "unstructured sparsity is not faster on CPU: the zeros stay in dense tensors and dense "
@@ -158,6 +166,13 @@ def main() -> None:
             str(n): {f"batch_{b}": t[f"batch_{b}"]["speedup"]["structured"] for b in (1, 32)}
             for n, t in timed.items()
         },
+        "speedup_onnxruntime_by_size": {
+            str(n): {
+                f"batch_{b}": t["onnxruntime"][f"batch_{b}"]["speedup"]["structured"]
+                for b in (1, 32)
+            }
+            for n, t in timed.items()
+        },
         "test_accuracy": sj["pruned"]["test_accuracy"],
         "finetune_epochs": sj["finetune"]["epochs"], "finetune_lr": sj["finetune"]["lr"],
     }  # fmt: skip
@@ -170,7 +185,9 @@ def main() -> None:
                      f"{args.structured_lr_scale}x lr",
                      "latency": f"CPU, {size} px (the training size; also {sizes_timed} px), "
                      f"median of {args.repeats} after 2 warm-up, "
-                     "the bench process's torch threads"},
+                     "the bench process's torch threads; eager PyTorch (latency) and "
+                     "the same models exported to ONNX under onnxruntime's CPU provider "
+                     "with as many intra-op threads (latency.onnxruntime)"},
         "commands": {"lottery": " ".join(cmd), "export": " ".join(export_cmd),
                      "structured": " ".join(struct_cmd)},
         "dense_test_accuracy": dense, "levels": rows,

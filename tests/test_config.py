@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from medxfer.config import ExperimentConfig, load_config, save_config
+from medxfer.config import (
+    LATER_KEYS,
+    ExperimentConfig,
+    drop_later_defaults,
+    load_config,
+    save_config,
+)
 from medxfer.errors import MedxferError
 
 
@@ -55,3 +61,21 @@ def test_fingerprint_ignores_output_location() -> None:
 def test_shipped_configs_load() -> None:
     for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_config(f)
+
+
+def test_later_keys_are_hashed_only_away_from_their_defaults() -> None:
+    from medxfer.tune.study import study_fingerprint
+
+    base = ExperimentConfig()
+    assert "synthetic_ratio" not in drop_later_defaults(base.to_dict())["data"]
+    for section, keys in LATER_KEYS.items():
+        for key in keys:
+            d = base.to_dict()
+            d[section].pop(key)  # a config written before the key existed
+            assert drop_later_defaults(d) == drop_later_defaults(base.to_dict())
+    # set away from the default, each key changes what it identifies
+    ratio = load_config(None, ["data.synthetic_ratio=0.5"])
+    assert ratio.fingerprint() != base.fingerprint()
+    low = load_config(None, ["tune.image_size=96"])
+    assert low.fingerprint() == base.fingerprint()  # a trained run does not depend on tune
+    assert study_fingerprint(low) != study_fingerprint(base)

@@ -19,7 +19,7 @@ from medxfer.errors import MedxferError
 from medxfer.evaluate.predict import load_trained
 from medxfer.models import create_model
 from medxfer.models.registry import entry
-from medxfer.prune.export import measure_latency
+from medxfer.prune.export import measure_latency, onnxruntime_latency
 from medxfer.prune.structured import (
     count,
     load_structured,
@@ -120,6 +120,21 @@ def test_measure_latency_reports_every_model() -> None:
                           batches=(1, 4), repeats=2, threads=1)  # fmt: skip
     assert lat["threads"] == 1 and lat["baseline"] == "dense"
     assert lat["batch_4"]["speedup"]["dense"] == 1.0 and lat["batch_1"]["ms"]["small"] > 0
+
+
+def test_onnxruntime_latency_times_the_exported_pruned_graph(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    models = {"dense": _tiny(), "small": prune_channels(_tiny(), "fc", 0.5, 32)}
+    lat = onnxruntime_latency(models, 32, tmp_path, batches=(1, 3), repeats=2, threads=1)
+    assert lat["runtime"].startswith("onnxruntime") and lat["threads"] == 1
+    assert lat["batch_3"]["speedup"]["dense"] == 1.0 and lat["batch_1"]["ms"]["small"] > 0
+
+    def weights(name: str) -> int:  # the graph onnxruntime ran has the channels removed
+        graph = onnx.load(str(tmp_path / f"{name}-32.onnx")).graph
+        return sum(int(np.prod(t.dims)) for t in graph.initializer)
+
+    assert weights("small") < 0.7 * weights("dense")
 
 
 @pytest.fixture(scope="module")

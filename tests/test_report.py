@@ -211,6 +211,7 @@ def test_paper_layout_and_references() -> None:
     )
     assert dataset_key("/tmp/brain/p1/manifest.csv") == "brain-tumor"  # a manifest's folders
     assert dataset_key("/data/knee/manifest.csv") == "knee"
+    assert dataset_key("/data/knee.v2") == "knee.v2"  # a folder with a dot is still the folder
     assert paper_value("brain-tumor", "efficientnet", False) == 0.96
     assert paper_value("pneumonia", "googlenet", True) == 0.815
     assert paper_value("pneumonia", "googlenet", False) is None

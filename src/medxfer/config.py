@@ -186,15 +186,33 @@ class ExperimentConfig:
         d["train"].pop("device")
         d.pop("prune")  # a trained run does not depend on it; keeps older run folders' hashes
         d.pop("gan")  # the generator is trained separately; its images count via data.synthetic
-        for key in ("class_fraction", "synthetic", "synthetic_ratio"):  # newer keys: at their
-            if d["data"][key] == getattr(DataConfig, key):  # defaults, older hashes are kept
-                d["data"].pop(key)
+        drop_later_defaults(d)
         if self.data.synthetic and Path(self.data.synthetic).is_file():
             # the same manifest path re-sampled is another training set
             d["data"]["synthetic_sha256"] = hashlib.sha256(
                 Path(self.data.synthetic).read_bytes()
             ).hexdigest()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Keys added after results had been recorded with this version's hashes. A fingerprint leaves
+# each out while it is at its default, so run folders and studies made before it existed keep
+# their names; set away from the default, it changes the result and is hashed.
+LATER_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("class_fraction", "synthetic", "synthetic_ratio"),
+    "tune": ("image_size",),
+}
+
+
+def drop_later_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (an ``ExperimentConfig.to_dict()``, or part of one) without the ``LATER_KEYS`` that
+    are at their defaults; changes ``d`` in place and returns it."""
+    defaults = ExperimentConfig().to_dict()
+    for section, keys in LATER_KEYS.items():
+        for key in keys:
+            if section in d and key in d[section] and d[section][key] == defaults[section][key]:
+                d[section].pop(key)
+    return d
 
 
 # Top-level keys of an experiment file (`medxfer run`, medxfer.experiment) that a plain

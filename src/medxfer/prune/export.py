@@ -187,12 +187,8 @@ def latency_report(
     return {"device": "cpu", "threads": torch.get_num_threads(), **rows, "note": note}
 
 
-def onnx_check(model: nn.Module, image_size: int, path: Path) -> dict[str, Any]:
-    """Export to ONNX and compare onnxruntime's output with PyTorch's (optional extra)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return {"available": False, "note": "pip install 'medxfer[prune]' for the ONNX export"}
+def export_onnx(model: nn.Module, image_size: int, path: Path) -> Path:
+    """``model`` as an ONNX file with a dynamic batch axis (input ``image``, output ``logits``)."""
     model.eval()
     x = torch.randn(2, 3, image_size, image_size)
     with warnings.catch_warnings():  # the TorchScript exporter needs no onnxscript dependency
@@ -201,6 +197,55 @@ def onnx_check(model: nn.Module, image_size: int, path: Path) -> dict[str, Any]:
             model, (x,), str(path), input_names=["image"], output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
         )  # fmt: skip
+    return path
+
+
+def onnxruntime_latency(
+    models: Mapping[str, nn.Module], image_size: int, workdir: Path,
+    batches: tuple[int, ...] = (1, 32), repeats: int = 20, threads: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """``measure_latency``'s report for the models exported to ONNX and run by onnxruntime's
+    CPU provider (the usual way to ship a CPU model; its per-operator overhead is lower than
+    eager PyTorch's, which matters at batch 1). Timed round-robin like the PyTorch one, with
+    ``threads`` intra-op threads (0: torch's current thread count)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    sessions = {}
+    for name, model in models.items():
+        path = export_onnx(model, image_size, workdir / f"{name}-{image_size}.onnx")
+        sessions[name] = ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+    base = next(iter(models))
+    out: dict[str, Any] = {"device": "cpu", "runtime": f"onnxruntime {ort.__version__}",
+                           "threads": opts.intra_op_num_threads, "warmup": 2,
+                           "repeats": repeats, "statistic": "median ms per run",
+                           "image_size": image_size, "baseline": base}  # fmt: skip
+    for b in batches:
+        x = {"image": np.random.default_rng(0).standard_normal(
+            (b, 3, image_size, image_size), dtype=np.float32)}  # fmt: skip
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for i in range(2 + repeats):
+            for name, sess in sessions.items():
+                t0 = time.perf_counter()
+                sess.run(None, x)
+                if i >= 2:
+                    times[name].append((time.perf_counter() - t0) * 1000)
+        ms = {name: float(np.median(t)) for name, t in times.items()}
+        out[f"batch_{b}"] = {"ms": ms, "speedup": {k: ms[base] / v for k, v in ms.items()}}
+    return out
+
+
+def onnx_check(model: nn.Module, image_size: int, path: Path) -> dict[str, Any]:
+    """Export to ONNX and compare onnxruntime's output with PyTorch's (optional extra)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"available": False, "note": "pip install 'medxfer[prune]' for the ONNX export"}
+    export_onnx(model, image_size, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x5 = torch.randn(5, 3, image_size, image_size)
     with torch.inference_mode():

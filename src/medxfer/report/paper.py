@@ -21,6 +21,9 @@ PAPER_ACCURACY: dict[tuple[str, str, bool], float] = {
 DATASETS = {"brain-tumor": "brain tumor MRI", "pneumonia": "chest X-ray (pneumonia)"}
 
 
+MANIFEST_SUFFIXES = (".csv",)  # what medxfer.data.sources reads as a manifest
+
+
 def dataset_key(root: str) -> str:
     """``../shared/data/brain-tumor-mri`` -> ``brain-tumor``; "" -> ``synthetic-demo``; a
     manifest file is named by its folders (``/data/brain/p1/manifest.csv`` -> ``brain-tumor``)."""
@@ -32,7 +35,8 @@ def dataset_key(root: str) -> str:
             return "brain-tumor"
         if "pneumonia" in name or "xray" in name.replace("-", ""):
             return "pneumonia"
-    return (path.parent.name if path.suffix else path.name).lower()
+    manifest = path.suffix.lower() in MANIFEST_SUFFIXES  # not a folder such as ``knee.v2``
+    return (path.parent.name if manifest else path.name).lower()
 
 
 def paper_value(dataset: str, family: str, pruned: bool) -> float | None:

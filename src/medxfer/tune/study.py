@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from medxfer.config import ExperimentConfig, save_config
+from medxfer.config import ExperimentConfig, drop_later_defaults, save_config
 from medxfer.errors import MedxferError
 from medxfer.tune import workers
 from medxfer.tune.objective import METRICS, best_config, direction
@@ -64,11 +64,9 @@ def check_settings(cfg: ExperimentConfig, opts: StudyOptions) -> int:
 
 def study_fingerprint(cfg: ExperimentConfig) -> str:
     """What identifies a study: the config and tune settings, not the number of trials."""
-    t = cfg.to_dict()["tune"]
+    t = drop_later_defaults({"tune": cfg.to_dict()["tune"]})["tune"]
     for key in ("n_trials", "max_failures"):
         t.pop(key)
-    if t.get("image_size") == 0:
-        t.pop("image_size")  # a newer key at its default: older studies keep their hash
     blob = json.dumps({"config": cfg.fingerprint(), "tune": t}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
