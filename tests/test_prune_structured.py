@@ -4,6 +4,7 @@ predictions, and bad input ends in one clear message."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -156,6 +157,9 @@ def test_structured_end_to_end_and_reload(dense_run: Path, tmp_path: Path) -> No
     assert report["pruned"]["params"] < 0.5 * report["dense"]["params"]
     assert report["pruned"]["test_accuracy"] is not None and report["finetune"]["epochs"] == 1
     assert set(report["latency"]["batch_32"]["ms"]) == {"dense", "structured"}
+    if importlib.util.find_spec("onnxruntime") is not None:  # installed with the `prune` extra
+        assert set(report["latency"]["onnxruntime"]["batch_1"]["ms"]) == {"dense", "structured"}
+        assert (out / "onnx" / "structured-32.onnx").is_file()
     model, meta = load_structured(out)
     best = load_checkpoint(out / "best.pt")
     assert meta["classes"] == best["meta"]["classes"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib.util
 import json
 import warnings
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from medxfer.config import ExperimentConfig, config_from_dict, load_config
 from medxfer.errors import MedxferError
 from medxfer.models import create_model
 from medxfer.models.registry import entry
-from medxfer.prune.export import measure_latency
+from medxfer.prune.export import measure_latency, onnxruntime_latency
 from medxfer.prune.lottery import finetune_config
 from medxfer.prune.magnitude import fold_reparam
 from medxfer.runs import is_complete
@@ -243,7 +244,12 @@ def run_structured(
                      "best_epoch": metrics.get("best_epoch")},
     }  # fmt: skip
     if latency:
-        report["latency"] = measure_latency({"dense": dense, "structured": model}, size,
-                                            repeats=repeats)  # fmt: skip
+        models = {"dense": dense, "structured": model}
+        report["latency"] = measure_latency(models, size, repeats=repeats)
+        if importlib.util.find_spec("onnxruntime") is not None:  # the `prune` extra
+            (out / "onnx").mkdir(exist_ok=True)  # structured-<size>.onnx: ready to ship
+            report["latency"]["onnxruntime"] = onnxruntime_latency(
+                models, size, out / "onnx", repeats=repeats
+            )
     atomic_write_json(report, out / "structured.json")
     return report
