@@ -6,7 +6,7 @@
 writes bench/results/paper-table.json (``rows``: dataset, arch, weights, tuned, pruned, sparsity,
 test accuracy and balanced accuracy with 95% intervals, the command, where it ran) and
 paper-table.md; the table itself is ``medxfer paper-table``'s. Each experiment also gets its
-stage times (from its ``stages/*.json`` markers: the time of each stage's last run). Without
+stage times (from its ``stages/*.json`` markers: every part of a resumed stage). Without
 folders: every folder under runs/experiments/. Folders not named in ``--ran-on`` ran here.
 """
 
@@ -32,12 +32,19 @@ def stage_seconds(folder: Path) -> dict[str, Any]:
     """Per cell: each stage's seconds (its marker) and their sum."""
     out: dict[str, Any] = {}
     for cell in sorted({p.parent.parent for p in folder.rglob("stages/*.json")}):
-        stages = {}
+        stages, last_part_only = {}, []
         for marker in sorted((cell / "stages").glob("*.json"), key=order):
-            stages[marker.stem] = round(json.loads(marker.read_text()).get("seconds", 0.0), 1)
+            if marker.name.endswith(".partial.json"):  # a stage still running or killed
+                continue
+            m = json.loads(marker.read_text())
+            stages[marker.stem] = round(m.get("seconds", 0.0), 1)
+            if "seconds_parts" not in m:
+                last_part_only.append(marker.stem)
         out[str(cell.relative_to(folder)) or "."] = {
             "stages": stages,
             "total_seconds": round(sum(stages.values()), 1),
+            # markers written before medxfer kept every part of a resumed stage
+            "stages_timed_by_last_part_only": last_part_only,
         }
     return out
 
@@ -73,8 +80,9 @@ def main_() -> int:
         for d in dirs
     }
     data["notes"] = [
-        "stage times are each stage's last run: a stage that was stopped and resumed counts "
-        "only its last part",
+        "stage times count every part of a stage that was stopped and resumed, except the "
+        "stages listed under stages_timed_by_last_part_only (markers written before medxfer "
+        "recorded the parts): there only the last part counts",
         *args.note,
     ]
     data["command"] = " ".join([Path(sys.executable).name, *sys.argv])

@@ -152,10 +152,37 @@ def test_rerun_skips_completed_stages(
     log = json.loads((demo / "experiment.json").read_text())
     assert {s["status"] for s in log["stages"].values()} <= {"complete", "off"}
     assert markers == {p: p.stat().st_mtime_ns for p in (demo / "stages").glob("*.json")}
-    # a stage whose marker is gone (killed before it finished) runs again, alone
+    # a stage whose marker is gone (killed before it finished) runs again, alone, and its time
+    # counts the killed attempt's part (kept in report.partial.json) as well as the new one
+    fp = json.loads((demo / "stages" / "report.json").read_text())["fingerprint"]
     (demo / "stages" / "report.json").unlink()
     (demo / "report.html").unlink()
+    partial = demo / "stages" / "report.partial.json"
+    partial.write_text(json.dumps({"fingerprint": fp, "parts": [100.0]}))
     assert main(["run", str(DEMO), *tiny_overrides(demo.parents[1])]) == 0
     log = json.loads((demo / "experiment.json").read_text())
     assert log["stages"]["report"]["status"] == "done" and (demo / "report.html").exists()
+    marker = json.loads((demo / "stages" / "report.json").read_text())
+    assert marker["seconds_parts"][0] == 100.0 and len(marker["seconds_parts"]) == 2
+    assert marker["seconds"] == pytest.approx(sum(marker["seconds_parts"]))
+    assert log["stages"]["report"]["seconds"] > 100 and not partial.exists()
     assert log["stages"]["train"]["status"] == "complete"
+
+
+def test_stage_clock_keeps_a_killed_part(tmp_path: Path) -> None:
+    import time
+
+    from medxfer.experiment.runner import StageClock
+
+    path = tmp_path / "train.partial.json"
+    with pytest.raises(KeyboardInterrupt), StageClock(path, "fp", every=0.02) as clock:
+        time.sleep(0.1)
+        beat = json.loads(path.read_text())  # rewritten while the stage runs
+        assert beat["fingerprint"] == "fp" and beat["parts"][0] > 0
+        raise KeyboardInterrupt
+    first = json.loads(path.read_text())["parts"]
+    assert len(first) == 1 and first[0] >= 0.1 and clock.total == first[0]
+    with StageClock(path, "fp", every=0.02) as again:
+        time.sleep(0.05)
+    assert again.parts[0] == first[0] and again.total > first[0] + 0.04
+    assert StageClock(path, "another config").earlier == []  # not the same stage: not counted

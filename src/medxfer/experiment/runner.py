@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import shlex
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,55 @@ def read_marker(path: Path) -> dict[str, Any] | None:
     return marker
 
 
+class StageClock:
+    """The time a stage has run over all its attempts. While it runs, a daemon thread rewrites
+    ``path`` every ``every`` seconds with the earlier parts and this one's time so far, so a
+    stage killed in any way (even SIGKILL) and resumed later counts the killed part too (to
+    within ``every`` seconds). Parts recorded under another fingerprint are ignored."""
+
+    def __init__(self, path: Path, fingerprint: str, every: float = 15.0) -> None:
+        self.path, self.fingerprint, self.every = path, fingerprint, every
+        earlier = read_marker(path) or {}
+        self.earlier: list[float] = (
+            [float(x) for x in earlier.get("parts", [])]
+            if earlier.get("fingerprint") == fingerprint else []
+        )  # fmt: skip
+        self._t0 = 0.0
+        self._end: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def parts(self) -> list[float]:
+        end = time.perf_counter() if self._end is None else self._end
+        return [*self.earlier, end - self._t0]
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts)
+
+    def _write(self) -> None:
+        atomic_write_json({"fingerprint": self.fingerprint, "parts": self.parts}, self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            self._write()
+
+    def __enter__(self) -> StageClock:
+        self._t0 = time.perf_counter()
+        self._write()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end = time.perf_counter()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._write()  # an exception (Ctrl-C, an error) keeps this part for the next attempt
+
+
 def run_stage(ctx: Context, stage: str, log: dict[str, Any]) -> None:
     """Run (or skip) one stage; record its status in ``ctx`` and ``log``."""
     if not ctx.exp.stages.on(stage):
@@ -53,27 +103,30 @@ def run_stage(ctx: Context, stage: str, log: dict[str, Any]) -> None:
         console.print(f"[dim]{ctx.cell.name}: {stage} already complete, skipped[/]")
     else:
         console.rule(f"{ctx.cell.name}: {stage}")
-        t0 = time.perf_counter()
+        marker_path.parent.mkdir(parents=True, exist_ok=True)
+        clock = StageClock(marker_path.with_suffix(".partial.json"), fp)
         try:
-            outputs = RUN[stage](ctx)
+            with clock:
+                outputs = RUN[stage](ctx)
         except StageUnavailable as why:
             ctx.status[stage] = f"unavailable: {why}"
             log[stage] = {"status": "unavailable", "reason": str(why)}
             console.print(f"[bold yellow]{ctx.cell.name}: {why}")
             return
-        seconds = time.perf_counter() - t0
+        seconds = clock.total
         status = "done"
-        marker_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             {
                 "stage": stage,
                 "fingerprint": fp,
                 "outputs": outputs,
-                "seconds": seconds,
+                "seconds": seconds,  # every part of a stage that was stopped and resumed
+                "seconds_parts": clock.parts,
                 "command": ctx.command,
             },
             marker_path,
         )
+        clock.path.unlink(missing_ok=True)
     ctx.outputs[stage] = outputs
     ctx.status[stage] = status
     log[stage] = {"status": status, "seconds": seconds, "fingerprint": fp}
@@ -98,7 +151,7 @@ def run_cell(exp: Experiment, ctx: Context) -> dict[str, Any]:
         "command": ctx.command,
         "stages": log,
         "seconds": time.perf_counter() - t0,  # this invocation
-        # every stage's own time (a skipped stage: when it ran; a resumed one: its last part)
+        # every stage's own time (a skipped stage: when it ran; a resumed one: all its parts)
         "stage_seconds_total": sum(
             v.get("seconds_when_run", v.get("seconds", 0.0)) for v in log.values()
         ),
