@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from medxfer.config import ExperimentConfig
-from medxfer.data.generated import minority_classes
+from medxfer.data.generated import MINORITY_BELOW, minority_classes
 from medxfer.data.prepare import prepare
 from medxfer.errors import MedxferError
 
@@ -51,8 +51,8 @@ def classes_to_model(data: GanData, *, conditional: bool, min_images: int) -> li
     targets = data.classes if conditional else minority_classes(data.counts)
     if not targets:
         raise MedxferError(
-            "no minority class to synthesise: every class has at least 80% of the largest one's "
-            "training images",
+            f"no minority class to synthesise: every class has at least {MINORITY_BELOW:.0%} of "
+            "the largest one's training images",
             "train without synthetic images (an imbalance this small needs no fix)",
         )
     small = {c: data.counts[c] for c in targets if data.counts[c] < min_images}

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medxfer.data.generated import MINORITY_BELOW
+
 
 def bootstrap_class_metrics(
     labels: np.ndarray,
@@ -82,7 +84,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         "\\* minority class in training ("
-        + summary.get("minority_rule", "fewer than 80% of the largest class's images")
+        + summary.get(  # summaries written before the rule was recorded
+            "minority_rule", f"fewer than {MINORITY_BELOW:.0%} of the largest class's images"
+        )
         + "). "
         f"Test split: {summary['test_n']} real images, never used for training or model "
         "selection; intervals: 95% percentile bootstrap."
