@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,16 @@ def test_torchrun_two_cpu_processes(synth_root: Path, tmp_path: Path) -> None:
            "-m", "medxfer", "train", "--data", str(synth_root), "--run-dir", str(run),
            "model.arch=resnet18", "model.weights=none", "data.image_size=48", "train.epochs=2",
            "train.batch_size=8", "train.threads=1", "eval.n_bootstrap=20"]  # fmt: skip
-    assert shutil.which("python") or True
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # its own process group: on a timeout (or pytest's) the workers go with torchrun
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
     ddp = json.loads((run / "ddp.json").read_text())
     assert ddp["world_size"] == 2
     assert len(set(ddp["state_checksums"])) == 1  # both ranks hold identical weights
