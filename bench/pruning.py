@@ -7,7 +7,8 @@ structured (channel) pruning for speed, under a small CPU protocol.
 Steps (each resumable: re-running the same command skips finished levels and runs):
 1. `medxfer prune`: efficientnet_lite0 from the offline ImageNet weights; level 0 trains dense,
    then 4 levels reach 80% global sparsity of the Conv2d weights (geometric schedule, head not
-   pruned), rewinding to the starting weights, with both controls (random re-init, random mask).
+   pruned), rewinding to the starting weights (`--rewind`), with both controls (random
+   re-init, random mask).
 2. `medxfer prune --export` of the last ticket: compact file against the dense state dict.
 3. `medxfer prune-structured` of the dense level-0 run: L1-norm channel pruning to the MACs cut
    `--structured-speedup`, fine-tuned for `--structured-epochs` at `--structured-lr-scale`
@@ -114,6 +115,9 @@ def main() -> None:
     p.add_argument("--data-root", type=Path, default=SHARED_DATA)
     p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--levels", type=int, default=4, help="pruning levels to reach 80%%")
+    p.add_argument("--rewind", default="init",
+                   help="init | epoch:K | lr (results of another than init: pruning-<dataset>-"
+                   "rewind-<...>.json; use another --out-dir)")  # fmt: skip
     p.add_argument("--structured-speedup", type=float, default=2.5, help="MACs cut to aim at")
     # what bench/results/pruning-*.json were measured with (3 epochs at 0.3x lost 12.6 points)
     p.add_argument("--structured-epochs", type=int, default=8)
@@ -134,7 +138,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     cmd = [*medxfer_cmd(), "prune", "--data", str(data), "--out", str(lottery),
-           "--target-sparsity", "0.8", "--levels", str(args.levels), "--rewind", "init",
+           "--target-sparsity", "0.8", "--levels", str(args.levels), "--rewind", args.rewind,
            *protocol]  # fmt: skip
     _, seconds["lottery"] = run(cmd, folder / "lottery.log")
     summary = json.loads((lottery / "lottery.json").read_text())
@@ -176,10 +180,11 @@ def main() -> None:
         "test_accuracy": sj["pruned"]["test_accuracy"],
         "finetune_epochs": sj["finetune"]["epochs"], "finetune_lr": sj["finetune"]["lr"],
     }  # fmt: skip
-    save(f"pruning-{args.dataset}", {
+    suffix = "" if args.rewind == "init" else "-rewind-" + args.rewind.replace(":", "")
+    save(f"pruning-{args.dataset}{suffix}", {
         "data": str(data), "arch": "efficientnet_lite0", "weights": "imagenet (offline)",
         "protocol": {"overrides": protocol, "lottery": f"target sparsity 0.8 in {args.levels} "
-                     "levels, rewind to init, controls on, head not pruned",
+                     f"levels, rewind {args.rewind}, controls on, head not pruned",
                      "structured": f"MACs cut {args.structured_speedup}x, "
                      f"{args.structured_epochs} fine-tune epochs at "
                      f"{args.structured_lr_scale}x lr",
