@@ -250,6 +250,10 @@ def test_paper_layout_and_references() -> None:
     assert header[:3] == ["study", "architecture", "variant"]
     assert [[*b[:2], b[3][:5]] for b in body] == [["cpu", "googlenet", "0.900"],
                                                   ["paper", "googlenet", "0.970"]]  # fmt: skip
+    # a second study of one dataset, named by what is not the dataset, keeps its own row
+    three = [*two, rows[1] | {"experiment": "cpu-brain-tumor-192", "test_accuracy": 0.95}]
+    assert [[b[0], b[3][:5]] for b in table(three)[1]] == [
+        ["cpu", "0.900"], ["cpu-192", "0.950"], ["paper", "0.970"]]  # fmt: skip
 
 
 def test_paper_table_reads_a_moved_experiment(demo: Path, tmp_path: Path) -> None:

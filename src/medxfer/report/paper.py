@@ -90,15 +90,21 @@ def fmt(x: float | None, ci: list[float] | None = None) -> str:
     return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+DATASET_WORDS = {"brain", "tumor", "tumour", "mri", "chest", "xray", "x", "ray", "pneumonia"}
+
+
 def study(row: dict[str, Any]) -> str:
-    return str(row.get("experiment", "")).split("-")[0]
+    """The experiment's name without the words that name its dataset: ``cpu-brain-tumor`` and
+    ``cpu-pneumonia`` are one study (``cpu``), ``cpu-pneumonia-192`` another (``cpu-192``)."""
+    name = str(row.get("experiment", ""))
+    return "-".join(w for w in name.split("-") if w.lower() not in DATASET_WORDS) or name
 
 
 def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The paper's layout: one row per architecture and variant (fine-tuned / pruned), one
     column group per dataset with our accuracy (95% CI), balanced accuracy and the paper's.
     Rows of several studies (``cpu-*`` and ``paper-*`` experiments) get a first column with
-    the study: the experiment name before its first ``-``."""
+    the study (``study``)."""
     datasets = sorted({r["dataset"] for r in rows})
     studies = {study(r) for r in rows}
     header = (["study"] if len(studies) > 1 else []) + ["architecture", "variant"]
