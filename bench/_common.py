@@ -85,6 +85,12 @@ def run_timed(cmd: list[str], log: Path | None = None) -> tuple[str, float, floa
     return stdout, seconds, usage.ru_utime + usage.ru_stime
 
 
+def abspath(path: str) -> Path:
+    """argparse type for paths: absolute against the caller's folder, since the commands a
+    bench starts run from the repository root."""
+    return Path(path).resolve()
+
+
 def medxfer_cmd() -> list[str]:
     return [sys.executable, "-m", "medxfer"]
 

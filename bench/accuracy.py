@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, medxfer_cmd, run, save
+from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
 
 from medxfer.evaluate.metrics import run_summary
 
@@ -60,9 +59,9 @@ def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", choices=sorted(PROTOCOLS))
-    p.add_argument("--data-root", type=Path, default=SHARED_DATA)
+    p.add_argument("--data-root", type=abspath, default=SHARED_DATA)
     p.add_argument("--variants", nargs="+", default=None)
-    p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench")
+    p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every variant")
     p.add_argument(
         "--tag", default="", help="a protocol variant: accuracy-<dataset>-<tag>.json, own runs"

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, medxfer_cmd, run, save
+from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
 
 CLASSIFIER = [
     "model.arch=efficientnet_lite0", "model.weights=imagenet", "data.image_size=64",
@@ -79,11 +78,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", choices=sorted(DATASETS))
     p.add_argument("--variant", choices=sorted(VARIANTS), default="full")
-    p.add_argument("--data-root", type=Path, default=SHARED_DATA)
+    p.add_argument("--data-root", type=abspath, default=SHARED_DATA)
     p.add_argument("--gan-minutes", type=float, default=60.0, help="GAN training time budget")
     p.add_argument("--gan-ratio", type=float, default=1.0)
-    p.add_argument("--gan-checkpoint", type=Path, help="a generator.pt trained elsewhere (GPU)")
-    p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench" / "imbalance")
+    p.add_argument("--gan-checkpoint", type=abspath, help="a generator.pt trained elsewhere (GPU)")
+    p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench" / "imbalance")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     args = p.parse_args()
     name = args.dataset + ("" if args.variant == "full" else f"-{args.variant}")

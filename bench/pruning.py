@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, medxfer_cmd, run, save
+from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
 
 PROTOCOLS: dict[str, list[str]] = {
     "brain-tumor-mri": ["augment.hflip=true", "augment.vflip=true"],
@@ -112,8 +112,8 @@ def measure(lottery: Path, ticket: Path, structured: Path, size: int, repeats: i
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", help="a folder under --data-root, e.g. brain-tumor-mri")
-    p.add_argument("--data-root", type=Path, default=SHARED_DATA)
-    p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench")
+    p.add_argument("--data-root", type=abspath, default=SHARED_DATA)
+    p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench")
     p.add_argument("--levels", type=int, default=4, help="pruning levels to reach 80%%")
     p.add_argument("--rewind", default="init",
                    help="init | epoch:K | lr (results of another than init: pruning-<dataset>-"

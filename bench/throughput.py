@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, medxfer_cmd, run, save
+from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
 
 
 def ceiling(arch: str, size: int, batch: int, steps: int, warmup: int = 3) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def ceiling_child(arch: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=SHARED_DATA / "brain-tumor-mri" / "train")
+    p.add_argument("--data", type=abspath, default=SHARED_DATA / "brain-tumor-mri" / "train")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=30)

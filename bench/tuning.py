@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, medxfer_cmd, run_timed, save
+from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run_timed, save
 
 PROTOCOL = [
     "model.arch=efficientnet_lite0",
@@ -157,10 +157,10 @@ def parallel_check(summary: dict[str, Any], n_trials: int) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", nargs="?", default="brain-tumor-mri")
-    p.add_argument("--data-root", type=Path, default=SHARED_DATA)
+    p.add_argument("--data-root", type=abspath, default=SHARED_DATA)
     p.add_argument("--n-trials", type=int, default=20)
     p.add_argument("--parallel-trials", type=int, default=10)
-    p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench" / "tuning")
+    p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench" / "tuning")
     p.add_argument("--fresh", action="store_true", help="delete earlier studies first")
     args = p.parse_args()
     data = args.data_root / args.dataset
