@@ -59,9 +59,10 @@ def lottery_rows(lottery: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
 
 
 def targets(
-    dense: float, rows: list[dict[str, Any]], sizes: dict[str, Any], structured: dict[str, Any]
-) -> dict[str, Any]:
-    """The issue's three targets, each with the numbers it was judged on."""
+    dense: float, rows: list[dict[str, Any]], sizes: dict[str, Any],
+    structured: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The issue's three targets (two without ``structured``), with the numbers judged on."""
     at80 = [r for r in rows if r["sparsity"] >= 0.8 - 1e-6]
     t = at80[-1] if at80 else None
     ticket_ok = bool(
@@ -69,12 +70,16 @@ def targets(
         and all(t["ticket_test_accuracy"] > (t[f"{k}_test_accuracy"] or 0) for k in KINDS[1:])
     )  # fmt: skip
     ratio = sizes["compact"]["raw_bytes"] / sizes["dense"]["raw_bytes"]
-    fast = min(structured["speedup"].values())
-    acc = structured["test_accuracy"]
-    return {
+    out: dict[str, Any] = {
         "ticket_within_1pt_of_dense_at_80pct_and_beats_controls": {
             "met": ticket_ok, "level": t, "dense_test_accuracy": dense},
         "compressed_at_most_30pct_of_dense": {"met": ratio <= 0.30, "ratio": ratio},
+    }  # fmt: skip
+    if structured is None:
+        return out
+    fast = min(structured["speedup"].values())
+    acc = structured["test_accuracy"]
+    return out | {
         "structured_1.5x_faster_within_1.5pt": {
             "met": fast >= 1.5 and acc >= dense - 0.015, "min_speedup": fast,
             "accuracy_drop_points": 100 * (dense - acc),
@@ -118,6 +123,11 @@ def main() -> None:
     p.add_argument("--rewind", default="init",
                    help="init | epoch:K | lr (results of another than init: pruning-<dataset>-"
                    "rewind-<...>.json; use another --out-dir)")  # fmt: skip
+    p.add_argument(
+        "--lottery-only",
+        action="store_true",
+        help="the lottery and its export only (no structured pruning, no timing)",
+    )
     p.add_argument("--structured-speedup", type=float, default=2.5, help="MACs cut to aim at")
     # what bench/results/pruning-*.json were measured with (3 epochs at 0.3x lost 12.6 points)
     p.add_argument("--structured-epochs", type=int, default=8)
@@ -146,6 +156,24 @@ def main() -> None:
     export_cmd = [*medxfer_cmd(), "prune", "--export", str(ticket), "--no-latency"]
     _, seconds["export"] = run(export_cmd, folder / "export.log")
     sizes = json.loads((ticket / "export" / "export.json").read_text())["sizes"]
+    suffix = "" if args.rewind == "init" else "-rewind-" + args.rewind.replace(":", "")
+    lottery_protocol = (
+        f"target sparsity 0.8 in {args.levels} levels, rewind {args.rewind}, controls on, "
+        "head not pruned"
+    )
+    if args.lottery_only:
+        dense, rows = lottery_rows(summary)
+        save(f"pruning-{args.dataset}{suffix}", {
+            "data": str(data), "arch": "efficientnet_lite0", "weights": "imagenet (offline)",
+            "protocol": {"overrides": protocol, "lottery": lottery_protocol},
+            "commands": {"lottery": " ".join(cmd), "export": " ".join(export_cmd)},
+            "dense_test_accuracy": dense, "levels": rows,
+            "dense_bytes": sizes["dense"]["raw_bytes"],
+            "compressed_bytes": sizes["compact"]["raw_bytes"], "sizes": sizes,
+            "targets": targets(dense, rows, sizes, None),
+            "seconds_this_call": seconds, "lottery_dir": str(lottery),
+        })  # fmt: skip
+        return
     tag = f"{args.structured_speedup:g}x-{args.structured_epochs}ep-lr{args.structured_lr_scale:g}"
     struct_dir = folder / ("structured" if tag == "2.5x-3ep-lr0.3" else f"structured-{tag}")
     struct_cmd = [*medxfer_cmd(), "prune-structured", str(lottery / "level_0" / "dense"),
@@ -180,11 +208,9 @@ def main() -> None:
         "test_accuracy": sj["pruned"]["test_accuracy"],
         "finetune_epochs": sj["finetune"]["epochs"], "finetune_lr": sj["finetune"]["lr"],
     }  # fmt: skip
-    suffix = "" if args.rewind == "init" else "-rewind-" + args.rewind.replace(":", "")
     save(f"pruning-{args.dataset}{suffix}", {
         "data": str(data), "arch": "efficientnet_lite0", "weights": "imagenet (offline)",
-        "protocol": {"overrides": protocol, "lottery": f"target sparsity 0.8 in {args.levels} "
-                     f"levels, rewind {args.rewind}, controls on, head not pruned",
+        "protocol": {"overrides": protocol, "lottery": lottery_protocol,
                      "structured": f"MACs cut {args.structured_speedup}x, "
                      f"{args.structured_epochs} fine-tune epochs at "
                      f"{args.structured_lr_scale}x lr",
