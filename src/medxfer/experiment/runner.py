@@ -108,7 +108,8 @@ def run_stage(ctx: Context, stage: str, log: dict[str, Any]) -> None:
         try:
             with clock:
                 outputs = RUN[stage](ctx)
-        except StageUnavailable as why:
+        except StageUnavailable as why:  # it did not run: no time to carry over
+            clock.path.unlink(missing_ok=True)
             ctx.status[stage] = f"unavailable: {why}"
             log[stage] = {"status": "unavailable", "reason": str(why)}
             console.print(f"[bold yellow]{ctx.cell.name}: {why}")
