@@ -16,7 +16,8 @@ import io
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,29 +115,30 @@ def size_report(state: State, mask: Mask, packed: dict[str, Any] | None = None) 
     }
 
 
-def _time_ms(model: nn.Module, x: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    model(x)
-    return (time.perf_counter() - t0) * 1000
+def round_robin_ms(
+    calls: Mapping[str, Callable[[], object]], repeats: int = 20
+) -> dict[str, float]:
+    """Median ms of each call after 2 warm-up rounds (allocations, kernel selection), measured
+    round-robin so that load from other processes (or CPU frequency changes) hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(2 + repeats):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            if i >= 2:
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 @torch.inference_mode()
 def interleaved_latency_ms(
     models: Mapping[str, nn.Module], image_size: int, batch: int, repeats: int = 20
 ) -> dict[str, float]:
-    """Median ms per forward of each model after 2 warm-up calls, measured round-robin so that
-    load from other processes (or CPU frequency changes) hits every model alike."""
+    """Median ms per forward of each model (``round_robin_ms``) on one random batch."""
     x = torch.randn(batch, 3, image_size, image_size)
     for m in models.values():
         m.eval()
-    for _ in range(2):  # warm-up: allocations, oneDNN kernel selection
-        for m in models.values():
-            _time_ms(m, x)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, m in models.items():
-            times[name].append(_time_ms(m, x))
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return round_robin_ms({name: partial(m, x) for name, m in models.items()}, repeats)
 
 
 def paired_latency_ms(
@@ -227,14 +229,9 @@ def onnxruntime_latency(
     for b in batches:
         x = {"image": np.random.default_rng(0).standard_normal(
             (b, 3, image_size, image_size), dtype=np.float32)}  # fmt: skip
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for i in range(2 + repeats):
-            for name, sess in sessions.items():
-                t0 = time.perf_counter()
-                sess.run(None, x)
-                if i >= 2:
-                    times[name].append((time.perf_counter() - t0) * 1000)
-        ms = {name: float(np.median(t)) for name, t in times.items()}
+        ms = round_robin_ms(
+            {name: partial(s.run, None, x) for name, s in sessions.items()}, repeats
+        )
         out[f"batch_{b}"] = {"ms": ms, "speedup": {k: ms[base] / v for k, v in ms.items()}}
     return out
 
