@@ -161,18 +161,22 @@ def main() -> None:
         f"target sparsity 0.8 in {args.levels} levels, rewind {args.rewind}, controls on, "
         "head not pruned"
     )
+    dense, rows = lottery_rows(summary)
+    result: dict[str, Any] = {
+        "data": str(data), "arch": "efficientnet_lite0", "weights": "imagenet (offline)",
+        "protocol": {"overrides": protocol, "lottery": lottery_protocol},
+        "commands": {"lottery": " ".join(cmd), "export": " ".join(export_cmd)},
+        "dense_test_accuracy": dense, "levels": rows,
+        "dense_bytes": sizes["dense"]["raw_bytes"],
+        "compressed_bytes": sizes["compact"]["raw_bytes"], "sizes": sizes,
+    }  # fmt: skip
+    name = f"pruning-{args.dataset}{suffix}"
     if args.lottery_only:
-        dense, rows = lottery_rows(summary)
-        save(f"pruning-{args.dataset}{suffix}", {
-            "data": str(data), "arch": "efficientnet_lite0", "weights": "imagenet (offline)",
-            "protocol": {"overrides": protocol, "lottery": lottery_protocol},
-            "commands": {"lottery": " ".join(cmd), "export": " ".join(export_cmd)},
-            "dense_test_accuracy": dense, "levels": rows,
-            "dense_bytes": sizes["dense"]["raw_bytes"],
-            "compressed_bytes": sizes["compact"]["raw_bytes"], "sizes": sizes,
-            "targets": targets(dense, rows, sizes, None),
-            "seconds_this_call": seconds, "lottery_dir": str(lottery),
-        })  # fmt: skip
+        lottery_only = {"targets": targets(dense, rows, sizes, None)}
+        save(
+            name,
+            result | lottery_only | {"seconds_this_call": seconds, "lottery_dir": str(lottery)},
+        )
         return
     tag = f"{args.structured_speedup:g}x-{args.structured_epochs}ep-lr{args.structured_lr_scale:g}"
     struct_dir = folder / ("structured" if tag == "2.5x-3ep-lr0.3" else f"structured-{tag}")
@@ -188,7 +192,6 @@ def main() -> None:
     timed = {n: measure(lottery, ticket, struct_dir, n, args.repeats) for n in sizes_timed}
     latency = timed[size] if size in timed else timed[sizes_timed[0]]
     seconds["latency"] = time.perf_counter() - t0
-    dense, rows = lottery_rows(summary)
     structured = {
         "ratio": sj["ratio"], "macs_speedup": sj["macs_speedup"],
         "macs": {"dense": sj["dense"]["macs"], "pruned": sj["pruned"]["macs"]},
@@ -208,22 +211,16 @@ def main() -> None:
         "test_accuracy": sj["pruned"]["test_accuracy"],
         "finetune_epochs": sj["finetune"]["epochs"], "finetune_lr": sj["finetune"]["lr"],
     }  # fmt: skip
-    save(f"pruning-{args.dataset}{suffix}", {
-        "data": str(data), "arch": "efficientnet_lite0", "weights": "imagenet (offline)",
-        "protocol": {"overrides": protocol, "lottery": lottery_protocol,
-                     "structured": f"MACs cut {args.structured_speedup}x, "
-                     f"{args.structured_epochs} fine-tune epochs at "
-                     f"{args.structured_lr_scale}x lr",
-                     "latency": f"CPU, {size} px (the training size; also {sizes_timed} px), "
-                     f"median of {args.repeats} after 2 warm-up, "
-                     "the bench process's torch threads; eager PyTorch (latency) and "
-                     "the same models exported to ONNX under onnxruntime's CPU provider "
-                     "with as many intra-op threads (latency.onnxruntime)"},
-        "commands": {"lottery": " ".join(cmd), "export": " ".join(export_cmd),
-                     "structured": " ".join(struct_cmd)},
-        "dense_test_accuracy": dense, "levels": rows,
-        "dense_bytes": sizes["dense"]["raw_bytes"],
-        "compressed_bytes": sizes["compact"]["raw_bytes"], "sizes": sizes,
+    result["protocol"] |= {
+        "structured": f"MACs cut {args.structured_speedup}x, {args.structured_epochs} fine-tune "
+        f"epochs at {args.structured_lr_scale}x lr",
+        "latency": f"CPU, {size} px (the training size; also {sizes_timed} px), median of "
+        f"{args.repeats} after 2 warm-up, the bench process's torch threads; eager PyTorch "
+        "(latency) and the same models exported to ONNX under onnxruntime's CPU provider with "
+        "as many intra-op threads (latency.onnxruntime)",
+    }
+    result["commands"]["structured"] = " ".join(struct_cmd)
+    save(name, result | {
         "latency_ms": {f"batch_{b}": latency[f"batch_{b}"]["ms"] for b in (1, 32)},
         "latency": latency, "structured": structured,
         "latency_ms_by_size": {
