@@ -186,3 +186,44 @@ def test_stage_clock_keeps_a_killed_part(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert again.parts[0] == first[0] and again.total > first[0] + 0.04
     assert StageClock(path, "another config").earlier == []  # not the same stage: not counted
+
+
+def _summary(**val: tuple[float, ...]) -> dict:  # type: ignore[type-arg]
+    """A lottery.json with one row per level; ``val``: kind -> val balanced accuracy per level."""
+    levels = [{"level": 0, "sparsity": 0.0, "runs": {}}]
+    for i in range(len(next(iter(val.values())))):
+        runs = {k: {"run_dir": f"{k}{i + 1}", "val": {"balanced_accuracy": v[i]}}
+                for k, v in val.items()}  # fmt: skip
+        levels.append({"level": i + 1, "sparsity": 0.2 * (i + 1), "runs": runs})
+    return {"levels": levels}
+
+
+def test_select_reports_the_pruned_model_best_on_validation() -> None:
+    from medxfer.experiment.stages import select
+
+    s = _summary(ticket=(0.80, 0.85), finetune=(0.90, 0.84), random_mask=(0.99, 0.99))
+    assert select(s)["run_dir"] == "ticket2"  # finetune off: tickets only, never a control
+    best = select(s, finetune=True)
+    assert (best["kind"], best["level"], best["val_balanced_accuracy"]) == ("finetune", 1, 0.90)
+    assert "pruned + fine-tuned" in best["rule"] and "lottery ticket" in best["rule"]
+    tie = select(_summary(ticket=(0.85, 0.85), finetune=(0.85, 0.85)), finetune=True)
+    assert (tie["kind"], tie["level"]) == ("ticket", 2)  # the sparser, then the ticket
+    with pytest.raises(MedxferError, match="without a ticket"):
+        select(_summary(random_reinit=(0.9,)))
+
+
+def test_finetune_baseline_keeps_the_lottery_folder(tmp_path: Path) -> None:
+    """``prune.finetune`` reruns the prune stage (its fingerprint) in the same lottery folder,
+    so the finished ticket and controls are reused."""
+    import copy
+
+    from medxfer.experiment.stages import Context, fingerprint
+
+    prints = {}
+    for on in (False, True):
+        exp = load_experiment(DEMO, [f"out_dir={tmp_path}", f"prune.finetune={on}"])
+        cell = exp.cells()[0]
+        ctx = Context(exp, cell, copy.deepcopy(cell.cfg), "medxfer run")
+        prints[on] = fingerprint("prune", ctx), fingerprint("prune-folder", ctx)
+    assert prints[False][0] == prints[False][1] == prints[True][1]  # old folder names kept
+    assert prints[True][0] != prints[False][0]

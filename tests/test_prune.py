@@ -282,6 +282,35 @@ def test_resumed_level_equals_uninterrupted(
         run_lottery(cfg, out, levels=1, rewind="init", controls=False)
 
 
+def test_finetune_baseline_is_added_to_a_finished_lottery(
+    lottery: Path, synth_root: Path, tmp_path: Path
+) -> None:
+    """Switching ``prune.finetune`` on for a finished lottery trains the baseline alone: the
+    ticket is not retrained, and the folder stays bound to its other settings."""
+    out = tmp_path / "lth"
+    shutil.copytree(lottery, out, ignore=shutil.ignore_patterns("random_*", "lottery.json"))
+    for f in (out / "settings.json",):  # bound without the controls, like the copy
+        f.write_text(json.dumps(json.loads(f.read_text()) | {"controls": False}))
+    ticket = run_dir(out, 1, "ticket") / "metrics.json"
+    before = ticket.stat().st_mtime_ns
+    cfg = load_config(None, [f"data.root={synth_root}", *FAST])
+    kw = {"levels": 1, "rewind": "epoch:1", "controls": False}
+    summary = run_lottery(cfg, out, finetune=True, **kw)  # type: ignore[arg-type]
+    assert ticket.stat().st_mtime_ns == before  # found complete, not trained again
+    assert set(summary["levels"][1]["runs"]) == {"ticket", "finetune"}
+    ft = run_dir(out, 1, "finetune")
+    trained = load_config(ft / "config.yaml")
+    assert trained.train.lr == pytest.approx(cfg.train.lr * 0.1)
+    assert (
+        Mask.load(ft / "mask.pt").kept_per_layer()
+        == Mask.load(run_dir(out, 1, "ticket") / "mask.pt").kept_per_layer()
+    )
+    history = json.loads((ft / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # from the trained weights, all epochs
+    with pytest.raises(MedxferError, match="other settings"):  # other settings still refused
+        run_lottery(cfg, out, finetune=True, levels=1, rewind="init", controls=False)
+
+
 def test_export_round_trip(lottery: Path) -> None:
     run = run_dir(lottery, 1, "ticket")
     report = export_run(run, latency=False, onnx=False)

@@ -62,6 +62,10 @@ def fingerprint(stage: str, ctx: Context) -> str:
         return digest(cfg.fingerprint())
     if stage == "prune":
         return digest(cfg.fingerprint(), asdict(cfg.prune))
+    if stage == "prune-folder":  # the lottery folder: settings that only add runs left out
+        from medxfer.prune.plan import ADDITIVE
+
+        return digest(cfg.fingerprint(), {**asdict(cfg.prune), **dict.fromkeys(ADDITIVE, False)})
     if stage == "evaluate":
         keep = ("train", "prune", "tune", "gan")
         return digest({k: ctx.outputs.get(k) for k in keep}, asdict(ctx.exp.report))
@@ -161,7 +165,7 @@ def run_prune(ctx: Context) -> dict[str, Any]:
     from medxfer.prune import run_lottery
 
     p, cfg = ctx.cfg.prune, ctx.cfg
-    out = ctx.cell.dir / f"prune-{fingerprint('prune', ctx)}"
+    out = ctx.cell.dir / f"prune-{fingerprint('prune-folder', ctx)}"
     summary = run_lottery(
         cfg,
         out,
@@ -175,27 +179,44 @@ def run_prune(ctx: Context) -> dict[str, Any]:
         finetune_lr_scale=p.finetune_lr_scale,
         dense_run=Path(ctx.outputs["train"]["run_dir"]) if "train" in ctx.outputs else None,
     )
-    return {"dir": str(out), "lottery": str(out / "lottery.json"), "selected": select(summary)}
+    selected = select(summary, finetune=p.finetune)
+    return {"dir": str(out), "lottery": str(out / "lottery.json"), "selected": selected}
 
 
-def select(summary: dict[str, Any]) -> dict[str, Any]:
-    """The pruned model the results table reports: the ticket level with the best validation
-    balanced accuracy (the sparser on a tie). Chosen on val only; test is just read."""
-    best: tuple[float, int] | None = None
+# The pruned models a study may report, and how the table names them; controls are not
+# candidates (they exist to test the ticket, not to be deployed).
+PRUNED_KINDS = {"ticket": "lottery ticket", "finetune": "pruned + fine-tuned"}
+
+
+def select(summary: dict[str, Any], *, finetune: bool = False) -> dict[str, Any]:
+    """The pruned model the results table reports: among the tickets and, with ``finetune``
+    (``prune.finetune``), the pruned-then-fine-tuned models of every level, the one with the
+    best validation balanced accuracy (on a tie the sparser, then the ticket). Chosen on val
+    only; test is just read."""
+    kinds = [k for k in PRUNED_KINDS if finetune or k != "finetune"]
+    best: tuple[float, int, int] | None = None
     chosen: dict[str, Any] = {}
     for row in summary["levels"][1:]:
-        ticket = row["runs"].get("ticket")
-        if not ticket or "val" not in ticket:
-            continue
-        key = (ticket["val"]["balanced_accuracy"], row["level"])
-        if best is None or key > best:
-            best, chosen = (
-                key,
-                {"level": row["level"], "sparsity": row["sparsity"], "run_dir": ticket["run_dir"]},
-            )
+        for rank, kind in enumerate(reversed(kinds)):
+            run = row["runs"].get(kind)
+            if not run or "val" not in run:
+                continue
+            key = (run["val"]["balanced_accuracy"], row["level"], rank)
+            if best is None or key > best:
+                best, chosen = (
+                    key,
+                    {
+                        "level": row["level"],
+                        "sparsity": row["sparsity"],
+                        "kind": kind,
+                        "run_dir": run["run_dir"],
+                        "val_balanced_accuracy": run["val"]["balanced_accuracy"],
+                    },
+                )
     if not chosen:
         raise MedxferError("pruning finished without a ticket to report", "check the prune logs")
-    chosen["rule"] = "ticket level with the best val balanced accuracy"
+    among = " or ".join(PRUNED_KINDS[k] for k in kinds)
+    chosen["rule"] = f"pruned model ({among}) with the best val balanced accuracy, any level"
     return chosen
 
 
@@ -207,18 +228,19 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     from medxfer.report.gradcam import compute_gradcam
     from medxfer.report.paper import dataset_key, result_row
 
-    models = []
+    models: list[tuple[str, Path, bool, float, str | None]] = []
     if "train" in ctx.outputs:
-        models.append(("fine-tuned", Path(ctx.outputs["train"]["run_dir"]), False, 0.0))
+        models.append(("fine-tuned", Path(ctx.outputs["train"]["run_dir"]), False, 0.0, None))
     if "prune" in ctx.outputs:
         sel = ctx.outputs["prune"]["selected"]
-        models.append(("pruned", Path(sel["run_dir"]), True, float(sel["sparsity"])))
+        how = PRUNED_KINDS[sel.get("kind", "ticket")]
+        models.append(("pruned", Path(sel["run_dir"]), True, float(sel["sparsity"]), how))
     if not models:
         raise StageUnavailable("nothing to evaluate: the train and prune stages are both off")
     folder = ctx.cell.dir / f"evaluate-{fingerprint('evaluate', ctx)}"
     folder.mkdir(parents=True, exist_ok=True)
     cfg, rows, cams = ctx.cfg, [], {}
-    for variant, run_dir, pruned, sparsity in models:
+    for variant, run_dir, pruned, sparsity, pruned_by in models:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         trained = load_config(run_dir / "config.yaml")
         rows.append(
@@ -235,6 +257,7 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
                 command=ctx.command,
                 image_size=trained.data.image_size,
                 epochs=trained.train.epochs,
+                pruned_by=pruned_by,
             )
         )
         if ctx.exp.report.gradcam_per_class > 0:

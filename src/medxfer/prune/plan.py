@@ -35,11 +35,19 @@ class Settings:
         return int(self.rewind.split(":")[1]) if self.rewind.startswith("epoch:") else 0
 
     def key(self) -> dict[str, Any]:
-        """The settings a folder is bound to. Levels may grow when each round prunes a fraction."""
+        """The settings a folder is bound to. Levels may grow when each round prunes a fraction;
+        the fine-tuning baseline only adds runs beside the others (``ADDITIVE``), so switching
+        it on for a finished lottery trains just those runs."""
         d = asdict(self)
         if self.target_sparsity is None:
             d.pop("levels")
+        for k in ADDITIVE:
+            d.pop(k)
         return d
+
+
+# Settings that add runs to a lottery folder without changing any run already in it.
+ADDITIVE = ("finetune",)
 
 
 def lottery_config(cfg: ExperimentConfig) -> ExperimentConfig:

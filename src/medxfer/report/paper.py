@@ -57,9 +57,11 @@ def result_row(
     command: str,
     image_size: int | None = None,
     epochs: int | None = None,
+    pruned_by: str | None = None,
 ) -> dict[str, Any]:
     """One row of paper-table.json from a run's metrics.json (test split); ``image_size`` and
-    ``epochs`` say what that run trained (a lottery may run cheaper than the fine-tune)."""
+    ``epochs`` say what that run trained (a lottery may run cheaper than the fine-tune);
+    ``pruned_by``: how a pruned model was obtained (lottery ticket, pruned + fine-tuned)."""
     test = metrics["test"]
     ci = test.get("ci95", {})
     return {
@@ -70,6 +72,7 @@ def result_row(
         "tuned": tuned,
         "pruned": pruned,
         "sparsity": round(sparsity, 4),
+        "pruned_by": pruned_by,
         "test_accuracy": test["accuracy"],
         "test_accuracy_ci95": ci.get("accuracy"),
         "test_balanced_accuracy": test["balanced_accuracy"],
@@ -131,7 +134,8 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 continue
             acc = fmt(r["test_accuracy"], r["test_accuracy_ci95"])
             if pruned:
-                acc += f" (sparsity {r['sparsity']:.0%})"
+                how = f", {r['pruned_by']}" if r.get("pruned_by") else ""
+                acc += f" (sparsity {r['sparsity']:.0%}{how})"
             paper = r.get("paper_test_accuracy")
             line += [
                 acc,

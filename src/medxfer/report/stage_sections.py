@@ -190,8 +190,9 @@ def pruning(r: dict[str, Any]) -> Section:
     sel = out["selected"]
     s.add(
         Text(
-            f"Reported pruned model: level {sel['level']} ({sel['sparsity']:.1%} of the "
-            f"prunable weights removed), chosen as the {sel['rule']}."
+            f"Reported pruned model: the {sel.get('kind', 'ticket')} of level {sel['level']} "
+            f"({sel['sparsity']:.1%} of the prunable weights removed), chosen as the "
+            f"{sel['rule']}."
         )
     )
     return s
