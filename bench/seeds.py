@@ -1,0 +1,81 @@
+"""How far single runs scatter on a test split: one training protocol, several seeds.
+
+    python bench/seeds.py chest-xray-pneumonia [--seeds 0 1 2 3 4] [--data-root ../shared/data]
+
+Trains the dense level 0 of bench/pruning.py (`efficientnet_lite0` from the offline ImageNet
+weights, 64 px, 3 epochs, AdamW 1e-3, label smoothing 0.1) once per `train.seed`, everything
+else fixed (data split included: `data.split_seed` stays 0), and reports the validation and
+test accuracy of each run with their mean, standard deviation and range. The spread is the
+noise floor for any "within N points" comparison of single runs under this protocol, such as
+the lottery's "ticket within 1 point of dense" (issue 3). Resumable: finished seeds are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Any
+
+from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
+from pruning import COMMON, PROTOCOLS
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "range_points": 100 * (max(values) - min(values)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset", choices=sorted(PROTOCOLS))
+    p.add_argument("--data-root", type=abspath, default=SHARED_DATA)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench" / "seeds")
+    p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
+    args = p.parse_args()
+    if len(args.seeds) < 2:
+        p.error("give at least two seeds: one run has no scatter")
+    data = args.data_root / args.dataset
+    protocol = [*COMMON, *PROTOCOLS[args.dataset], *args.extra]
+    runs: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        run_dir = args.out_dir / args.dataset / f"seed{seed}"
+        cmd = [*medxfer_cmd(), "train", "--data", str(data), "--run-dir", str(run_dir),
+               "--resume", *protocol, f"train.seed={seed}"]  # fmt: skip
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        _, seconds = run(cmd, run_dir.parent / f"seed{seed}.log")
+        m = json.loads((run_dir / "metrics.json").read_text())
+        runs.append({
+            "seed": seed,
+            "val_balanced_accuracy": m["val"]["balanced_accuracy"],
+            "test_accuracy": m["test"]["accuracy"],
+            "test_accuracy_ci95": m["test"].get("ci95", {}).get("accuracy"),
+            "test_balanced_accuracy": m["test"]["balanced_accuracy"],
+            "threads": m["compute"]["threads"],
+            "seconds_this_call": round(seconds, 1),
+            "run_dir": str(run_dir),
+            "command": " ".join(cmd),
+        })  # fmt: skip
+        print(f"seed {seed}: val bal-acc {runs[-1]['val_balanced_accuracy']:.4f}, "
+              f"test acc {runs[-1]['test_accuracy']:.4f}")  # fmt: skip
+    out = {
+        "dataset": args.dataset,
+        "data": str(data),
+        "protocol": protocol,
+        "runs": runs,
+        "test_accuracy": summary([r["test_accuracy"] for r in runs]),
+        "test_balanced_accuracy": summary([r["test_balanced_accuracy"] for r in runs]),
+        "val_balanced_accuracy": summary([r["val_balanced_accuracy"] for r in runs]),
+    }
+    print(json.dumps({k: out[k] for k in ("test_accuracy", "val_balanced_accuracy")}, indent=2))
+    save(f"seeds-{args.dataset}", out)
+
+
+if __name__ == "__main__":
+    main()
