@@ -24,7 +24,7 @@ from pruning import COMMON, PROTOCOLS
 def summary(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
-        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "stdev": statistics.stdev(values),  # main() asks for at least two seeds
         "min": min(values),
         "max": max(values),
         "range_points": 100 * (max(values) - min(values)),

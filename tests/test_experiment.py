@@ -217,13 +217,14 @@ def test_finetune_baseline_keeps_the_lottery_folder(tmp_path: Path) -> None:
     so the finished ticket and controls are reused."""
     import copy
 
-    from medxfer.experiment.stages import Context, fingerprint
+    from medxfer.experiment.stages import Context, fingerprint, lottery_dir
 
     prints = {}
     for on in (False, True):
         exp = load_experiment(DEMO, [f"out_dir={tmp_path}", f"prune.finetune={on}"])
         cell = exp.cells()[0]
         ctx = Context(exp, cell, copy.deepcopy(cell.cfg), "medxfer run")
-        prints[on] = fingerprint("prune", ctx), fingerprint("prune-folder", ctx)
-    assert prints[False][0] == prints[False][1] == prints[True][1]  # old folder names kept
+        prints[on] = fingerprint("prune", ctx), lottery_dir(ctx).name
+    # old folder names kept: without the baseline the folder is named by the stage fingerprint
+    assert f"prune-{prints[False][0]}" == prints[False][1] == prints[True][1]
     assert prints[True][0] != prints[False][0]

@@ -289,8 +289,8 @@ def test_finetune_baseline_is_added_to_a_finished_lottery(
     ticket is not retrained, and the folder stays bound to its other settings."""
     out = tmp_path / "lth"
     shutil.copytree(lottery, out, ignore=shutil.ignore_patterns("random_*", "lottery.json"))
-    for f in (out / "settings.json",):  # bound without the controls, like the copy
-        f.write_text(json.dumps(json.loads(f.read_text()) | {"controls": False}))
+    bound = out / "settings.json"  # bound without the controls, like the copy
+    bound.write_text(json.dumps(json.loads(bound.read_text()) | {"controls": False}))
     ticket = run_dir(out, 1, "ticket") / "metrics.json"
     before = ticket.stat().st_mtime_ns
     cfg = load_config(None, [f"data.root={synth_root}", *FAST])

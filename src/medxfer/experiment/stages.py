@@ -62,10 +62,6 @@ def fingerprint(stage: str, ctx: Context) -> str:
         return digest(cfg.fingerprint())
     if stage == "prune":
         return digest(cfg.fingerprint(), asdict(cfg.prune))
-    if stage == "prune-folder":  # the lottery folder: settings that only add runs left out
-        from medxfer.prune.plan import ADDITIVE
-
-        return digest(cfg.fingerprint(), {**asdict(cfg.prune), **dict.fromkeys(ADDITIVE, False)})
     if stage == "evaluate":
         keep = ("train", "prune", "tune", "gan")
         return digest({k: ctx.outputs.get(k) for k in keep}, asdict(ctx.exp.report))
@@ -161,11 +157,21 @@ def _short(split: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def lottery_dir(ctx: Context) -> Path:
+    """The prune stage's lottery folder: named by the prune fingerprint with the settings that
+    only add runs (``ADDITIVE``) at their defaults, so switching one on reuses the finished runs
+    (the stage itself still reruns: its fingerprint sees every setting)."""
+    from medxfer.prune.plan import ADDITIVE
+
+    prune = {**asdict(ctx.cfg.prune), **dict.fromkeys(ADDITIVE, False)}
+    return ctx.cell.dir / f"prune-{digest(ctx.cfg.fingerprint(), prune)}"
+
+
 def run_prune(ctx: Context) -> dict[str, Any]:
     from medxfer.prune import run_lottery
 
     p, cfg = ctx.cfg.prune, ctx.cfg
-    out = ctx.cell.dir / f"prune-{fingerprint('prune-folder', ctx)}"
+    out = lottery_dir(ctx)
     summary = run_lottery(
         cfg,
         out,
@@ -183,17 +189,14 @@ def run_prune(ctx: Context) -> dict[str, Any]:
     return {"dir": str(out), "lottery": str(out / "lottery.json"), "selected": selected}
 
 
-# The pruned models a study may report, and how the table names them; controls are not
-# candidates (they exist to test the ticket, not to be deployed).
-PRUNED_KINDS = {"ticket": "lottery ticket", "finetune": "pruned + fine-tuned"}
-
-
 def select(summary: dict[str, Any], *, finetune: bool = False) -> dict[str, Any]:
     """The pruned model the results table reports: among the tickets and, with ``finetune``
     (``prune.finetune``), the pruned-then-fine-tuned models of every level, the one with the
     best validation balanced accuracy (on a tie the sparser, then the ticket). Chosen on val
     only; test is just read."""
-    kinds = [k for k in PRUNED_KINDS if finetune or k != "finetune"]
+    from medxfer.prune.report import REPORTABLE
+
+    kinds = [k for k in REPORTABLE if finetune or k != "finetune"]
     best: tuple[float, int, int] | None = None
     chosen: dict[str, Any] = {}
     for row in summary["levels"][1:]:
@@ -215,7 +218,7 @@ def select(summary: dict[str, Any], *, finetune: bool = False) -> dict[str, Any]
                 )
     if not chosen:
         raise MedxferError("pruning finished without a ticket to report", "check the prune logs")
-    among = " or ".join(PRUNED_KINDS[k] for k in kinds)
+    among = " or ".join(REPORTABLE[k] for k in kinds)
     chosen["rule"] = f"pruned model ({among}) with the best val balanced accuracy, any level"
     return chosen
 
@@ -225,6 +228,7 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     once on the untouched test split at the end of training) and Grad-CAM heatmaps."""
     from medxfer.config import load_config
     from medxfer.models.registry import entry
+    from medxfer.prune.report import REPORTABLE
     from medxfer.report.gradcam import compute_gradcam
     from medxfer.report.paper import dataset_key, result_row
 
@@ -233,7 +237,7 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
         models.append(("fine-tuned", Path(ctx.outputs["train"]["run_dir"]), False, 0.0, None))
     if "prune" in ctx.outputs:
         sel = ctx.outputs["prune"]["selected"]
-        how = PRUNED_KINDS[sel.get("kind", "ticket")]
+        how = REPORTABLE[sel.get("kind", "ticket")]  # markers before "kind": tickets only
         models.append(("pruned", Path(sel["run_dir"]), True, float(sel["sparsity"]), how))
     if not models:
         raise StageUnavailable("nothing to evaluate: the train and prune stages are both off")

@@ -14,6 +14,9 @@ from medxfer.prune.mask import Mask
 from medxfer.train.checkpoint import atomic_write_json
 
 KINDS = ("dense", "ticket", "random_reinit", "random_mask", "finetune")
+# The pruned models a study may report, as tables name them; the controls are not among them
+# (they exist to test the ticket, not to be deployed).
+REPORTABLE = {"ticket": "lottery ticket", "finetune": "pruned + fine-tuned"}
 SPLIT_KEYS = ("accuracy", "balanced_accuracy")
 PLOT = "sparsity_vs_accuracy.png"
 

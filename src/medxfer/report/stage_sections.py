@@ -187,12 +187,14 @@ def pruning(r: dict[str, Any]) -> Section:
             id="pruning",
         )
     )
+    from medxfer.prune.report import REPORTABLE
+
     sel = out["selected"]
     s.add(
         Text(
-            f"Reported pruned model: the {sel.get('kind', 'ticket')} of level {sel['level']} "
-            f"({sel['sparsity']:.1%} of the prunable weights removed), chosen as the "
-            f"{sel['rule']}."
+            f"Reported pruned model: {REPORTABLE[sel.get('kind', 'ticket')]}, level "
+            f"{sel['level']} ({sel['sparsity']:.1%} of the prunable weights removed), chosen "
+            f"as the {sel['rule']}."
         )
     )
     return s
