@@ -111,10 +111,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from medxfer.data.audit import audit, print_audit
-    from medxfer.data.sources import discover
+    from medxfer.data.sources import discover, with_patient_ids
     from medxfer.train.checkpoint import atomic_write_json
 
-    report = audit(discover(args.path), near_threshold=args.threshold, workers=args.workers)
+    samples = with_patient_ids(discover(args.path), args.patient_regex)
+    report = audit(samples, near_threshold=args.threshold, workers=args.workers)
     print_audit(report, console)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="audit.json")
     a.add_argument("--threshold", type=float, default=0.99, help="near-duplicate correlation")
     a.add_argument("--workers", type=int, default=2)
+    a.add_argument(
+        "--patient-regex", default="",
+        help="regular expression giving the patient ID from a file name (its first group): "
+        "reports patients per split and those found in several splits",
+    )  # fmt: skip
     a.set_defaults(func=_cmd_audit)
     s = d.add_parser("synth", help="write the small SYNTHETIC imbalanced demo set")
     s.add_argument("out")

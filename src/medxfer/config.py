@@ -38,6 +38,9 @@ class DataConfig:
     class_fraction: str = ""  # e.g. "viral:0.25": keep that fraction of a class's train images
     synthetic: str = ""  # manifest CSV of `medxfer gan sample`: generated images, train split only
     synthetic_ratio: float = 0.0  # > 0: per class, add only up to ratio x largest class; 0 = all
+    # regular expression giving the patient ID from a file name (first group, else the match):
+    # val is then carved by patient, e.g. '^(person\d+|NORMAL2-IM-\d+|IM-\d+)' for chest X-ray
+    patient_regex: str = ""
 
 
 @dataclass
@@ -199,7 +202,7 @@ class ExperimentConfig:
 # each out while it is at its default, so run folders and studies made before it existed keep
 # their names; set away from the default, it changes the result and is hashed.
 LATER_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("class_fraction", "synthetic", "synthetic_ratio"),
+    "data": ("class_fraction", "synthetic", "synthetic_ratio", "patient_regex"),
     "tune": ("image_size",),
 }
 

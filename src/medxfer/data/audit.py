@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from medxfer.data.io import is_dicom, pad_to_square, read_dicom, read_pil
-from medxfer.data.sources import SPLITS, Sample
+from medxfer.data.sources import SPLITS, Sample, patient_summary
 from medxfer.errors import MedxferError
 
 TRANSFORMS = ("identity", "hflip", "vflip", "rot180")
@@ -210,7 +210,15 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "near_by_transform": dict(Counter(p["transform"] for p in near)),
         "near_label_conflicts": sum(p["label_conflict"] for p in near),
         "leaking_train_files": len(leaking_train_paths(report)),
-    }
+    } | _patient_findings(report)
+
+
+def _patient_findings(report: dict[str, Any]) -> dict[str, Any]:
+    if "patients" not in report:
+        return {}
+    p = report["patients"]
+    shared = {pair: v["patients"] for pair, v in p["shared_across_splits"].items()}
+    return {"patients": sum(p["patients"].values()), "patients_across_splits": shared}
 
 
 def audit(
@@ -239,6 +247,8 @@ def audit(
         "exact_duplicates": _exact_groups(samples, decoded),
         "near_duplicates": _near_duplicates(samples, decoded, thumb, near_threshold),
     }
+    if any(s.patient_id for s in samples):
+        report["patients"] = patient_summary(samples)
     report["summary"] = _summary(report)
     return report
 
@@ -286,6 +296,11 @@ def _findings_table(summary: dict[str, Any]) -> Table:
     conflicts = summary["exact_label_conflicts"] + summary["near_label_conflicts"]
     table.add_row("duplicates with conflicting labels", str(conflicts))
     table.add_row("train files leaking into test", str(summary["leaking_train_files"]))
+    if "patients" in summary:
+        table.add_row("patients (IDs from data.patient_regex or the manifest)",
+                      str(summary["patients"]))  # fmt: skip
+        for pair, n in summary["patients_across_splits"].items():
+            table.add_row(f"patients in both {pair}", str(n))
     return table
 
 

@@ -13,7 +13,14 @@ import torch
 from medxfer.config import DataConfig, parse_class_fraction
 from medxfer.data.cache import load_images
 from medxfer.data.generated import read_generated, select_generated
-from medxfer.data.sources import Sample, assign_splits, class_names, discover
+from medxfer.data.sources import (
+    Sample,
+    assign_splits,
+    class_names,
+    discover,
+    patient_summary,
+    with_patient_ids,
+)
 from medxfer.errors import MedxferError
 
 
@@ -121,7 +128,7 @@ def _add_generated(prepared: Prepared, cfg: DataConfig, workers: int) -> Prepare
 
 def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
     root, synthetic = resolve_root(cfg)
-    samples = discover(root)
+    samples = with_patient_ids(discover(root), cfg.patient_regex)
     synthetic = synthetic or (root / "SYNTHETIC").exists()
     # Decode in discovery order: the cache key then depends on the files and the size only, not
     # on split fractions, seeds or leak filtering, so every run on this dataset shares one cache.
@@ -149,6 +156,8 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
         samples, dropped = _drop_leaks(samples, cfg)
         info["dropped_leaks"] = dropped
     samples = assign_splits(samples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    if any(s.patient_id for s in samples):
+        info["patients"] = patient_summary(samples)
     samples = _subset(samples, cfg.train_subset, cfg.split_seed)
     if cfg.class_fraction:
         samples = _cut_classes(samples, cfg.class_fraction, cfg.split_seed)

@@ -7,15 +7,20 @@ Accepted layouts:
 * a CSV manifest with columns ``path,label[,split][,patient_id]`` (paths relative to the CSV).
 
 The test split is sacred: it is never used for training or model selection. Validation is
-carved from train, stratified by class, grouped by ``patient_id`` when given, and seeded.
+carved from train, stratified by class, grouped by patient when patient IDs are known, and
+seeded. Patient IDs come from the manifest's ``patient_id`` column or, for any layout, from the
+file names through ``data.patient_regex`` (``with_patient_ids``): several images of one patient
+must not sit on both sides of the train/val boundary, or validation scores are inflated.
 """
 
 from __future__ import annotations
 
 import csv
-from collections import Counter
+import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,6 +120,71 @@ def discover(root: str | Path) -> list[Sample]:
             "add a folder per class (e.g. normal/ and pneumonia/)",
         )
     return samples
+
+
+def with_patient_ids(samples: list[Sample], pattern: str) -> list[Sample]:
+    """Samples with ``patient_id`` taken from their file names by the regular expression
+    ``pattern`` (searched in the name, not the folder; its first group if it has one, else the
+    whole match). IDs already given (a manifest's ``patient_id`` column) are kept. A training or
+    validation file whose name does not match is an error: left ungrouped, it could leak."""
+    if not pattern:
+        return samples
+    try:
+        rx = re.compile(pattern)
+    except re.error as err:
+        raise MedxferError(
+            f"data.patient_regex {pattern!r} is not a regular expression: {err}",
+            r"e.g. data.patient_regex='^(person\d+|IM-\d+)'",
+        ) from None
+    out: list[Sample] = []
+    missed: list[str] = []
+    for s in samples:
+        if s.patient_id:
+            out.append(s)
+            continue
+        m = rx.search(Path(s.path).name)
+        if m is None:
+            if s.split != "test":
+                missed.append(s.path)
+            out.append(s)
+            continue
+        out.append(replace(s, patient_id=m.group(1) if rx.groups else m.group(0)))
+    if missed:
+        raise MedxferError(
+            f"data.patient_regex {pattern!r} matches no patient ID in {len(missed)} training "
+            f"file name(s), e.g. {Path(missed[0]).name}",
+            "widen the expression so that every training image has a patient",
+        )
+    return out
+
+
+def patient_summary(samples: list[Sample]) -> dict[str, Any]:
+    """Patients per split, images per patient, and the patients found in more than one split
+    (pairs of splits, with up to 5 examples each) or under more than one label."""
+    by_split: dict[str, set[str]] = defaultdict(set)
+    labels: dict[str, set[str]] = defaultdict(set)
+    images: Counter[str] = Counter()
+    for s in samples:
+        if s.patient_id:
+            by_split[s.split or "unassigned"].add(s.patient_id)
+            labels[s.patient_id].add(s.label)
+            images[s.patient_id] += 1
+    splits = [sp for sp in (*SPLITS, "unassigned") if sp in by_split]
+    shared = {}
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            both = sorted(by_split[a] & by_split[b])
+            shared[f"{a}-{b}"] = {"patients": len(both), "examples": both[:5]}
+    per = sorted(images.values()) or [0]
+    return {
+        "with_id": sum(1 for s in samples if s.patient_id),
+        "without_id": sum(1 for s in samples if not s.patient_id),
+        "patients": {sp: len(by_split[sp]) for sp in splits},
+        "images_per_patient": {"median": float(np.median(per)), "max": per[-1]},
+        "multi_image_patients": sum(1 for v in images.values() if v > 1),
+        "shared_across_splits": shared,
+        "patients_with_several_labels": sum(1 for v in labels.values() if len(v) > 1),
+    }
 
 
 def _carve(

@@ -51,7 +51,8 @@ def fingerprint(stage: str, ctx: Context) -> str:
     """What a stage's result depends on; a stored result with another fingerprint is redone."""
     cfg = ctx.cfg
     if stage == "audit":
-        return digest(cfg.data.root, cfg.data.leak_threshold)
+        by_patient = (cfg.data.patient_regex,) if cfg.data.patient_regex else ()
+        return digest(cfg.data.root, cfg.data.leak_threshold, *by_patient)
     if stage == "gan":
         return digest(cfg.fingerprint(), asdict(cfg.gan))
     if stage == "tune":
@@ -75,10 +76,11 @@ def _on_off(status: dict[str, str]) -> dict[str, str]:
 def run_audit(ctx: Context) -> dict[str, Any]:
     from medxfer.data.audit import audit
     from medxfer.data.prepare import resolve_root
-    from medxfer.data.sources import discover
+    from medxfer.data.sources import discover, with_patient_ids
 
     root, _ = resolve_root(ctx.cfg.data)
-    report = audit(discover(root), near_threshold=ctx.cfg.data.leak_threshold)
+    samples = with_patient_ids(discover(root), ctx.cfg.data.patient_regex)
+    report = audit(samples, near_threshold=ctx.cfg.data.leak_threshold)
     out = ctx.cell.dir / "audit" / "audit.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(report, out)
