@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench" / "seeds")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
+    p.add_argument("--name-suffix", default="", help="bench/results/seeds-<dataset><suffix>.json")
     args = p.parse_args()
     if len(args.seeds) < 2:
         p.error("give at least two seeds: one run has no scatter")
@@ -57,6 +58,10 @@ def main() -> None:
             "test_accuracy": m["test"]["accuracy"],
             "test_accuracy_ci95": m["test"].get("ci95", {}).get("accuracy"),
             "test_balanced_accuracy": m["test"]["balanced_accuracy"],
+            "val_accuracy": m["val"]["accuracy"],
+            "val_recall": m["val"]["per_class_recall"],
+            "test_recall": m["test"]["per_class_recall"],
+            "patients": m["data"].get("patients"),
             "threads": m["compute"]["threads"],
             "seconds_this_call": round(seconds, 1),
             "run_dir": str(run_dir),
@@ -74,7 +79,7 @@ def main() -> None:
         "val_balanced_accuracy": summary([r["val_balanced_accuracy"] for r in runs]),
     }
     print(json.dumps({k: out[k] for k in ("test_accuracy", "val_balanced_accuracy")}, indent=2))
-    save(f"seeds-{args.dataset}", out)
+    save(f"seeds-{args.dataset}{args.name_suffix}", out)
 
 
 if __name__ == "__main__":
