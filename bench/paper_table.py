@@ -28,6 +28,21 @@ def order(marker: Path) -> int:
     return STAGES.index(marker.stem) if marker.stem in STAGES else len(STAGES)
 
 
+def lottery_training_seconds(cell: Path) -> float:
+    """The training time (epochs only, from each run's metrics.json) of every pruned-level run
+    in the cell's lottery, however many invocations trained them; 0 without a prune stage."""
+    marker = cell / "stages" / "prune.json"
+    if not marker.exists():
+        return 0.0
+    # by position in the cell, not the stored paths: a folder may have moved (GPU runs)
+    folder = cell / Path(json.loads(marker.read_text())["outputs"]["dir"]).name
+    return sum(
+        json.loads(m.read_text())["train_seconds"]
+        for m in folder.glob("level_*/*/metrics.json")
+        if m.parent.parent.name != "level_0"
+    )
+
+
 def stage_seconds(folder: Path) -> dict[str, Any]:
     """Per cell: each stage's seconds (its marker) and their sum."""
     out: dict[str, Any] = {}
@@ -40,9 +55,14 @@ def stage_seconds(folder: Path) -> dict[str, Any]:
             stages[marker.stem] = round(m.get("seconds", 0.0), 1)
             if "seconds_parts" not in m:
                 last_part_only.append(marker.stem)
+        runs = lottery_training_seconds(cell)
+        total = sum(stages.values()) + max(0.0, runs - stages.get("prune", 0.0))
         out[str(cell.relative_to(folder)) or "."] = {
             "stages": stages,
-            "total_seconds": round(sum(stages.values()), 1),
+            # a prune stage rerun that only added runs (prune.finetune) is timed by its marker
+            # for the added runs alone; this sums the epochs of every run in its lottery
+            "prune_runs_training_seconds": round(runs, 1),
+            "total_seconds": round(total, 1),
             # markers written before medxfer kept every part of a resumed stage
             "stages_timed_by_last_part_only": last_part_only,
         }
@@ -82,7 +102,9 @@ def main_() -> int:
     data["notes"] = [
         "stage times count every part of a stage that was stopped and resumed, except the "
         "stages listed under stages_timed_by_last_part_only (markers written before medxfer "
-        "recorded the parts): there only the last part counts",
+        "recorded the parts): there only the last part counts; where a prune stage was rerun "
+        "only to add runs (prune.finetune), its marker times the added runs alone, and the "
+        "total counts the training time of every run in its lottery instead",
         *args.note,
     ]
     data["command"] = " ".join([Path(sys.executable).name, *sys.argv])
@@ -93,7 +115,12 @@ def main_() -> int:
     for name, e in data["experiments"].items():
         for cell, t in e["cells"].items():
             label = name if cell == "." else f"{name}/{cell}"
-            parts = ", ".join(f"{k} {v:.0f}" for k, v in t["stages"].items())
+            runs = t["prune_runs_training_seconds"]
+            parts = ", ".join(
+                f"{k} {v:.0f}" + (f" (its runs trained {runs:.0f} in all)" if k == "prune"
+                                  and runs > v else "")
+                for k, v in t["stages"].items()
+            )  # fmt: skip
             lines.append(f"- {label}: {e['ran_on']}; {parts}; total {t['total_seconds']:.0f}")
     lines += ["\nNotes:\n", *[f"- {n}" for n in data["notes"]]]
     md.write_text(md.read_text() + "\n".join(lines) + "\n")

@@ -155,3 +155,26 @@ def test_real_data_known_pairs_are_found() -> None:
 
 def _first(rows: list[dict[str, str]], transform: str, n: int) -> list[dict[str, str]]:
     return list(islice((r for r in rows if r["transform"] == transform), n))
+
+
+def test_patients_across_splits(tmp_path: Path) -> None:
+    from medxfer.data.sources import with_patient_ids
+
+    files = {"train/a": ["p1_0", "p1_1", "p2_0"], "train/b": ["p3_0", "p1_2"], "test/a": ["p2_5"]}
+    rng = np.random.default_rng(0)
+    for folder, names in files.items():
+        (tmp_path / folder).mkdir(parents=True)
+        for name in names:
+            pixels = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / folder / f"{name}.png")
+    plain = audit(discover(tmp_path), workers=1)
+    assert "patients" not in plain and "patients" not in plain["summary"]
+    rep = audit(with_patient_ids(discover(tmp_path), r"^(p\d+)_"), workers=1)
+    p = rep["patients"]
+    assert p["patients"] == {"train": 3, "test": 1} and p["multi_image_patients"] == 2
+    assert p["shared_across_splits"] == {"train-test": {"patients": 1, "examples": ["p2"]}}
+    assert p["patients_with_several_labels"] == 1  # p1 is under a and b
+    assert rep["summary"]["patients_across_splits"] == {"train-test": 1}
+    console = Console(record=True, width=120)
+    print_audit(rep, console)
+    assert "patients in both train-test" in console.export_text()

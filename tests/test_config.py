@@ -76,6 +76,8 @@ def test_later_keys_are_hashed_only_away_from_their_defaults() -> None:
     # set away from the default, each key changes what it identifies
     ratio = load_config(None, ["data.synthetic_ratio=0.5"])
     assert ratio.fingerprint() != base.fingerprint()
+    by_patient = load_config(None, [r"data.patient_regex=^(person\d+)"])
+    assert by_patient.fingerprint() != base.fingerprint()  # another split, another run
     low = load_config(None, ["tune.image_size=96"])
     assert low.fingerprint() == base.fingerprint()  # a trained run does not depend on tune
     assert study_fingerprint(low) != study_fingerprint(base)

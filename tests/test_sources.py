@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medxfer.data.sources import assign_splits, discover
+from medxfer.data.sources import assign_splits, discover, patient_summary, with_patient_ids
 from medxfer.errors import MedxferError
 
 
@@ -69,6 +69,58 @@ def test_manifest_groups_patients(tmp_path: Path) -> None:
     assert by_split["train"].isdisjoint(by_split["val"])  # no patient on both sides
     assert {x.label for x in s if x.split == "val"} == {"sick", "well"}
     assert sum(x.split == "test" for x in s) == 4
+
+
+def _patients_tree(root: Path) -> None:
+    """Kermany-style names: several images per patient, the ID before the first underscore."""
+    n = 0
+    for p in range(24):
+        label = ("bacterial", "viral", "normal")[p % 3]
+        for k in range(1 + p % 4):
+            _img(root / "train" / label / f"person{p}_{label}_{k}.png", n)
+            n += 1
+    for k in range(3):
+        _img(root / "test" / "normal" / f"IM-{k:04d}-0001.png", 900 + k)
+
+
+REGEX = r"^(person\d+|IM-\d+)"
+
+
+def test_patient_regex_groups_folder_layouts(tmp_path: Path) -> None:
+    _patients_tree(tmp_path)
+    samples = with_patient_ids(discover(tmp_path), REGEX)
+    assert {s.patient_id for s in samples if s.split == "train"} == {f"person{p}" for p in range(24)}
+    assert {s.patient_id for s in samples if s.split == "test"} == {"IM-0000", "IM-0001", "IM-0002"}
+    for seed in range(5):
+        s = assign_splits(samples, 0.25, 0.0, seed=seed)
+        train = {x.patient_id for x in s if x.split == "train"}
+        val = {x.patient_id for x in s if x.split == "val"}
+        assert val and train.isdisjoint(val)  # no patient on both sides of the boundary
+        assert len(train | val) == 24
+    summary = patient_summary(assign_splits(samples, 0.25, 0.0, seed=0))
+    assert summary["shared_across_splits"]["train-val"]["patients"] == 0
+    assert sum(summary["patients"].values()) == 27 and summary["images_per_patient"]["max"] == 4
+    # without the regex the same split puts images of one patient on both sides
+    plain = assign_splits(discover(tmp_path), 0.25, 0.0, seed=0)
+    ids = [(x.split, Path(x.path).name.split("_")[0]) for x in plain]
+    assert {p for sp, p in ids if sp == "train"} & {p for sp, p in ids if sp == "val"}
+
+
+def test_patient_regex_errors_and_manifest_ids_win(tmp_path: Path) -> None:
+    _patients_tree(tmp_path)
+    _img(tmp_path / "train" / "normal" / "scan7.png", 999)
+    with pytest.raises(MedxferError, match="no patient ID in 1 training file"):
+        with_patient_ids(discover(tmp_path), REGEX)
+    with pytest.raises(MedxferError, match="not a regular expression"):
+        with_patient_ids(discover(tmp_path), "(person")
+    # a test file that does not match stays without an ID; no regex changes nothing
+    assert with_patient_ids(discover(tmp_path), "") == discover(tmp_path)
+    only_train = with_patient_ids(discover(tmp_path), r"^(person\d+|scan\d+)")
+    assert all(s.patient_id == "" for s in only_train if s.split == "test")
+    rows = "train/normal/scan7.png,normal,P9\ntrain/viral/person1_viral_0.png,viral,\n"
+    (tmp_path / "m.csv").write_text("path,label,patient_id\n" + rows)
+    ids = [s.patient_id for s in with_patient_ids(discover(tmp_path / "m.csv"), REGEX)]
+    assert ids == ["P9", "person1"]  # the column's ID kept, a missing one taken from the name
 
 
 @pytest.mark.parametrize(
