@@ -63,6 +63,7 @@ def main() -> None:
             "test_recall": m["test"]["per_class_recall"],
             "patients": m["data"].get("patients"),
             "threads": m["compute"]["threads"],
+            "train_seconds": round(m["train_seconds"], 1),  # however many calls trained it
             "seconds_this_call": round(seconds, 1),
             "run_dir": str(run_dir),
             "command": " ".join(cmd),
