@@ -1,0 +1,102 @@
+"""Is the 80% lottery ticket within 1 point of dense, beyond the scatter of single runs?
+
+    python bench/ticket_seeds.py chest-xray-pneumonia [--seeds 0 1 2 3 4] [--rewind init]
+
+For each `train.seed`, one lottery of bench/pruning.py's protocol (`efficientnet_lite0` from the
+offline ImageNet weights, 64 px, 3 epochs; dense level 0, then `--levels` levels to 80% global
+sparsity, rewinding by `--rewind`) without the controls (they answer another question and
+would triple the time). Reports per seed the dense and the 80% ticket's test accuracy and their
+paired difference; over seeds, the mean difference with a 95% t-interval. Issue 3 asks for the
+ticket within 1 point of dense: a single pair cannot say it (two single runs differ by about 2
+points, bench/results/seeds-*.json); the paired mean over seeds can. The data split is fixed
+(`data.split_seed` 0); the seed changes the head's initialisation, the batch order and the
+augmentation. Resumable: finished levels and seeds are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Any
+
+from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
+from pruning import COMMON, PROTOCOLS
+from scipy import stats
+from seeds import summary
+
+
+def paired(diffs: list[float]) -> dict[str, Any]:
+    """Mean of paired differences with its 95% t-interval (in accuracy, not points)."""
+    mean = statistics.fmean(diffs)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {"mean": mean, "ci95": [float(mean - half), float(mean + half)], "n": len(diffs)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset", choices=sorted(PROTOCOLS))
+    p.add_argument("--data-root", type=abspath, default=SHARED_DATA)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--levels", type=int, default=4, help="pruning levels to reach 80%%")
+    p.add_argument("--rewind", default="init", help="init | epoch:K | lr")
+    p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench" / "ticket-seeds")
+    p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
+    args = p.parse_args()
+    if len(args.seeds) < 2:
+        p.error("give at least two seeds: one pair has no scatter")
+    data = args.data_root / args.dataset
+    protocol = [*COMMON, *PROTOCOLS[args.dataset], *args.extra]
+    tag = f"{args.levels}levels-rewind-{args.rewind.replace(':', '')}"
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        out = args.out_dir / args.dataset / tag / f"seed{seed}"
+        cmd = [*medxfer_cmd(), "prune", "--data", str(data), "--out", str(out),
+               "--target-sparsity", "0.8", "--levels", str(args.levels), "--rewind", args.rewind,
+               "--no-controls", *protocol, f"train.seed={seed}"]  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _, seconds = run(cmd, out.parent / f"seed{seed}.log")
+        levels = json.loads((out / "lottery.json").read_text())["levels"]
+        test = [lv["runs"]["dense" if lv["level"] == 0 else "ticket"]["test"] for lv in levels]
+        rows.append({
+            "seed": seed,
+            "dense_test_accuracy": test[0]["accuracy"],
+            "ticket_test_accuracy": test[-1]["accuracy"],
+            "ticket_sparsity": levels[-1]["sparsity"],
+            "difference_points": 100 * (test[-1]["accuracy"] - test[0]["accuracy"]),
+            "levels": [{"sparsity": lv["sparsity"], "test_accuracy": t["accuracy"]}
+                       for lv, t in zip(levels, test, strict=True)],
+            "seconds_this_call": round(seconds, 1),
+            "lottery_dir": str(out),
+            "command": " ".join(cmd),
+        })  # fmt: skip
+        r = rows[-1]
+        dense, ticket, points = (r[k] for k in ("dense_test_accuracy", "ticket_test_accuracy",
+                                                "difference_points"))  # fmt: skip
+        print(f"seed {seed}: dense {dense:.4f}, ticket {ticket:.4f} ({points:+.1f} pt)")
+    diff = paired([r["ticket_test_accuracy"] - r["dense_test_accuracy"] for r in rows])
+    within = diff["mean"] >= -0.01
+    out_json = {
+        "dataset": args.dataset,
+        "data": str(data),
+        "protocol": {
+            "overrides": protocol,
+            "lottery": f"{args.levels} levels to 80% sparsity, rewind {args.rewind}, "
+            "no controls, head not pruned",
+        },
+        "runs": rows,
+        "dense_test_accuracy": summary([r["dense_test_accuracy"] for r in rows]),
+        "ticket_test_accuracy": summary([r["ticket_test_accuracy"] for r in rows]),
+        "paired_difference": diff,
+        "verdict": {
+            "ticket_within_1pt_of_dense_on_average": within,
+            # the whole interval below -1 point: worse than the target allows, beyond the noise
+            "interval_entirely_below_minus_1pt": diff["ci95"][1] < -0.01,
+        },
+    }
+    print(json.dumps({k: out_json[k] for k in ("paired_difference", "verdict")}, indent=2))
+    save(f"ticket-seeds-{args.dataset}-{tag}", out_json)
+
+
+if __name__ == "__main__":
+    main()
