@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--levels", type=int, default=4, help="pruning levels to reach 80%%")
     p.add_argument("--rewind", default="init",
                    help="init | epoch:K | lr (results of another than init: pruning-<dataset>-"
-                   "rewind-<...>.json; use another --out-dir)")  # fmt: skip
+                   "rewind-<...>[-<N>levels].json; use another --out-dir)")  # fmt: skip
     p.add_argument(
         "--lottery-only",
         action="store_true",
@@ -157,6 +157,7 @@ def main() -> None:
     _, seconds["export"] = run(export_cmd, folder / "export.log")
     sizes = json.loads((ticket / "export" / "export.json").read_text())["sizes"]
     suffix = "" if args.rewind == "init" else "-rewind-" + args.rewind.replace(":", "")
+    suffix += "" if args.levels == 4 else f"-{args.levels}levels"
     lottery_protocol = (
         f"target sparsity 0.8 in {args.levels} levels, rewind {args.rewind}, controls on, "
         "head not pruned"

@@ -95,6 +95,28 @@ def test_resume_equals_uninterrupted(synth_root: Path, tmp_path: Path) -> None:
     assert a["accuracy"] == b["accuracy"] and a["confusion_matrix"] == b["confusion_matrix"]
 
 
+def test_resume_with_other_thread_count_warns(
+    synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _cfg(synth_root, tmp_path, "train.epochs=2", "train.steps_per_epoch=2")
+
+    def stop(epoch: int, row: dict[str, object]) -> None:
+        assert row["threads"] == torch.get_num_threads()  # each epoch records its threads
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(cfg, tmp_path / "run", callbacks=(stop,))
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        capsys.readouterr()
+        fit(cfg, tmp_path / "run", resume=True)
+    finally:
+        torch.set_num_threads(before)
+    out = " ".join(capsys.readouterr().err.split())
+    assert f"epochs so far ran with {before} CPU threads, this call has {before + 1}" in out
+
+
 def test_sigkill_then_resume(synth_root: Path, tmp_path: Path) -> None:
     """A real kill -9 in the middle of training, then `--resume`."""
     base = [sys.executable, "-m", "medxfer", "train", "--data", str(synth_root), *FAST,

@@ -149,6 +149,14 @@ def fit(
         history, best, stale, start = st["history"], st["best"], st["stale"], st["epoch"] + 1
         if c.is_main:
             console.print(f"resuming {run_dir} after epoch {start}")
+            was = history[-1].get("threads") if history else None
+            if was is not None and was != torch.get_num_threads():
+                console.print(
+                    f"[yellow]warning[/yellow]: epochs so far ran with {was} CPU threads, this "
+                    f"call has {torch.get_num_threads()} (train.threads=0 follows "
+                    "OMP_NUM_THREADS): sums run in another order, so the result will differ "
+                    "slightly from an uninterrupted run; set train.threads to pin it"
+                )
     meta = checkpoint_meta(cfg, s)
     t_start = time.perf_counter()
     for epoch in range(start, cfg.train.epochs):
@@ -158,7 +166,8 @@ def fit(
         set_trainable(s.built, head_only=head_only)
         torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout etc. replay after a resume
         s.train_loader.set_epoch(epoch)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": s.opt.param_groups[0]["lr"]}
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": s.opt.param_groups[0]["lr"],
+                               "threads": torch.get_num_threads()}  # fmt: skip
         t0 = time.perf_counter()
         row |= train_one_epoch(
             s.model, s.train_loader, s.loss_fn, s.opt, s.sched, c, s.scaler,
