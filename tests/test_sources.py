@@ -112,6 +112,8 @@ def test_patient_regex_errors_and_manifest_ids_win(tmp_path: Path) -> None:
     _img(tmp_path / "train" / "normal" / "scan7.png", 999)
     with pytest.raises(MedxferError, match="no patient ID in 1 training file"):
         with_patient_ids(discover(tmp_path), REGEX)
+    with pytest.raises(MedxferError, match="no patient ID in 1 training file"):
+        with_patient_ids(discover(tmp_path), r"^(person\d+)?|IM-")  # empty group on scan7
     with pytest.raises(MedxferError, match="not a regular expression"):
         with_patient_ids(discover(tmp_path), "(person")
     # a test file that does not match stays without an ID; no regex changes nothing

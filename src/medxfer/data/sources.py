@@ -143,12 +143,13 @@ def with_patient_ids(samples: list[Sample], pattern: str) -> list[Sample]:
             out.append(s)
             continue
         m = rx.search(Path(s.path).name)
-        if m is None:
+        pid = (m.group(1) if rx.groups else m.group(0)) if m else None
+        if not pid:  # no match, or an optional first group that took no part in it
             if s.split != "test":
                 missed.append(s.path)
             out.append(s)
             continue
-        out.append(replace(s, patient_id=m.group(1) if rx.groups else m.group(0)))
+        out.append(replace(s, patient_id=pid))
     if missed:
         raise MedxferError(
             f"data.patient_regex {pattern!r} matches no patient ID in {len(missed)} training "
