@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 from typing import Any
 
 from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
@@ -35,6 +36,31 @@ def paired(diffs: list[float]) -> dict[str, Any]:
     return {"mean": mean, "ci95": [float(mean - half), float(mean + half)], "n": len(diffs)}
 
 
+def per_class_recall(lottery: Path, last: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Recall per class of the dense model and the last ticket, on validation and test."""
+    runs = {"dense": lottery / "level_0" / "dense", "ticket": lottery / f"level_{last}" / "ticket"}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, run_dir in runs.items():
+        m = json.loads((run_dir / "metrics.json").read_text())
+        out[name] = {split: m[split]["per_class_recall"] for split in ("val", "test")}
+    return out
+
+
+def mean_recall(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model and split, each class's recall averaged over seeds."""
+    first = rows[0]["per_class_recall"]
+    return {
+        model: {
+            split: {
+                c: statistics.fmean(r["per_class_recall"][model][split][c] for r in rows)
+                for c in first[model][split]
+            }
+            for split in first[model]
+        }
+        for model in first
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", choices=sorted(PROTOCOLS))
@@ -44,6 +70,7 @@ def main() -> None:
     p.add_argument("--rewind", default="init", help="init | epoch:K | lr")
     p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench" / "ticket-seeds")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
+    p.add_argument("--name-suffix", default="", help="added to the result and run folder names")
     args = p.parse_args()
     if len(args.seeds) < 2:
         p.error("give at least two seeds: one pair has no scatter")
@@ -51,7 +78,7 @@ def main() -> None:
     # the seed is this bench's variable: drop the protocol's own `train.seed`
     common = [o for o in COMMON if not o.startswith("train.seed=")]
     protocol = [*common, *PROTOCOLS[args.dataset], *args.extra]
-    tag = f"{args.levels}levels-rewind-{args.rewind.replace(':', '')}"
+    tag = f"{args.levels}levels-rewind-{args.rewind.replace(':', '')}{args.name_suffix}"
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         out = args.out_dir / args.dataset / tag / f"seed{seed}"
@@ -83,6 +110,8 @@ def main() -> None:
             "training_seconds": round(sum(json.loads(m.read_text())["train_seconds"]
                                           for m in out.glob("level_*/*/metrics.json")), 1),
             "seconds_this_call": round(seconds, 1),
+            # where the two splits disagree, which classes move (recall per class)
+            "per_class_recall": per_class_recall(out, levels[-1]["level"]),
             "lottery_dir": str(out),
             "command": " ".join(cmd),
         })  # fmt: skip
@@ -110,6 +139,7 @@ def main() -> None:
             "ticket": summary([r["ticket_val_accuracy"] for r in rows]),
             "paired_difference": diff_val,
         },
+        "mean_per_class_recall": mean_recall(rows),
         "verdict": {
             "ticket_within_1pt_of_dense_on_average": within,
             # the whole interval below -1 point: worse than the target allows, beyond the noise
@@ -118,7 +148,11 @@ def main() -> None:
     }
     print(
         json.dumps(
-            {k: out_json[k] for k in ("paired_difference", "val_accuracy", "verdict")}, indent=2
+            {
+                k: out_json[k]
+                for k in ("paired_difference", "val_accuracy", "mean_per_class_recall", "verdict")
+            },
+            indent=2,
         )
     )
     save(f"ticket-seeds-{args.dataset}-{tag}", out_json)
