@@ -238,3 +238,52 @@ def test_bootstrap_does_not_depend_on_chunk_size() -> None:
     y, p = make_data(300, seed=5)
     pred = p.argmax(axis=1)
     assert bootstrap_ci(y, pred, 4, chunk=7) == bootstrap_ci(y, pred, 4, chunk=1000)
+
+
+def _recall_split(recalls: list[float], supports: list[int]) -> dict:  # type: ignore[type-arg]
+    """compute_metrics of a split whose class k has `supports[k]` images, `recalls[k]` right;
+    the wrong ones are called class (k + 1) mod K."""
+    names = NAMES[: len(recalls)]
+    y, pred = [], []
+    for k, (r, n) in enumerate(zip(recalls, supports, strict=True)):
+        right = round(r * n)
+        y += [k] * n
+        pred += [k] * right + [(k + 1) % len(names)] * (n - right)
+    p = np.full((len(y), len(names)), 0.1 / (len(names) - 1))
+    p[np.arange(len(y)), pred] = 0.9
+    return compute_metrics(np.array(y), p, names, n_bootstrap=10)
+
+
+def test_split_shift_flags_a_large_certain_gap_only() -> None:
+    from medxfer.evaluate.metrics import split_shift
+
+    val = _recall_split([0.98, 0.90, 0.50], [200, 400, 200])
+    test = _recall_split([0.75, 0.88, 0.62], [240, 240, 150])
+    rows = {r["class"]: r for r in split_shift(val, test)}
+    assert rows["a"]["shifted"]  # -23 points on 200 and 240 images: beyond chance
+    assert rows["a"]["gap"] == pytest.approx(0.75 - 0.98)
+    assert rows["a"]["val_share"] == pytest.approx(0.25)
+    assert rows["a"]["test_share"] == pytest.approx(240 / 630)
+    assert not rows["b"]["shifted"]  # small gap
+    # 12 points is large, but p ~ 0.02 misses the Bonferroni-corrected 0.01 / 3
+    assert not rows["c"]["shifted"] and 0.001 < rows["c"]["p_value"] < 0.05
+    # a 30-point gap on 10 images per class is within chance
+    small = split_shift(
+        _recall_split([0.9, 0.9, 0.9], [10] * 3), _recall_split([0.6, 0.9, 0.9], [10] * 3)
+    )
+    assert small[0]["gap"] == pytest.approx(-0.3) and not small[0]["shifted"]
+    # identical splits: nothing shifted, p = 1
+    same = split_shift(val, val)
+    assert not any(r["shifted"] for r in same) and all(r["p_value"] == 1.0 for r in same)
+
+
+def test_training_warns_of_a_shifted_class(capsys: pytest.CaptureFixture[str]) -> None:
+    from medxfer.train import loop
+
+    val = _recall_split([0.98, 0.90, 0.50], [200, 400, 200])
+    loop._warn_split_shift(val, _recall_split([0.75, 0.88, 0.62], [240, 240, 150]))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "class 'a': recall 0.980 on validation, 0.750 on test" in err
+    assert "'b'" not in err and "'c'" not in err
+    loop._warn_split_shift(val, val)
+    assert capsys.readouterr().err == ""

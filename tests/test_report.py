@@ -88,6 +88,17 @@ def test_report_tables_match_metrics(demo: Path) -> None:
             f"{m['auroc_macro_ovr']:.3f}",
             f"{m['ece']:.3f}",
         ]
+    # validation against test, per class, for both models
+    shift = t.tables["val-vs-test"][1:]
+    expected = [
+        (label, c, m["val"]["per_class_recall"][c], m["test"]["per_class_recall"][c])
+        for label, m in (("fine-tuned", train), ("fine-tuned + pruned", pruned))
+        for c in m["test"]["class_names"]
+    ]
+    assert len(shift) == len(expected)
+    for row, (label, c, v, te) in zip(shift, expected, strict=True):
+        assert row[:4] == [label, c, f"{v:.3f}", f"{te:.3f}"]
+        assert row[4] == f"{100 * (te - v):+.1f}"
     # the paper-style table: our numbers in the synthetic-demo column
     paper = t.tables["paper-table"]
     assert paper[1][:2] == ["efficientnet_lite0", "fine-tuned"]

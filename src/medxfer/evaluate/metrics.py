@@ -280,3 +280,39 @@ def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": round(metrics["train_seconds"], 1),
         "train_counts": metrics["data"]["counts"]["train"],
     }
+
+
+def split_shift(
+    val: dict[str, Any], test: dict[str, Any], *, min_gap: float = 0.10, alpha: float = 0.01
+) -> list[dict[str, Any]]:
+    """Per class, where validation and test disagree: recall on each split, the class's share
+    of each split, and whether the recall gap is both large (``min_gap``) and beyond chance.
+
+    Validation is carved from the training split, so every choice made on it (tuning, the
+    checkpoint, the pruned level) assumes test images look like validation images. A class
+    whose recall differs between the two by more than sampling noise says that assumption
+    fails for it: the test split comes from elsewhere (another site, period, or labeller),
+    and validation cannot guide choices for that class. Chance is a two-sided two-proportion
+    z-test on the recall counts, Bonferroni-corrected over the classes; classes absent from
+    either split are skipped. Input: two ``compute_metrics`` results of one model.
+    """
+    names = [c for c in test["class_names"] if c in val["class_names"]]
+    out = []
+    for name in names:
+        v, t = val["per_class"][name], test["per_class"][name]
+        n1, n2 = v["support"], t["support"]
+        if not n1 or not n2 or v["recall"] is None or t["recall"] is None:
+            continue
+        x1, x2 = round(v["recall"] * n1), round(t["recall"] * n2)
+        pooled = (x1 + x2) / (n1 + n2)
+        se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+        gap = t["recall"] - v["recall"]
+        p = 1.0 if se == 0 else math.erfc(abs(gap) / se / math.sqrt(2))
+        out.append({
+            "class": name,
+            "val_recall": v["recall"], "test_recall": t["recall"], "gap": gap,
+            "val_share": n1 / val["n"], "test_share": n2 / test["n"],
+            "p_value": p,
+            "shifted": abs(gap) >= min_gap and p < alpha / max(len(names), 1),
+        })  # fmt: skip
+    return out

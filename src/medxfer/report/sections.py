@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medxfer.evaluate.metrics import split_shift
 from medxfer.report import paper
 from medxfer.report.blocks import Note, Section, Table, Text, load, num, scalars, status_note
 from medxfer.report.blocks import with_ci as ci
@@ -79,8 +80,13 @@ def results(r: dict[str, Any]) -> tuple[Section, list[dict[str, Any]]]:
     )
     s.add(Table(header, body, caption="Results table laid out like the paper's", id="paper-table"))
     rows = []
+    shift: list[tuple[str, list[dict[str, Any]]]] = []
     for row in ev["rows"]:
-        m = load(Path(row["run_dir"]) / "metrics.json")["test"]
+        full = load(Path(row["run_dir"]) / "metrics.json")
+        m = full["test"]
+        if "val" in full:
+            label = "fine-tuned + pruned" if row["pruned"] else "fine-tuned"
+            shift.append((label, split_shift(full["val"], m)))
         c = m.get("ci95", {})
         rows.append(
             [
@@ -111,7 +117,50 @@ def results(r: dict[str, Any]) -> tuple[Section, list[dict[str, Any]]]:
             id="test-metrics",
         )
     )
+    if shift:
+        _split_shift(s, shift)
     return s, ev["rows"]
+
+
+def _split_shift(s: Section, shift: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """Validation against test, per class: where they disagree, validation-based choices
+    (tuning, checkpoint, pruned level) cannot be trusted for that class."""
+    s.add(
+        Text(
+            "Every choice above was made on validation, carved from the training split; the "
+            "test split is only as predictable from it as the two are alike. Per class: recall "
+            "on each split and the class's share of it; *shifted* marks a recall gap of 10 "
+            "points or more that chance alone would produce with p < 0.01 (two-proportion "
+            "z-test, Bonferroni over classes)."
+        )
+    )
+    body = [
+        [
+            label,
+            c["class"],
+            num(c["val_recall"]),
+            num(c["test_recall"]),
+            f"{100 * c['gap']:+.1f}",
+            f"{c['val_share']:.2f} / {c['test_share']:.2f}",
+            "shifted" if c["shifted"] else "",
+        ]
+        for label, classes in shift
+        for c in classes
+    ]
+    header = ["model", "class", "val recall", "test recall", "gap (points)", "share val / test"]
+    s.add(Table([*header, "shift"], body, caption="Validation against test", id="val-vs-test"))
+    flagged = sorted({c["class"] for _, classes in shift for c in classes if c["shifted"]})
+    if flagged:
+        s.add(
+            Note(
+                f"Validation and test disagree on {', '.join(flagged)}: the test split does "
+                "not look like the validation split for these classes (another site, period "
+                "or labeller?). Validation scores overstate or understate what to expect there, "
+                "and models chosen on validation (tuned values, pruned level) may rank "
+                "differently on test. Check how the test split was collected before trusting "
+                "either number for these classes."
+            )
+        )
 
 
 def audit(r: dict[str, Any]) -> Section:
