@@ -277,13 +277,11 @@ def test_split_shift_flags_a_large_certain_gap_only() -> None:
     assert not any(r["shifted"] for r in same) and all(r["p_value"] == 1.0 for r in same)
 
 
-def test_training_warns_of_a_shifted_class(capsys: pytest.CaptureFixture[str]) -> None:
-    from medxfer.train import loop
+def test_shift_warnings_name_the_shifted_class_only() -> None:
+    from medxfer.evaluate.metrics import shift_warnings
 
     val = _recall_split([0.98, 0.90, 0.50], [200, 400, 200])
-    loop._warn_split_shift(val, _recall_split([0.75, 0.88, 0.62], [240, 240, 150]))
-    err = " ".join(capsys.readouterr().err.split())
-    assert "class 'a': recall 0.980 on validation, 0.750 on test" in err
-    assert "'b'" not in err and "'c'" not in err
-    loop._warn_split_shift(val, val)
-    assert capsys.readouterr().err == ""
+    lines = shift_warnings(val, _recall_split([0.75, 0.88, 0.62], [240, 240, 150]))
+    assert len(lines) == 1
+    assert lines[0].startswith("class 'a': recall 0.980 on validation, 0.750 on test")
+    assert shift_warnings(val, val) == []

@@ -89,13 +89,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from medxfer.evaluate.metrics import format_summary
+    from medxfer.evaluate.metrics import format_summary, shift_warnings
     from medxfer.evaluate.rerun import evaluate_run
 
     out, results = evaluate_run(Path(args.run_dir), list(args.overrides), args.out)
     for split in ("val", "test"):
         if split in results:
             console.print(f"{split}: {format_summary(results[split])}")
+    if "val" in results and "test" in results:
+        for line in shift_warnings(results["val"], results["test"]):
+            console.print(f"[yellow]warning:[/] {line}")
     print(out)
     return 0
 

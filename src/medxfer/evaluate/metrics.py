@@ -316,3 +316,14 @@ def split_shift(
             "shifted": abs(gap) >= min_gap and p < alpha / max(len(names), 1),
         })  # fmt: skip
     return out
+
+
+def shift_warnings(val: dict[str, Any], test: dict[str, Any]) -> list[str]:
+    """One sentence per class that ``split_shift`` flags, for a command's console output."""
+    return [
+        f"class {c['class']!r}: recall {c['val_recall']:.3f} on validation, "
+        f"{c['test_recall']:.3f} on test (p = {c['p_value']:.1g}): the test split does not look "
+        "like validation for this class; validation-based choices may not carry over"
+        for c in split_shift(val, test)
+        if c["shifted"]
+    ]

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from medxfer.config import ExperimentConfig, save_config
-from medxfer.evaluate.metrics import compute_metrics, format_summary, split_shift
+from medxfer.evaluate.metrics import compute_metrics, format_summary, shift_warnings
 from medxfer.train import compute as compute_mod
 from medxfer.train.checkpoint import (
     atomic_save,
@@ -266,22 +266,11 @@ def finish(
         if "test" in results:
             console.print(f"test: {format_summary(results['test'])}")
             if "val" in results:
-                _warn_split_shift(results["val"], results["test"])
+                for line in shift_warnings(results["val"], results["test"]):
+                    console.print(f"[yellow]warning:[/] {line}")
         console.print(f"run folder: {run_dir}")
     compute_mod.barrier(c)
     return results
-
-
-def _warn_split_shift(val: dict[str, Any], test: dict[str, Any]) -> None:
-    """One line per class whose recall differs between validation and test beyond chance."""
-    for c in split_shift(val, test):
-        if c["shifted"]:
-            console.print(
-                f"[yellow]warning:[/] class {c['class']!r}: recall {c['val_recall']:.3f} on "
-                f"validation, {c['test_recall']:.3f} on test (p = {c['p_value']:.1g}): the test "
-                "split does not look like validation for this class; validation-based choices "
-                "may not carry over"
-            )
 
 
 def state_checksum(model: torch.nn.Module) -> str:
