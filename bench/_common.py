@@ -52,6 +52,13 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def training_seconds(lottery: Path) -> float:
+    """Every level's training time in a lottery folder (epochs only, each run's metrics.json),
+    whichever invocation trained it: a resumed bench call's own wall time misses the rest."""
+    runs = lottery.glob("level_*/*/metrics.json")
+    return round(sum(json.loads(m.read_text())["train_seconds"] for m in runs), 1)
+
+
 def run(cmd: list[str], log: Path | None = None) -> tuple[str, float]:
     """Run a command, echo it, return (stdout, seconds). Raises on failure."""
     stdout, seconds, _ = run_timed(cmd, log)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
+from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save, training_seconds
 
 PROTOCOLS: dict[str, list[str]] = {
     "brain-tumor-mri": ["augment.hflip=true", "augment.vflip=true"],
@@ -170,6 +170,7 @@ def main() -> None:
         "dense_test_accuracy": dense, "levels": rows,
         "dense_bytes": sizes["dense"]["raw_bytes"],
         "compressed_bytes": sizes["compact"]["raw_bytes"], "sizes": sizes,
+        "lottery_training_seconds": training_seconds(lottery),
     }  # fmt: skip
     name = f"pruning-{args.dataset}{suffix}"
     if args.lottery_only:

@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
+from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save, training_seconds
 from pruning import COMMON, PROTOCOLS
 from scipy import stats
 from seeds import summary
@@ -107,8 +107,7 @@ def main() -> None:
                         "val_balanced_accuracy": v["balanced_accuracy"]}
                        for lv, t, v in zip(levels, test, val, strict=True)],
             # every level's epochs, whichever invocation trained them (a resumed call is short)
-            "training_seconds": round(sum(json.loads(m.read_text())["train_seconds"]
-                                          for m in out.glob("level_*/*/metrics.json")), 1),
+            "training_seconds": training_seconds(out),
             "seconds_this_call": round(seconds, 1),
             # where the two splits disagree, which classes move (recall per class)
             "per_class_recall": per_class_recall(out, levels[-1]["level"]),
