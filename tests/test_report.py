@@ -14,6 +14,7 @@ import pytest
 from experiment_demo import gan_available, run_demo
 
 from medxfer.cli import main
+from medxfer.evaluate.metrics import split_shift
 from medxfer.report.blocks import with_ci
 from medxfer.report.paper import dataset_key, paper_value, table
 
@@ -210,6 +211,10 @@ def test_paper_table_command(demo: Path, tmp_path: Path) -> None:
     }
     assert len(rows) == 2 and all(keys <= set(r) for r in rows)
     assert rows[0]["dataset"] == "synthetic-demo" and rows[0]["command"].startswith("medxfer run")
+    for r in rows:  # the classes validation and test disagree on, from the run's metrics
+        m = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        shifted = [c["class"] for c in split_shift(m["val"], m["test"]) if c["shifted"]]
+        assert r["val_test_shifted_classes"] == shifted
     md = out.with_suffix(".md").read_text()
     assert f"{rows[0]['test_accuracy']:.3f}" in md and "efficientnet_lite0" in md
 

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medxfer.evaluate.metrics import split_shift
+
 PAPER = "Saleh & Zhang, IEEE SMC 2024 (abstract)"
 # (dataset, architecture family, pruned) -> the paper's test accuracy
 PAPER_ACCURACY: dict[tuple[str, str, bool], float] = {
@@ -61,7 +63,8 @@ def result_row(
 ) -> dict[str, Any]:
     """One row of paper-table.json from a run's metrics.json (test split); ``image_size`` and
     ``epochs`` say what that run trained (a lottery may run cheaper than the fine-tune);
-    ``pruned_by``: how a pruned model was obtained (lottery ticket, pruned + fine-tuned)."""
+    ``pruned_by``: how a pruned model was obtained (lottery ticket, pruned + fine-tuned);
+    ``val_test_shifted_classes``: see ``medxfer.evaluate.metrics.split_shift``."""
     test = metrics["test"]
     ci = test.get("ci95", {})
     return {
@@ -78,6 +81,12 @@ def result_row(
         "test_balanced_accuracy": test["balanced_accuracy"],
         "test_balanced_accuracy_ci95": ci.get("balanced_accuracy"),
         "test_macro_f1": test.get("macro_f1"),
+        # classes whose recall differs between validation and test beyond chance
+        "val_test_shifted_classes": (
+            [c["class"] for c in split_shift(metrics["val"], test) if c["shifted"]]
+            if "val" in metrics
+            else None
+        ),
         "n_test": int(sum(map(sum, test.get("confusion_matrix", [[0]])))),
         "paper_test_accuracy": paper_value(dataset, family, pruned),
         "image_size": image_size,
