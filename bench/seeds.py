@@ -7,7 +7,9 @@ weights, 64 px, 3 epochs, AdamW 1e-3, label smoothing 0.1) once per `train.seed`
 else fixed (data split included: `data.split_seed` stays 0), and reports the validation and
 test accuracy of each run with their mean, standard deviation and range. The spread is the
 noise floor for any "within N points" comparison of single runs under this protocol, such as
-the lottery's "ticket within 1 point of dense" (issue 3). Resumable: finished seeds are read.
+the lottery's "ticket within 1 point of dense" (issue 3). Each run also records, per class,
+validation against test (`medxfer.evaluate.metrics.split_shift`): the classes whose recall
+differs between the splits beyond chance. Resumable: finished seeds are read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
 from pruning import COMMON, PROTOCOLS
+
+from medxfer.evaluate.metrics import split_shift
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -61,6 +65,8 @@ def main() -> None:
             "val_accuracy": m["val"]["accuracy"],
             "val_recall": m["val"]["per_class_recall"],
             "test_recall": m["test"]["per_class_recall"],
+            # classes whose recall differs between validation and test beyond chance
+            "val_test_shift": split_shift(m["val"], m["test"]),
             "patients": m["data"].get("patients"),
             "threads": m["compute"]["threads"],
             "train_seconds": round(m["train_seconds"], 1),  # however many calls trained it
@@ -78,8 +84,12 @@ def main() -> None:
         "test_accuracy": summary([r["test_accuracy"] for r in runs]),
         "test_balanced_accuracy": summary([r["test_balanced_accuracy"] for r in runs]),
         "val_balanced_accuracy": summary([r["val_balanced_accuracy"] for r in runs]),
+        "shifted_classes_per_seed": {
+            r["seed"]: [c["class"] for c in r["val_test_shift"] if c["shifted"]] for r in runs
+        },
     }
-    print(json.dumps({k: out[k] for k in ("test_accuracy", "val_balanced_accuracy")}, indent=2))
+    keys = ("test_accuracy", "val_balanced_accuracy", "shifted_classes_per_seed")
+    print(json.dumps({k: out[k] for k in keys}, indent=2))
     save(f"seeds-{args.dataset}{args.name_suffix}", out)
 
 
