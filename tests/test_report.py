@@ -312,3 +312,23 @@ def test_matrix_overview_and_off_stages(tmp_path: Path, capsys: pytest.CaptureFi
         cells[1][1] == "resnet18/report.html"
         and "No cell has finished" in (exp / "report.html").read_text()
     )
+
+
+def test_report_names_shifted_classes() -> None:
+    from medxfer.report.blocks import Note, Section, Table
+    from medxfer.report.sections import _split_shift
+
+    def cls(name: str, shifted: bool) -> dict:  # type: ignore[type-arg]
+        recall = {"val_recall": 0.98, "test_recall": 0.70, "gap": -0.28}
+        share = {"val_share": 0.26, "test_share": 0.38}
+        return {"class": name, **recall, **share, "p_value": 1e-9, "shifted": shifted}
+
+    s = Section("results", "Results")
+    _split_shift(s, [("fine-tuned", [cls("normal", True), cls("viral", False)])])
+    table = next(b for b in s.blocks if isinstance(b, Table))
+    assert [r[-1] for r in table.rows] == ["shifted", ""]
+    notes = [b.text for b in s.blocks if isinstance(b, Note)]
+    assert len(notes) == 1 and "disagree on normal:" in notes[0]
+    quiet = Section("results", "Results")
+    _split_shift(quiet, [("fine-tuned", [cls("normal", False)])])
+    assert not any(isinstance(b, Note) for b in quiet.blocks)
