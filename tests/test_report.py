@@ -318,7 +318,7 @@ def test_report_names_shifted_classes() -> None:
     from medxfer.report.blocks import Note, Section, Table
     from medxfer.report.sections import _split_shift
 
-    def cls(name: str, shifted: bool) -> dict:  # type: ignore[type-arg]
+    def cls(name: str, shifted: bool) -> dict:
         recall = {"val_recall": 0.98, "test_recall": 0.70, "gap": -0.28}
         share = {"val_share": 0.26, "test_share": 0.38}
         return {"class": name, **recall, **share, "p_value": 1e-9, "shifted": shifted}
