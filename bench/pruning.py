@@ -38,6 +38,8 @@ COMMON = [
     "train.epochs=3", "train.batch_size=32", "train.lr=1e-3", "train.weight_decay=0.05",
     "train.label_smoothing=0.1", "train.seed=0",
 ]  # fmt: skip
+# for benches whose variable is the seed (seeds.py, ticket_seeds.py): they append their own
+COMMON_UNSEEDED = [o for o in COMMON if not o.startswith("train.seed=")]
 KINDS = ("ticket", "random_reinit", "random_mask")
 
 

@@ -20,7 +20,7 @@ import statistics
 from typing import Any
 
 from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
-from pruning import COMMON, PROTOCOLS
+from pruning import COMMON_UNSEEDED, PROTOCOLS
 
 from medxfer.evaluate.metrics import split_shift
 
@@ -47,7 +47,7 @@ def main() -> None:
     if len(args.seeds) < 2:
         p.error("give at least two seeds: one run has no scatter")
     data = args.data_root / args.dataset
-    protocol = [*COMMON, *PROTOCOLS[args.dataset], *args.extra]
+    protocol = [*COMMON_UNSEEDED, *PROTOCOLS[args.dataset], *args.extra]
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         run_dir = args.out_dir / args.dataset / f"seed{seed}"

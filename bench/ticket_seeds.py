@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save, training_seconds
-from pruning import COMMON, PROTOCOLS
+from pruning import COMMON_UNSEEDED, PROTOCOLS
 from scipy import stats
 from seeds import summary
 
@@ -75,9 +75,7 @@ def main() -> None:
     if len(args.seeds) < 2:
         p.error("give at least two seeds: one pair has no scatter")
     data = args.data_root / args.dataset
-    # the seed is this bench's variable: drop the protocol's own `train.seed`
-    common = [o for o in COMMON if not o.startswith("train.seed=")]
-    protocol = [*common, *PROTOCOLS[args.dataset], *args.extra]
+    protocol = [*COMMON_UNSEEDED, *PROTOCOLS[args.dataset], *args.extra]
     tag = f"{args.levels}levels-rewind-{args.rewind.replace(':', '')}{args.name_suffix}"
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:

@@ -282,8 +282,17 @@ def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# split_shift's defaults: a recall gap this large, and this unlikely under chance alone
+SHIFT_MIN_GAP = 0.10
+SHIFT_ALPHA = 0.01
+
+
 def split_shift(
-    val: dict[str, Any], test: dict[str, Any], *, min_gap: float = 0.10, alpha: float = 0.01
+    val: dict[str, Any],
+    test: dict[str, Any],
+    *,
+    min_gap: float = SHIFT_MIN_GAP,
+    alpha: float = SHIFT_ALPHA,
 ) -> list[dict[str, Any]]:
     """Per class, where validation and test disagree: recall on each split, the class's share
     of each split, and whether the recall gap is both large (``min_gap``) and beyond chance.
@@ -295,7 +304,7 @@ def split_shift(
     labeller), and validation cannot guide choices for that class. Chance is a two-sided
     two-proportion z-test on the recall counts, Bonferroni-corrected over the classes; classes
     absent from either split are skipped. The checkpoint was picked on validation, which makes
-    its validation recall slightly optimistic; the 10-point floor keeps that selection bias
+    its validation recall slightly optimistic; the ``min_gap`` floor keeps that selection bias
     from being flagged. Input: two ``compute_metrics`` results of one model.
     """
     names = [c for c in test["class_names"] if c in val["class_names"]]

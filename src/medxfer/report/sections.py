@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medxfer.evaluate.metrics import split_shift
+from medxfer.evaluate.metrics import SHIFT_ALPHA, SHIFT_MIN_GAP, split_shift
 from medxfer.report import paper
 from medxfer.report.blocks import Note, Section, Table, Text, load, num, scalars, status_note
 from medxfer.report.blocks import with_ci as ci
@@ -82,15 +82,15 @@ def results(r: dict[str, Any]) -> tuple[Section, list[dict[str, Any]]]:
     rows = []
     shift: list[tuple[str, list[dict[str, Any]]]] = []
     for row in ev["rows"]:
+        label = "fine-tuned + pruned" if row["pruned"] else "fine-tuned"
         full = load(Path(row["run_dir"]) / "metrics.json")
         m = full["test"]
         if "val" in full:
-            label = "fine-tuned + pruned" if row["pruned"] else "fine-tuned"
             shift.append((label, split_shift(full["val"], m)))
         c = m.get("ci95", {})
         rows.append(
             [
-                "fine-tuned + pruned" if row["pruned"] else "fine-tuned",
+                label,
                 str(m["n"]),
                 ci(m["accuracy"], c.get("accuracy")),
                 ci(m["balanced_accuracy"], c.get("balanced_accuracy")),
@@ -129,9 +129,9 @@ def _split_shift(s: Section, shift: list[tuple[str, list[dict[str, Any]]]]) -> N
         Text(
             "Every choice above was made on validation, carved from the training split; the "
             "test split is only as predictable from it as the two are alike. Per class: recall "
-            "on each split and the class's share of it; *shifted* marks a recall gap of 10 "
-            "points or more that chance alone would produce with p < 0.01 (two-proportion "
-            "z-test, Bonferroni over classes)."
+            "on each split and the class's share of it; *shifted* marks a recall gap of "
+            f"{100 * SHIFT_MIN_GAP:g} points or more that chance alone would produce with "
+            f"p < {SHIFT_ALPHA:g} (two-proportion z-test, Bonferroni over classes)."
         )
     )
     body = [
