@@ -28,6 +28,8 @@ from pruning import COMMON_UNSEEDED, PROTOCOLS
 from scipy import stats
 from seeds import summary
 
+from medxfer.evaluate.metrics import split_shift
+
 
 def paired(diffs: list[float]) -> dict[str, Any]:
     """Mean of paired differences with its 95% t-interval (in accuracy, not points)."""
@@ -44,6 +46,14 @@ def per_class_recall(lottery: Path, last: int) -> dict[str, dict[str, dict[str, 
         m = json.loads((run_dir / "metrics.json").read_text())
         out[name] = {split: m[split]["per_class_recall"] for split in ("val", "test")}
     return out
+
+
+def shifted_classes(lottery: Path, level: int) -> list[str]:
+    """The classes whose recall differs between validation and test beyond chance, for the
+    dense model (level 0) or the ticket of a level."""
+    run_dir = lottery / f"level_{level}" / ("dense" if level == 0 else "ticket")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return [c["class"] for c in split_shift(m["val"], m["test"]) if c["shifted"]]
 
 
 def mean_recall(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -102,7 +112,8 @@ def main() -> None:
             "ticket_val_balanced_accuracy": val[-1]["balanced_accuracy"],
             "levels": [{"sparsity": lv["sparsity"], "test_accuracy": t["accuracy"],
                         "val_accuracy": v["accuracy"],
-                        "val_balanced_accuracy": v["balanced_accuracy"]}
+                        "val_balanced_accuracy": v["balanced_accuracy"],
+                        "val_test_shifted_classes": shifted_classes(out, lv["level"])}
                        for lv, t, v in zip(levels, test, val, strict=True)],
             # every level's epochs, whichever invocation trained them (a resumed call is short)
             "training_seconds": training_seconds(out),
