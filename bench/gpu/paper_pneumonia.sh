@@ -10,6 +10,10 @@
 #   .gpu/chest-xray-pneumonia --size 224 --quality 75 --parts 1   (35 MB) and the wheels in .whl/.
 # Usage on the GPU machine (carry .whl and .gpu/chest-xray-pneumonia):
 #   bash bench/gpu/paper_pneumonia.sh OUT_DIR [SECONDS]
+# PRUNE replaces the prune settings above and EXTRA adds overrides, e.g. the 80% lottery of
+# session 10 (bench/results/paper-pneumonia-h200-80.log):
+#   PRUNE="prune.levels=7 prune.target_sparsity=0.8 prune.rewind=lr prune.controls=false" \
+#   EXTRA="train.epochs=12" bash bench/gpu/paper_pneumonia.sh OUT_DIR 540
 set -uo pipefail
 out=${1:?out dir}; budget=${2:-520}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -18,7 +22,7 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MEDXFER_CACHE=/tmp/cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 args=(configs/paper-pneumonia.yaml data.root=.gpu/chest-xray-pneumonia/p0/manifest.csv
       out_dir=/tmp/runs model.arch=efficientnet_lite0 stages.gan=false stages.tune=false
-      prune.levels=1 prune.fraction=0.5 prune.finetune=true)
+      ${PRUNE:-prune.levels=1 prune.fraction=0.5 prune.finetune=true} ${EXTRA:-})
 pack() {  # written aside and renamed: the periodic and the final pack never mix
   tar czf "$out/.part-$BASHPID" -C /tmp/runs --exclude='*.pt' --exclude='*.npz' experiments &&
     mv -f "$out/.part-$BASHPID" "$out/paper-pneumonia.tgz"
