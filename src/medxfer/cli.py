@@ -7,6 +7,7 @@ medxfer prune [--config FILE] [--data PATH] [key=value ...] [--levels L] [--frac
               [--target-sparsity S] [--rewind init|epoch:K|lr] [--no-controls] [--out DIR]
 medxfer prune --export RUN_DIR [--no-latency] [--no-onnx]
 medxfer predict RUN_OR_CHECKPOINT INPUT [--out preds.csv]
+medxfer shift RUN_OR_CHECKPOINT INPUT [--out shift.json] [--alpha 0.05]
 medxfer data audit PATH [--out audit.json]
 medxfer data synth OUT
 medxfer models
@@ -108,6 +109,41 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     out, n = predict_files(Path(args.checkpoint), Path(args.input), Path(args.out))
     console.print(f"wrote probabilities for {n} file(s)")
+    print(out)
+    return 0
+
+
+def _cmd_shift(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from medxfer.evaluate.unlabelled import check_images, summary_lines
+    from medxfer.train.checkpoint import atomic_write_json
+
+    result = check_images(Path(args.checkpoint), Path(args.input), alpha=args.alpha)
+    table = Table(title=f"validation ({result['n_reference']} images) against {args.input} "
+                  f"({result['n_images']} images, no labels)")  # fmt: skip
+    for col in ("class", "predicted share val / new", "mean prob. val / new", "KS p",
+                "estimated share (BBSE)", "true share val"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for c in result["per_class"]:
+        table.add_row(
+            c["class"],
+            f"{c['reference_predicted_share']:.2f} / {c['predicted_share']:.2f}",
+            f"{c['reference_mean_probability']:.2f} / {c['mean_probability']:.2f}",
+            f"{c['ks_p_value']:.2g}",
+            f"{c['estimated_share']:.2f}",
+            f"{c['reference_true_share']:.2f}",
+        )
+    console.print(table)
+    for i, line in enumerate(summary_lines(result)):
+        console.print(f"[yellow]{line}[/]" if i == 0 and result["shifted"] else line)
+    if result["unreadable"]:
+        console.print(
+            f"{len(result['unreadable'])} unreadable file(s) skipped (listed in the JSON)"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(result, out)
     print(out)
     return 0
 
@@ -232,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("input", help="an image, a DICOM file or a folder")
     pr.add_argument("--out", default="predictions.csv")
     pr.set_defaults(func=_cmd_predict)
+    sh = sub.add_parser(
+        "shift",
+        help="do unlabelled images look like the validation split to the model? (shift test, "
+        "estimated accuracy and class mix; no labels needed)",
+    )
+    sh.add_argument("checkpoint", help="a run folder or its best.pt (its data must be reachable)")
+    sh.add_argument("input", help="an image folder, an image or a DICOM file")
+    sh.add_argument("--out", default="shift.json")
+    sh.add_argument("--alpha", type=float, default=0.05,
+                    help="level of the per-class KS tests, Bonferroni over classes")  # fmt: skip
+    sh.set_defaults(func=_cmd_shift)
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
     a = d.add_parser("audit", help="counts, unreadable files, duplicates and leaks across splits")
     a.add_argument("path", help="dataset folder or CSV manifest")

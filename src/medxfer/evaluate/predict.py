@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +84,26 @@ def collect_inputs(target: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def predict_files(
-    checkpoint: Path, target: Path, out_csv: Path, batch_size: int = 32
-) -> tuple[Path, int]:
-    """Write ``path,predicted,p_<class>...`` rows; unreadable files get an ``error`` column."""
-    model, meta = load_trained(checkpoint)
-    classes: list[str] = list(meta["classes"])
+def probs_of_arrays(
+    model: torch.nn.Module, meta: dict[str, Any], arrays: np.ndarray, batch_size: int = 32
+) -> np.ndarray:
+    """Softmax probabilities of uint8 images already at the model's size ((N, H, W) or
+    (N, H, W, 3)), normalized with the checkpoint's mean and std."""
     pre = Preprocess(tuple(meta["mean"]), tuple(meta["std"]), "checkpoint")
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    files = collect_inputs(target)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[list[str]] = []
+    out = []
+    for start in range(0, len(arrays), batch_size):
+        x = to_float(torch.from_numpy(np.ascontiguousarray(arrays[start : start + batch_size])))
+        x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x) - mean
+        out.append(torch.softmax(model(x / std), dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), np.float32)
+
+
+def iter_file_probs(
+    model: torch.nn.Module, meta: dict[str, Any], files: list[Path], batch_size: int = 32
+) -> Iterator[tuple[Path, np.ndarray | None, str]]:
+    """Per file, in order: its probabilities, or None and why it could not be read."""
     for start in range(0, len(files), batch_size):
         chunk, arrays, errors = files[start : start + batch_size], [], {}
         for f in chunk:
@@ -103,17 +112,25 @@ def predict_files(
                 arrays.append(resize(img, int(meta["image_size"]), str(meta["resize"])))
             except MedxferError as err:
                 errors[f] = err.message
-        if arrays:
-            x = to_float(torch.from_numpy(np.stack(arrays)))
-            x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x) - mean
-            probs = torch.softmax(model(x / std), dim=1).numpy()
-        it = iter(probs if arrays else [])
+        probs = iter(probs_of_arrays(model, meta, np.stack(arrays), batch_size) if arrays else [])
         for f in chunk:
-            if f in errors:
-                rows.append([str(f), "", *[""] * len(classes), errors[f]])
-            else:
-                p = next(it)
-                rows.append([str(f), classes[int(p.argmax())], *[f"{v:.6f}" for v in p], ""])
+            yield (f, None, errors[f]) if f in errors else (f, next(probs), "")
+
+
+def predict_files(
+    checkpoint: Path, target: Path, out_csv: Path, batch_size: int = 32
+) -> tuple[Path, int]:
+    """Write ``path,predicted,p_<class>...`` rows; unreadable files get an ``error`` column."""
+    model, meta = load_trained(checkpoint)
+    classes: list[str] = list(meta["classes"])
+    files = collect_inputs(target)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[list[str]] = []
+    for f, p, error in iter_file_probs(model, meta, files, batch_size):
+        if p is None:
+            rows.append([str(f), "", *[""] * len(classes), error])
+        else:
+            rows.append([str(f), classes[int(p.argmax())], *[f"{v:.6f}" for v in p], ""])
     with open(out_csv, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "predicted", *[f"p_{c}" for c in classes], "error"])

@@ -1,0 +1,213 @@
+"""``medxfer shift``: do new, unlabelled images look like the validation split to the model?
+
+A clinician who deploys a model at another site, scanner or period has images but no labels,
+and every number medxfer reports (and every choice it made: tuned values, checkpoint, pruned
+level) comes from validation images carved from the training split. This module compares what
+the model outputs on the new images with what it outputs on that validation split, without
+labels for the new images:
+
+- **Black-box shift detection** (BBSD; Lipton et al., ICML 2018; Rabanser et al., "Failing
+  Loudly", NeurIPS 2019, where it was the best of the detectors compared): one two-sample
+  Kolmogorov-Smirnov test per class on the softmax probability, Bonferroni-corrected over the
+  classes. Shifted when the smallest p-value is below ``alpha / k``. A chi-square test of the
+  predicted class counts is reported beside it.
+- **Estimated accuracy** by average thresholded confidence (ATC; Garg et al., ICLR 2022) with
+  the negative-entropy score: the threshold at which the share of validation images scoring
+  below it equals the validation error; the estimate is the share of new images scoring at or
+  above it. Mean top-class confidence on both sets is given too.
+- **Estimated class mix** by black-box shift estimation (BBSE; Lipton et al. 2018): the
+  validation confusion matrix inverted against the predicted class shares on the new images.
+  It assumes only the class mix changed (the images of each class look as they did); where the
+  shift test fires *and* the estimate disagrees with the predicted mix, suspect that the
+  images themselves changed.
+
+None of these can prove the absence of a shift that leaves the model's outputs unchanged, and
+the accuracy estimate is a heuristic whose error grows with the shift; the output says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from medxfer.errors import MedxferError
+
+ALPHA = 0.05  # family-wise level of the per-class KS tests (Bonferroni over classes)
+
+
+def negative_entropy(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(probs, 1e-12, 1.0)
+    return np.asarray((p * np.log(p)).sum(axis=1))
+
+
+def atc_accuracy(
+    ref_probs: np.ndarray, ref_labels: np.ndarray, probs: np.ndarray
+) -> dict[str, float]:
+    """Average thresholded confidence (negative entropy): the estimated accuracy on ``probs``."""
+    ref_scores = negative_entropy(ref_probs)
+    ref_acc = float((ref_probs.argmax(1) == ref_labels).mean())
+    # the share of validation scores below the threshold equals the validation error
+    threshold = float(np.quantile(ref_scores, 1.0 - ref_acc))
+    estimate = float((negative_entropy(probs) >= threshold).mean())
+    return {"reference_accuracy": ref_acc, "threshold": threshold, "estimated_accuracy": estimate}
+
+
+def bbse_class_shares(
+    ref_probs: np.ndarray, ref_labels: np.ndarray, probs: np.ndarray, k: int
+) -> np.ndarray:
+    """Black-box shift estimation: the class mix of the new images, assuming p(x | y) is the
+    validation split's. Solves ``mu = M q`` with ``M[i, j] = P(predicted i | true j)`` on
+    validation and ``mu`` the predicted shares on the new images; clipped and renormalized."""
+    pred = ref_probs.argmax(1)
+    m = np.zeros((k, k))
+    for j in range(k):
+        rows = pred[ref_labels == j]
+        if len(rows):
+            m[:, j] = np.bincount(rows, minlength=k) / len(rows)
+        else:
+            m[j, j] = 1.0  # a class absent from validation: assume it is always recognised
+    mu = np.bincount(probs.argmax(1), minlength=k) / max(len(probs), 1)
+    q = np.linalg.lstsq(m, mu, rcond=None)[0]
+    q = np.clip(q, 0.0, None)
+    return q / q.sum() if q.sum() > 0 else np.full(k, 1.0 / k)
+
+
+def compare_outputs(
+    ref_probs: np.ndarray,
+    ref_labels: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    *,
+    alpha: float = ALPHA,
+) -> dict[str, Any]:
+    """The label-free comparison of the model's outputs on new images with validation."""
+    k = len(classes)
+    if ref_probs.shape[1] != k or probs.shape[1] != k:
+        raise MedxferError(f"probabilities need {k} columns, one per class")
+    if len(probs) < 2 or len(ref_probs) < 2:
+        raise MedxferError("the shift check needs at least 2 images on each side")
+    ref_pred = np.bincount(ref_probs.argmax(1), minlength=k)
+    new_pred = np.bincount(probs.argmax(1), minlength=k)
+    table = np.stack([ref_pred, new_pred])
+    table = table[:, table.sum(0) > 0]
+    chi2_p = float(stats.chi2_contingency(table)[1]) if table.shape[1] > 1 else 1.0
+    bbse = bbse_class_shares(ref_probs, ref_labels, probs, k)
+    ref_true = np.bincount(ref_labels, minlength=k) / len(ref_labels)
+    per_class: list[dict[str, Any]] = []
+    ks_p: list[float] = []
+    for j, name in enumerate(classes):
+        ks = stats.ks_2samp(ref_probs[:, j], probs[:, j])
+        ks_p.append(float(ks.pvalue))
+        per_class.append({
+            "class": name,
+            "reference_predicted_share": float(ref_pred[j] / len(ref_probs)),
+            "predicted_share": float(new_pred[j] / len(probs)),
+            "reference_true_share": float(ref_true[j]),
+            "estimated_share": float(bbse[j]),
+            "reference_mean_probability": float(ref_probs[:, j].mean()),
+            "mean_probability": float(probs[:, j].mean()),
+            "ks_statistic": float(ks.statistic),
+            "ks_p_value": ks_p[-1],
+        })  # fmt: skip
+    min_p = min(ks_p)
+    return {
+        "classes": classes,
+        "n_reference": len(ref_probs),
+        "n_images": len(probs),
+        "alpha": alpha,
+        "ks_min_p_value": min_p,
+        "shifted": bool(min_p < alpha / k),
+        "predicted_shares_chi2_p_value": chi2_p,
+        "mean_confidence": {
+            "reference": float(ref_probs.max(1).mean()),
+            "images": float(probs.max(1).mean()),
+        },
+        "accuracy": atc_accuracy(ref_probs, ref_labels, probs),
+        "per_class": per_class,
+    }
+
+
+def reference_outputs(
+    model: Any, meta: dict[str, Any], *, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's probabilities on its run's validation split, rebuilt from the configuration
+    stored in the checkpoint, through the same preprocessing as ``medxfer predict``."""
+    from medxfer.config import config_from_dict
+    from medxfer.data.prepare import prepare
+    from medxfer.evaluate.predict import probs_of_arrays
+
+    if "config" not in meta:
+        raise MedxferError(
+            "this model file does not record its training configuration",
+            "pass the run folder of `medxfer train` or `prune` (its best.pt)",
+        )
+    cfg = config_from_dict(meta["config"])
+    cfg.data.synthetic = ""  # generated images only ever join the training split
+    data = prepare(cfg.data)
+    if data.classes != list(meta["classes"]):
+        raise MedxferError(
+            f"the run's data now has classes {data.classes}, the model {meta['classes']}",
+            "check data.root in the run's config.yaml",
+        )
+    idx = data.split_index["val"]
+    if len(idx) < 2:
+        raise MedxferError("the run's validation split has fewer than 2 images")
+    probs = probs_of_arrays(model, meta, data.images[idx].numpy(), batch_size=batch_size)
+    return probs, data.labels[idx].numpy()
+
+
+def check_images(
+    checkpoint: Path, target: Path, *, alpha: float = ALPHA, batch_size: int = 64
+) -> dict[str, Any]:
+    """``medxfer shift``: the comparison for the images under ``target`` (a folder, an image,
+    a DICOM file), read as ``medxfer predict`` reads them; unreadable files are listed."""
+    from medxfer.evaluate.predict import collect_inputs, iter_file_probs, load_trained
+
+    model, meta = load_trained(checkpoint)
+    files = collect_inputs(target)
+    probs, unreadable = [], {}
+    for f, p, error in iter_file_probs(model, meta, files, batch_size=batch_size):
+        if p is None:
+            unreadable[str(f)] = error
+        else:
+            probs.append(p)
+    if len(probs) < 2:
+        raise MedxferError(f"{target} has fewer than 2 readable images", "the check compares sets")
+    ref_probs, ref_labels = reference_outputs(model, meta, batch_size=batch_size)
+    out = compare_outputs(
+        ref_probs, ref_labels, np.stack(probs), list(meta["classes"]), alpha=alpha
+    )
+    return {"model": str(checkpoint), "images": str(target), "unreadable": unreadable} | out
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """What ``medxfer shift`` prints under its table."""
+    acc = result["accuracy"]
+    k = len(result["classes"])
+    verdict = (
+        f"SHIFTED: the model's outputs on these images differ from validation (smallest KS p = "
+        f"{result['ks_min_p_value']:.1g} < {result['alpha']:g}/{k}); validation metrics and "
+        "every choice made on validation may not hold here"
+        if result["shifted"]
+        else f"no shift detected (smallest KS p = {result['ks_min_p_value']:.2g} >= "
+        f"{result['alpha']:g}/{k}): the outputs look like validation's; this cannot rule out "
+        "a shift the model does not see"
+    )
+    return [
+        verdict,
+        f"estimated accuracy (ATC, heuristic): {acc['estimated_accuracy']:.3f} against "
+        f"{acc['reference_accuracy']:.3f} on validation; mean confidence "
+        f"{result['mean_confidence']['images']:.3f} against "
+        f"{result['mean_confidence']['reference']:.3f}"
+        + (
+            " (under a detected shift the estimate is least reliable: a model can be confidently "
+            "wrong on images unlike its training images, e.g. noise scores near 1.0)"
+            if result["shifted"]
+            else ""
+        ),
+        "estimated class mix (BBSE, assumes only the mix changed): "
+        + ", ".join(f"{c['class']} {c['estimated_share']:.2f}" for c in result["per_class"]),
+    ]

@@ -1,0 +1,143 @@
+"""`medxfer shift`: the label-free comparison of new images with the validation split.
+
+The statistics on arrays whose truth is known (no shift, a label shift with a known mix, an
+accuracy the estimate must find), then the command end to end on the synthetic set: the
+validation images themselves must look exactly like validation (this also proves that the file
+path of `medxfer predict` preprocesses as the training loader does), and images of noise (a
+scanner fault, the wrong files) must not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medxfer.cli import main
+from medxfer.errors import MedxferError
+from medxfer.evaluate.unlabelled import atc_accuracy, bbse_class_shares, compare_outputs
+
+CLASSES = ["a", "b", "c"]
+
+
+def _model_outputs(
+    rng: np.random.Generator, mix: list[float], n: int, skill: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from ``mix`` and the probabilities of a fixed noisy classifier: right with
+    probability ``skill``, otherwise a uniformly drawn class; confidence depends on the
+    predicted class only, so p(outputs | label) is the same whatever the mix."""
+    labels = rng.choice(3, size=n, p=mix)
+    pred = np.where(rng.random(n) < skill, labels, rng.integers(0, 3, n))
+    top = rng.uniform(0.5, 0.95, n)
+    probs = np.tile(((1 - top) / 2)[:, None], (1, 3))
+    probs[np.arange(n), pred] = top
+    return probs, labels
+
+
+def test_no_shift_is_not_flagged_and_accuracy_is_estimated() -> None:
+    rng = np.random.default_rng(0)
+    ref, ref_y = _model_outputs(rng, [0.5, 0.3, 0.2], 4000)
+    new, new_y = _model_outputs(rng, [0.5, 0.3, 0.2], 4000)
+    r = compare_outputs(ref, ref_y, new, CLASSES)
+    assert not r["shifted"] and r["ks_min_p_value"] > 0.05 / 3
+    true_acc = float((new.argmax(1) == new_y).mean())
+    assert abs(r["accuracy"]["estimated_accuracy"] - true_acc) < 0.03
+    assert r["accuracy"]["reference_accuracy"] == pytest.approx((ref.argmax(1) == ref_y).mean())
+    # identical sets: every KS statistic is 0 and p is 1
+    same = compare_outputs(ref, ref_y, ref.copy(), CLASSES)
+    assert same["ks_min_p_value"] == 1.0 and not same["shifted"]
+
+
+def test_label_shift_is_flagged_and_bbse_recovers_the_mix() -> None:
+    rng = np.random.default_rng(1)
+    ref, ref_y = _model_outputs(rng, [0.6, 0.3, 0.1], 6000)
+    mix = np.array([0.2, 0.3, 0.5])
+    new, _ = _model_outputs(rng, list(mix), 6000)
+    r = compare_outputs(ref, ref_y, new, CLASSES)
+    assert r["shifted"]
+    est = np.array([c["estimated_share"] for c in r["per_class"]])
+    predicted = np.array([c["predicted_share"] for c in r["per_class"]])
+    assert np.abs(est - mix).sum() < 0.05  # BBSE undoes the classifier's confusion
+    assert np.abs(est - mix).sum() < np.abs(predicted - mix).sum() / 3
+    assert est.sum() == pytest.approx(1.0)
+
+
+def test_atc_threshold_splits_validation_at_its_error() -> None:
+    rng = np.random.default_rng(2)
+    ref, ref_y = _model_outputs(rng, [0.4, 0.4, 0.2], 3000, skill=0.6)
+    a = atc_accuracy(ref, ref_y, ref)
+    # on validation itself the estimate is validation's accuracy (up to ties at the threshold)
+    assert abs(a["estimated_accuracy"] - a["reference_accuracy"]) < 0.01
+    # a less confident set is estimated less accurate
+    flat = (ref + 1.0) / (1.0 + 3.0)
+    assert atc_accuracy(ref, ref_y, flat)["estimated_accuracy"] < a["estimated_accuracy"] - 0.3
+
+
+def test_bbse_with_a_class_missing_from_validation() -> None:
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]])
+    labels = np.array([0, 1, 0])  # no class 2 on validation
+    q = bbse_class_shares(probs, labels, probs, 3)
+    assert q == pytest.approx([2 / 3, 1 / 3, 0.0])
+
+
+def test_bad_input_is_one_clear_message() -> None:
+    ref = np.full((4, 3), 1 / 3)
+    with pytest.raises(MedxferError, match="3 columns"):
+        compare_outputs(ref, np.zeros(4, int), np.full((4, 2), 0.5), CLASSES)
+    with pytest.raises(MedxferError, match="at least 2 images"):
+        compare_outputs(ref, np.zeros(4, int), ref[:1], CLASSES)
+
+
+FAST = [
+    "model.arch=resnet18", "model.weights=none", "data.image_size=48", "train.epochs=2",
+    "train.batch_size=16", "eval.n_bootstrap=20", "train.eval_batch_size=64",
+]  # fmt: skip
+
+
+def test_shift_command_end_to_end(
+    synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medxfer.config import load_config
+    from medxfer.data.prepare import prepare
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(synth_root), "--run-dir", str(run), *FAST]) == 0
+    capsys.readouterr()
+    cfg = load_config(run / "config.yaml")
+    data = prepare(cfg.data)
+    val = [data.samples[i] for i in data.split_index["val"].tolist()]
+    same, noise = tmp_path / "same", tmp_path / "noise"
+    rng = np.random.default_rng(0)
+    noise.mkdir()
+    for i, s in enumerate(val):
+        dst = same / s.label / Path(s.path).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(s.path, dst)
+        pixels = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+        Image.fromarray(pixels).save(noise / f"{i}.png")
+    (same / "notes.txt").write_text("not an image: ignored")
+
+    out = tmp_path / "same.json"
+    assert main(["shift", str(run), str(same), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    r = json.loads(out.read_text())
+    assert r["n_images"] == r["n_reference"] == len(val)
+    assert not r["shifted"] and r["ks_min_p_value"] == pytest.approx(1.0)
+    for c in r["per_class"]:  # the file path and the training loader see the same pixels
+        assert c["predicted_share"] == pytest.approx(c["reference_predicted_share"])
+        assert c["mean_probability"] == pytest.approx(c["reference_mean_probability"], abs=1e-5)
+    m = json.loads((run / "metrics.json").read_text())
+    assert r["accuracy"]["reference_accuracy"] == pytest.approx(m["val"]["accuracy"])
+
+    out = tmp_path / "noise.json"
+    assert main(["shift", str(run / "best.pt"), str(noise), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert r["shifted"] and "SHIFTED" in err
+
+    (tmp_path / "empty").mkdir()
+    assert main(["shift", str(run), str(tmp_path / "empty")]) == 2
+    assert "holds no images" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
