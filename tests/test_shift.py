@@ -89,6 +89,8 @@ def test_bad_input_is_one_clear_message() -> None:
         compare_outputs(ref, np.zeros(4, int), np.full((4, 2), 0.5), CLASSES)
     with pytest.raises(MedxferError, match="at least 2 images"):
         compare_outputs(ref, np.zeros(4, int), ref[:1], CLASSES)
+    with pytest.raises(MedxferError, match="alpha"):
+        compare_outputs(ref, np.zeros(4, int), ref, CLASSES, alpha=1.5)
 
 
 FAST = [

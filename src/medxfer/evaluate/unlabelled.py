@@ -85,6 +85,8 @@ def compare_outputs(
 ) -> dict[str, Any]:
     """The label-free comparison of the model's outputs on new images with validation."""
     k = len(classes)
+    if not 0.0 < alpha < 1.0:
+        raise MedxferError(f"alpha must lie in (0, 1), not {alpha}", "e.g. --alpha 0.05")
     if ref_probs.shape[1] != k or probs.shape[1] != k:
         raise MedxferError(f"probabilities need {k} columns, one per class")
     if len(probs) < 2 or len(ref_probs) < 2:
