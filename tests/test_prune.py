@@ -213,6 +213,9 @@ def test_lottery_end_to_end(lottery: Path) -> None:
     assert level1["kept"] == ticket.kept and level1["per_layer"] == ticket.per_layer()
     assert set(level1["runs"]) == {"ticket", "random_reinit", "random_mask"}
     assert {"accuracy", "balanced_accuracy"} <= set(level1["runs"]["ticket"]["test"])
+    for level in summary["levels"]:  # every run says which classes val and test disagree on
+        for r in level["runs"].values():
+            assert isinstance(r["val_test_shifted_classes"], list)
     for kind in ("ticket", "random_reinit", "random_mask"):
         run = run_dir(lottery, 1, kind)
         mask = Mask.load(run / "mask.pt")
@@ -225,6 +228,23 @@ def test_lottery_end_to_end(lottery: Path) -> None:
                        ticket["conv1.weight"])  # fmt: skip
     rnd = Mask.load(run_dir(lottery, 1, "random_mask") / "mask.pt")
     assert not torch.equal(rnd["layer4.1.conv2.weight"], ticket["layer4.1.conv2.weight"])
+
+
+def test_lottery_states_a_shifted_class_once_with_its_count() -> None:
+    from medxfer.prune.report import shift_lines
+
+    def run(*shifted: str) -> dict[str, object]:
+        return {"test": {"accuracy": 0.8}, "val_test_shifted_classes": list(shifted)}
+
+    summary = {"levels": [
+        {"runs": {"dense": run("normal")}},
+        {"runs": {"ticket": run("normal", "viral"), "random_mask": run()}},
+    ]}  # fmt: skip
+    lines = shift_lines(summary)
+    assert len(lines) == 2
+    assert lines[0].startswith("class 'normal'") and "in 2 of 3 runs" in lines[0]
+    assert lines[1].startswith("class 'viral'") and "in 1 of 3 runs" in lines[1]
+    assert shift_lines({"levels": [{"runs": {"dense": run()}}]}) == []
 
 
 @pytest.mark.parametrize("rewind", ["init", "epoch:1", "lr"])

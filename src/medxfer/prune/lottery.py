@@ -71,7 +71,7 @@ def _train(
         console.print(f"already complete: {run}")
         return
     fit(cfg, run, resume=(run / "last.pt").exists(), prepare_model=prepare,
-        callbacks=callbacks, start_epoch=start_epoch)  # fmt: skip
+        callbacks=callbacks, start_epoch=start_epoch, warn_shift=False)  # fmt: skip
 
 
 def save_init(run: Path) -> Callable[[nn.Module], None]:
@@ -301,7 +301,7 @@ def run_lottery(
     Every run trains ``lottery_config(cfg)`` (``prune.image_size`` / ``prune.epochs`` applied).
     ``dense_run``: a finished run of that same config (made with ``save_init``) becomes level 0
     instead of a second dense training (see ``adopt_dense``)."""
-    from medxfer.prune.report import write_summary
+    from medxfer.prune.report import shift_lines, write_summary
 
     cfg = lottery_config(cfg)
     s = make_settings(
@@ -315,4 +315,7 @@ def run_lottery(
     kept = kept_schedule(Mask.load(run_dir(out_dir, 0, "dense") / "mask.pt").total, s)
     for level in range(1, levels + 1):
         train_level(cfg, out_dir, level, kept[level], s, callbacks)
-    return write_summary(out_dir, s.levels)
+    summary = write_summary(out_dir, s.levels)
+    for line in shift_lines(summary):  # once per lottery; its runs do not each warn
+        console.print(f"[yellow]warning:[/] {line}")
+    return summary

@@ -7,9 +7,11 @@ interrupted and continued is the same as that of one that ran straight through.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from medxfer.evaluate.metrics import split_shift
 from medxfer.prune.mask import Mask
 from medxfer.train.checkpoint import atomic_write_json
 
@@ -29,7 +31,24 @@ def _run_summary(run: Path) -> dict[str, Any]:
         if split in metrics:
             m = metrics[split]
             out[split] = {k: m[k] for k in SPLIT_KEYS} | {"ci95": m.get("ci95", {})}
+    if "val" in metrics and "test" in metrics:
+        out["val_test_shifted_classes"] = [
+            c["class"] for c in split_shift(metrics["val"], metrics["test"]) if c["shifted"]
+        ]
     return out
+
+
+def shift_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per class that validation and test disagree on in any run of the lottery: a
+    lottery trains many runs, so it says this once, with the count, instead of once per run."""
+    runs = [r for level in summary["levels"] for r in level["runs"].values() if "test" in r]
+    counts = Counter(c for r in runs for c in r.get("val_test_shifted_classes", []))
+    return [
+        f"class {name!r}: validation and test recall disagree beyond chance in {n} of "
+        f"{len(runs)} runs of this lottery (each run's report has the table): choices made on "
+        "validation, the pruned level among them, may not carry over to test for this class"
+        for name, n in sorted(counts.items())
+    ]
 
 
 def summarize(out_dir: Path, levels: int) -> dict[str, Any]:

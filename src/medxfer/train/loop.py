@@ -112,6 +112,7 @@ def fit(
     prepare_model: Callable[[torch.nn.Module], None] | None = None,
     evaluate_test: bool = True,
     start_epoch: int = 0,
+    warn_shift: bool = True,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; return the final metrics (also in metrics.json).
 
@@ -121,6 +122,8 @@ def fit(
     ``evaluate_test=False`` never runs the model on the test split (tuning trials).
     ``start_epoch=k`` begins a fresh run at epoch ``k`` of the schedule (epochs before it are
     skipped and the LR schedule is advanced past them): late rewinding retrains from epoch k.
+    ``warn_shift=False``: no console warning for classes that validation and test disagree on
+    (a lottery prints one summary for all its runs instead).
     """
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
@@ -203,7 +206,9 @@ def fit(
                 console.print(f"early stopping: no val improvement for {stale} epochs")
             break
     seconds = time.perf_counter() - t_start
-    return finish(cfg, run_dir, s, c, history, seconds, evaluate_test=evaluate_test)
+    return finish(
+        cfg, run_dir, s, c, history, seconds, evaluate_test=evaluate_test, warn_shift=warn_shift
+    )
 
 
 def _skip_schedule(s: Setup, epochs: int, cap: int) -> None:
@@ -224,6 +229,7 @@ def finish(
     seconds: float,
     *,
     evaluate_test: bool = True,
+    warn_shift: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint on val and test; write metrics.json and the figures.
 
@@ -265,7 +271,7 @@ def finish(
         atomic_write_json(results, run_dir / "metrics.json")  # written last: marks the run complete
         if "test" in results:
             console.print(f"test: {format_summary(results['test'])}")
-            if "val" in results:
+            if "val" in results and warn_shift:
                 for line in shift_warnings(results["val"], results["test"]):
                     console.print(f"[yellow]warning:[/] {line}")
         console.print(f"run folder: {run_dir}")
