@@ -131,7 +131,9 @@ def _split_shift(s: Section, shift: list[tuple[str, list[dict[str, Any]]]]) -> N
             "test split is only as predictable from it as the two are alike. Per class: recall "
             "on each split and the class's share of it; *shifted* marks a recall gap of "
             f"{100 * SHIFT_MIN_GAP:g} points or more that chance alone would produce with "
-            f"p < {SHIFT_ALPHA:g} (two-proportion z-test, Bonferroni over classes)."
+            f"p < {SHIFT_ALPHA:g} (two-proportion z-test, Bonferroni over classes). For new "
+            "images without labels (another site or scanner), `medxfer shift RUN FOLDER` asks "
+            "the same question of the model's outputs."
         )
     )
     body = [
