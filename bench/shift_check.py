@@ -17,6 +17,10 @@ For each trained run (default: the five seeds of bench/seeds.py under runs/bench
    is resampled to the test split's class mix: how often it fires, and how far BBSE's estimate
    lands from that mix, against the naive guesses (validation's mix, the predicted mix).
 
+In 2 and 3 (pure label shifts: the images of each class are validation's), the test of BBSE's
+assumption (`label_shift_test`, 100 bootstrap draws there) should reject rarely: its rejection
+rate at 5% is recorded; on the official test split its p-value is.
+
 Writes bench/results/shift-check-<dataset>.json.
 """
 
@@ -44,11 +48,13 @@ def controls(
     rng = np.random.default_rng(0)
     k = len(classes)
     null_flags, null_atc, ls_flags, ls_atc, bbse_err, val_err, pred_err = [], [], [], [], [], [], []
+    assumption_rejected: list[bool] = []
     for _ in range(draws):
         order = rng.permutation(len(labels))
         a, b = order[: len(order) // 2], order[len(order) // 2 :]
-        r = compare_outputs(probs[a], labels[a], probs[b], classes)
+        r = compare_outputs(probs[a], labels[a], probs[b], classes, n_bootstrap=100)
         null_flags.append(r["shifted"])
+        assumption_rejected.append(r["label_shift_test"]["p_value"] < ALPHA)
         acc_b = float((probs[b].argmax(1) == labels[b]).mean())
         null_atc.append(r["accuracy"]["estimated_accuracy"] - acc_b)
         # resample half b to the target class mix (with replacement within each class)
@@ -57,8 +63,9 @@ def controls(
             rng.choice(b[labels[b] == j], size=counts[j], replace=True)
             for j in range(k) if counts[j] and (labels[b] == j).any()
         ])  # fmt: skip
-        r = compare_outputs(probs[a], labels[a], probs[picked], classes)
+        r = compare_outputs(probs[a], labels[a], probs[picked], classes, n_bootstrap=100)
         ls_flags.append(r["shifted"])
+        assumption_rejected.append(r["label_shift_test"]["p_value"] < ALPHA)
         acc = float((probs[picked].argmax(1) == labels[picked]).mean())
         ls_atc.append(r["accuracy"]["estimated_accuracy"] - acc)
         true_mix = np.bincount(labels[picked], minlength=k) / len(picked)
@@ -71,6 +78,8 @@ def controls(
         "no_shift_atc_error_mean": statistics.fmean(null_atc),
         "no_shift_atc_abs_error_mean": statistics.fmean(abs(e) for e in null_atc),
         "label_shift_detection_rate": statistics.fmean(ls_flags),
+        # both kinds of draw are pure label shifts: how often BBSE's assumption is rejected
+        "bbse_assumption_false_rejection_rate": statistics.fmean(assumption_rejected),
         "label_shift_atc_error_mean": statistics.fmean(ls_atc),
         "label_shift_mix_l1_error_mean": {
             "bbse": statistics.fmean(bbse_err),
@@ -125,6 +134,7 @@ def main() -> None:
                                         test_mix),
                 "validation_mix_l1_error": l1([c["reference_true_share"]
                                                for c in check["per_class"]], test_mix),
+                "bbse_assumption_p_value": check["label_shift_test"]["p_value"],
                 "predicted_shares_file_path": [c["predicted_share"] for c in check["per_class"]],
                 "predicted_shares_run_evaluation": loader_shares.tolist(),
             },
@@ -135,7 +145,9 @@ def main() -> None:
               f"ATC {t['atc_estimated_accuracy']:.3f} vs real {t['test_accuracy']:.3f}; "
               f"BBSE L1 {t['bbse_mix_l1_error']:.2f} vs {t['validation_mix_l1_error']:.2f}; "
               f"null alarms {c['no_shift_false_alarm_rate']:.2f}, "
-              f"label-shift power {c['label_shift_detection_rate']:.2f}")  # fmt: skip
+              f"label-shift power {c['label_shift_detection_rate']:.2f}; BBSE assumption p "
+              f"{t['bbse_assumption_p_value']:.2g} on test, false rejections "
+              f"{c['bbse_assumption_false_rejection_rate']:.2f}")  # fmt: skip
 
     def mean(path: list[str]) -> float:
         vals = []
@@ -159,7 +171,10 @@ def main() -> None:
                 r["test"]["val_accuracy"] - r["test"]["test_accuracy"] for r in rows),
             "test_bbse_mix_l1_error_mean": mean(["test", "bbse_mix_l1_error"]),
             "test_validation_mix_l1_error_mean": mean(["test", "validation_mix_l1_error"]),
+            "test_bbse_assumption_p_values": [r["test"]["bbse_assumption_p_value"] for r in rows],
             "no_shift_false_alarm_rate": mean(["controls", "no_shift_false_alarm_rate"]),
+            "bbse_assumption_false_rejection_rate": mean(
+                ["controls", "bbse_assumption_false_rejection_rate"]),
             "label_shift_detection_rate": mean(["controls", "label_shift_detection_rate"]),
             "label_shift_bbse_l1_error_mean": statistics.fmean(
                 r["controls"]["label_shift_mix_l1_error_mean"]["bbse"] for r in rows),

@@ -18,7 +18,13 @@ from PIL import Image
 
 from medxfer.cli import main
 from medxfer.errors import MedxferError
-from medxfer.evaluate.unlabelled import atc_accuracy, bbse_class_shares, compare_outputs
+from medxfer.evaluate.unlabelled import (
+    atc_accuracy,
+    bbse_class_shares,
+    compare_outputs,
+    label_shift_test,
+    summary_lines,
+)
 
 CLASSES = ["a", "b", "c"]
 
@@ -63,6 +69,35 @@ def test_label_shift_is_flagged_and_bbse_recovers_the_mix() -> None:
     assert np.abs(est - mix).sum() < 0.05  # BBSE undoes the classifier's confusion
     assert np.abs(est - mix).sum() < np.abs(predicted - mix).sum() / 3
     assert est.sum() == pytest.approx(1.0)
+
+
+def _less_confident_on_class_0(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A mix change *and* class-0 images that look different to the model: its confidence on
+    them falls below anything validation produced."""
+    probs, labels = _model_outputs(rng, [0.4, 0.3, 0.3], n)
+    rows = np.flatnonzero(labels == 0)
+    top = rng.uniform(0.34, 0.5, len(rows))
+    pred = probs[rows].argmax(1)
+    probs[rows] = ((1 - top) / 2)[:, None]
+    probs[rows, pred] = top
+    return probs
+
+
+def test_bbse_assumption_is_tested() -> None:
+    rng = np.random.default_rng(3)
+    ref, ref_y = _model_outputs(rng, [0.6, 0.3, 0.1], 800)
+    mix_only, _ = _model_outputs(rng, [0.2, 0.3, 0.5], 600)
+    kept = label_shift_test(ref, ref_y, mix_only, n_bootstrap=100)
+    assert kept["p_value"] > 0.2 and kept["n_bootstrap"] == 100
+    changed = label_shift_test(ref, ref_y, _less_confident_on_class_0(rng, 600), n_bootstrap=100)
+    assert changed["p_value"] < 0.02 and changed["statistic"] > kept["statistic"]
+    # the command's summary says which
+    r = compare_outputs(ref, ref_y, _less_confident_on_class_0(rng, 600), CLASSES)
+    assert r["label_shift_test"]["p_value"] < 0.05
+    assert "do not trust this mix" in summary_lines(r)[2]
+    r = compare_outputs(ref, ref_y, mix_only, CLASSES)
+    assert "alone fits these outputs" in summary_lines(r)[2]
+    assert compare_outputs(ref, ref_y, mix_only, CLASSES, n_bootstrap=0)["label_shift_test"] is None
 
 
 def test_atc_threshold_splits_validation_at_its_error() -> None:

@@ -19,7 +19,10 @@ labels for the new images:
   validation confusion matrix inverted against the predicted class shares on the new images.
   It assumes only the class mix changed (the images of each class look as they did); where a
   class's images look different too (chest X-ray's `normal` test images, measured by
-  bench/shift_check.py) it can land farther from the truth than validation's own mix.
+  bench/shift_check.py) it can land farther from the truth than validation's own mix. So
+  the assumption is tested: the new outputs against validation's outputs mixed by class in
+  the estimated proportions (largest KS distance over classes; p-value from a parametric
+  bootstrap that re-estimates the mix), and the command says when the mix is not to be trusted.
 
 None of these can prove the absence of a shift that leaves the model's outputs unchanged, and
 the accuracy estimate is a heuristic whose error grows with the shift; the output says so.
@@ -75,6 +78,74 @@ def bbse_class_shares(
     return q / q.sum() if q.sum() > 0 else np.full(k, 1.0 / k)
 
 
+def _mixture_distance(
+    ref_probs: np.ndarray, ref_labels: np.ndarray, probs: np.ndarray, mix: np.ndarray
+) -> float:
+    """Largest gap, over classes and thresholds, between the distribution of one softmax column
+    on the new images and the validation columns mixed by class in proportions ``mix`` (the
+    KS distance to what a pure label shift with that mix would produce)."""
+    k = probs.shape[1]
+    present = [j for j in range(k) if (ref_labels == j).any()]
+    worst = 0.0
+    for c in range(k):
+        grid = np.unique(np.concatenate([probs[:, c], ref_probs[:, c]]))
+        new_cdf = np.searchsorted(np.sort(probs[:, c]), grid, side="right") / len(probs)
+        mixed = np.zeros_like(grid)
+        for j in present:
+            col = np.sort(ref_probs[ref_labels == j, c])
+            mixed += mix[j] * np.searchsorted(col, grid, side="right") / len(col)
+        worst = max(worst, float(np.abs(new_cdf - mixed).max()))
+    return worst
+
+
+def label_shift_test(
+    ref_probs: np.ndarray,
+    ref_labels: np.ndarray,
+    probs: np.ndarray,
+    *,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Does a pure label shift (BBSE's assumption) explain the outputs on the new images?
+
+    Statistic: ``_mixture_distance`` at the BBSE mix. Its null distribution comes from a
+    parametric bootstrap: validation cut in random halves within each class, one half the
+    reference, new images drawn from the other as a pure label shift with that mix, the mix
+    re-estimated each time; the null distances are rescaled from half to the whole reference
+    size by the usual sqrt(1/a + 1/b) of a two-sample KS distance. A small p-value says the
+    images of some class look different to the model, so the BBSE mix should not be trusted."""
+    k = probs.shape[1]
+    present = np.array([(ref_labels == j).any() for j in range(k)])
+    mix = bbse_class_shares(ref_probs, ref_labels, probs, k) * present
+    mix = mix / mix.sum() if mix.sum() > 0 else present / present.sum()
+    observed = _mixture_distance(ref_probs, ref_labels, probs, mix)
+    rng = np.random.default_rng(seed)
+    by_class = {j: np.flatnonzero(ref_labels == j) for j in range(k) if present[j]}
+    exceed = 0
+    # a KS distance between samples of sizes a and b scales as sqrt(1/a + 1/b): bring the null
+    # distances, made with half the reference, to the observed one's reference size
+    n_half = sum(max(len(ix) // 2, 1) for ix in by_class.values())
+    scale = float(np.sqrt((1 / len(ref_labels) + 1 / len(probs)) / (1 / n_half + 1 / len(probs))))
+    for _ in range(n_bootstrap):
+        # validation cut in halves within each class: one is the reference, the other the
+        # source of the new images, so that no image is on both sides (shared values would
+        # shrink the distances and make the test too eager); a class with one image is on both
+        halves = {j: rng.permutation(ix) for j, ix in by_class.items()}
+        ref_idx = np.concatenate([h[: max(len(h) // 2, 1)] for h in halves.values()])
+        counts = rng.multinomial(len(probs), mix)
+        new_idx = np.concatenate([rng.choice(halves[j][len(halves[j]) // 2 :], size=n)
+                                  for j, n in enumerate(counts) if n])  # fmt: skip
+        r_p, r_y, n_p = ref_probs[ref_idx], ref_labels[ref_idx], ref_probs[new_idx]
+        m = bbse_class_shares(r_p, r_y, n_p, k) * present
+        m = m / m.sum() if m.sum() > 0 else present / present.sum()
+        exceed += _mixture_distance(r_p, r_y, n_p, m) * scale >= observed
+    return {
+        "statistic": observed,
+        "p_value": (1 + exceed) / (1 + n_bootstrap),
+        "n_bootstrap": n_bootstrap,
+    }
+
+
 def compare_outputs(
     ref_probs: np.ndarray,
     ref_labels: np.ndarray,
@@ -82,8 +153,10 @@ def compare_outputs(
     classes: list[str],
     *,
     alpha: float = ALPHA,
+    n_bootstrap: int = 200,
 ) -> dict[str, Any]:
-    """The label-free comparison of the model's outputs on new images with validation."""
+    """The label-free comparison of the model's outputs on new images with validation.
+    ``n_bootstrap=0`` skips the test of BBSE's assumption (``label_shift_test``)."""
     k = len(classes)
     if not 0.0 < alpha < 1.0:
         raise MedxferError(f"alpha must lie in (0, 1), not {alpha}", "e.g. --alpha 0.05")
@@ -128,6 +201,11 @@ def compare_outputs(
             "images": float(probs.max(1).mean()),
         },
         "accuracy": atc_accuracy(ref_probs, ref_labels, probs),
+        "label_shift_test": (
+            label_shift_test(ref_probs, ref_labels, probs, n_bootstrap=n_bootstrap)
+            if n_bootstrap > 0
+            else None
+        ),
         "per_class": per_class,
     }
 
@@ -211,5 +289,18 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             else ""
         ),
         "estimated class mix (BBSE, assumes only the mix changed): "
-        + ", ".join(f"{c['class']} {c['estimated_share']:.2f}" for c in result["per_class"]),
+        + ", ".join(f"{c['class']} {c['estimated_share']:.2f}" for c in result["per_class"])
+        + _assumption(result.get("label_shift_test"), result["alpha"]),
     ]
+
+
+def _assumption(test: dict[str, float] | None, alpha: float) -> str:
+    if not test:
+        return ""
+    if test["p_value"] < alpha:
+        return (
+            f"; a change of class mix alone does not explain these outputs (p = "
+            f"{test['p_value']:.2g}): the images of some class look different to the model, so "
+            "do not trust this mix"
+        )
+    return f"; a change of class mix alone fits these outputs (p = {test['p_value']:.2g})"
