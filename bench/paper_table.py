@@ -8,6 +8,10 @@ test accuracy and balanced accuracy with 95% intervals, the command, where it ra
 paper-table.md; the table itself is ``medxfer paper-table``'s. Each experiment also gets its
 stage times (from its ``stages/*.json`` markers: every part of a resumed stage). Without
 folders: every folder under runs/experiments/. Folders not named in ``--ran-on`` ran here.
+
+``--keep-committed`` adds the given experiments to the committed table instead of replacing
+it: its rows, stage times and notes stay for every experiment not given again (their folders
+may be gone, e.g. a lent GPU's), and each call's command is kept in ``commands``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from _common import REPO, RESULTS, machine
 
 from medxfer.cli import main
 from medxfer.experiment.spec import STAGES
+from medxfer.report.paper import write_rows
 
 
 def order(marker: Path) -> int:
@@ -75,6 +80,8 @@ def main_() -> int:
     ap.add_argument("--ran-on", action="append", default=[], metavar="DIR=TEXT",
                     help="where the experiment in DIR ran (default: this machine)")  # fmt: skip
     ap.add_argument("--note", action="append", default=[], help="a line for the notes")
+    ap.add_argument("--keep-committed", action="store_true",
+                    help="add to the committed paper-table.json, not replace it")  # fmt: skip
     args = ap.parse_args()
     dirs = args.experiments or sorted((REPO / "runs" / "experiments").glob("*"))
     where = {}
@@ -84,31 +91,44 @@ def main_() -> int:
         if Path(folder) not in dirs:
             dirs.append(Path(folder))
     out = RESULTS / "paper-table.json"
+    kept = json.loads(out.read_text()) if args.keep_committed else {}
     rc = main(["paper-table", *map(str, dirs), "--out", str(out)])
     if rc:
         return rc
+    given = {Path(d).resolve().name for d in dirs}
+    if kept:
+        clash = given & set(kept["experiments"])
+        if clash:  # its rows would be replaced by folders that may hold other runs
+            out.write_text(json.dumps(kept, indent=2))
+            sys.exit(f"experiment name(s) {sorted(clash)} already in the committed table: "
+                     "copy the folder to a new name")  # fmt: skip
+        rows = [r for r in kept["rows"] if r["experiment"] not in given]
+        write_rows(rows + json.loads(out.read_text())["rows"], out)
     here = machine()
     here_text = f"this machine: {here.get('cpu_model')}, {here['cpu_count']} CPU cores, no GPU"
     data = json.loads(out.read_text())
     for row in data["rows"]:
-        row["ran_on"] = where.get(row["experiment"], here_text)
-    data["experiments"] = {
+        if row["experiment"] in given:
+            row["ran_on"] = where.get(row["experiment"], here_text)
+    data["experiments"] = kept.get("experiments", {}) | {
         Path(d).resolve().name: {
             "ran_on": where.get(Path(d).resolve().name, here_text),
             "cells": stage_seconds(Path(d)),
         }
         for d in dirs
     }
-    data["notes"] = [
+    data["notes"] = kept.get("notes") or [
         "stage times count every part of a stage that was stopped and resumed, except the "
         "stages listed under stages_timed_by_last_part_only (markers written before medxfer "
         "recorded the parts): there only the last part counts; where a prune stage was rerun "
         "only to add runs (prune.finetune), its marker times the added runs alone, and the "
         "total counts the training time of every run in its lottery instead",
-        *args.note,
     ]
-    data["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    data["machine"] = here
+    data["notes"] += args.note
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    data["commands"] = [*kept.get("commands", [kept["command"]] if kept else []), command]
+    data["command"] = command  # the last call; "commands" lists every call that built the table
+    data["machine"] = here  # where the last call ran
     out.write_text(json.dumps(data, indent=2))
     md = out.with_suffix(".md")
     lines = ["\nWhere each study ran, and the time of its stages (seconds):\n"]

@@ -178,7 +178,6 @@ def collect_rows(experiment_dirs: list[Path]) -> list[dict[str, Any]]:
 def write_table(experiment_dirs: list[Path], out_json: Path) -> tuple[Path, Path, int]:
     """``paper-table.json`` (``rows``) and its Markdown twin from finished experiments."""
     from medxfer.errors import MedxferError
-    from medxfer.train.checkpoint import atomic_write_json, atomic_write_text
 
     missing = [str(d) for d in experiment_dirs if not Path(d).is_dir()]
     if missing:
@@ -191,6 +190,13 @@ def write_table(experiment_dirs: list[Path], out_json: Path) -> tuple[Path, Path
             "no finished evaluate stage under the given folders",
             "run `medxfer run <experiment.yaml>` to the end first",
         )
+    return write_rows(rows, out_json)
+
+
+def write_rows(rows: list[dict[str, Any]], out_json: Path) -> tuple[Path, Path, int]:
+    """``paper-table.json`` and its Markdown twin from rows (``collect_rows``' or kept ones)."""
+    from medxfer.train.checkpoint import atomic_write_json, atomic_write_text
+
     out_json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
         {
