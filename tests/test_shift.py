@@ -140,9 +140,11 @@ def test_shift_command_end_to_end(
     from medxfer.config import load_config
     from medxfer.data.prepare import prepare
 
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(synth_root), "--run-dir", str(run), *FAST]) == 0
+    root, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(synth_root, root)  # removed below: a deployment site has no training data
+    assert main(["train", "--data", str(root), "--run-dir", str(run), *FAST]) == 0
     capsys.readouterr()
+    assert (run / "val_predictions.npz").exists()
     cfg = load_config(run / "config.yaml")
     data = prepare(cfg.data)
     val = [data.samples[i] for i in data.split_index["val"].tolist()]
@@ -156,24 +158,40 @@ def test_shift_command_end_to_end(
         pixels = rng.integers(0, 256, (64, 64), dtype=np.uint8)
         Image.fromarray(pixels).save(noise / f"{i}.png")
     (same / "notes.txt").write_text("not an image: ignored")
-
-    out = tmp_path / "same.json"
-    assert main(["shift", str(run), str(same), "--out", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == str(out)
-    r = json.loads(out.read_text())
-    assert r["n_images"] == r["n_reference"] == len(val)
-    assert not r["shifted"] and r["ks_min_p_value"] == pytest.approx(1.0)
-    for c in r["per_class"]:  # the file path and the training loader see the same pixels
-        assert c["predicted_share"] == pytest.approx(c["reference_predicted_share"])
-        assert c["mean_probability"] == pytest.approx(c["reference_mean_probability"], abs=1e-5)
     m = json.loads((run / "metrics.json").read_text())
-    assert r["accuracy"]["reference_accuracy"] == pytest.approx(m["val"]["accuracy"])
+
+    def check_same(name: str) -> dict[str, object]:
+        out = tmp_path / f"{name}.json"
+        assert main(["shift", str(run), str(same), "--out", str(out)]) == 0
+        assert capsys.readouterr().out.strip() == str(out)
+        r = json.loads(out.read_text())
+        assert r["n_images"] == r["n_reference"] == len(val)
+        assert not r["shifted"] and r["ks_min_p_value"] == pytest.approx(1.0)
+        for c in r["per_class"]:  # the file path and the reference see the same pixels
+            assert c["predicted_share"] == pytest.approx(c["reference_predicted_share"])
+            assert c["mean_probability"] == pytest.approx(c["reference_mean_probability"], abs=1e-5)
+        assert r["accuracy"]["reference_accuracy"] == pytest.approx(m["val"]["accuracy"])
+        return r
+
+    # the outputs stored by the training loop, and validation rebuilt from the data: both
+    # equal what `medxfer predict`'s file path computes on the same images
+    assert str(check_same("stored")["reference"]).startswith("stored")
+    (run / "val_predictions.npz").rename(tmp_path / "kept.npz")
+    assert str(check_same("rebuilt")["reference"]).startswith("rebuilt")
 
     out = tmp_path / "noise.json"
     assert main(["shift", str(run / "best.pt"), str(noise), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     r = json.loads(out.read_text())
     assert r["shifted"] and "SHIFTED" in err
+
+    # no training data: the stored outputs suffice; without them, one clear message
+    shutil.rmtree(root)
+    assert main(["shift", str(run), str(noise), "--out", str(out)]) == 2
+    assert "cannot rebuild the run's validation split" in " ".join(capsys.readouterr().err.split())
+    (tmp_path / "kept.npz").rename(run / "val_predictions.npz")
+    assert main(["shift", str(run), str(noise), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["shifted"]
 
     (tmp_path / "empty").mkdir()
     assert main(["shift", str(run), str(tmp_path / "empty")]) == 2

@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="do unlabelled images look like the validation split to the model? (shift test, "
         "estimated accuracy and class mix; no labels needed)",
     )
-    sh.add_argument("checkpoint", help="a run folder or its best.pt (its data must be reachable)")
+    sh.add_argument("checkpoint", help="a run folder or its best.pt")
     sh.add_argument("input", help="an image folder, an image or a DICOM file")
     sh.add_argument("--out", default="shift.json")
     sh.add_argument("--alpha", type=float, default=0.05,

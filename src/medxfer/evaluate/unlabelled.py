@@ -210,11 +210,27 @@ def compare_outputs(
     }
 
 
+STORED = "val_predictions.npz"  # written by every training run beside its metrics.json
+
+
+def stored_outputs(folder: Path, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The validation outputs a run stored when it finished, if they are comparable with what
+    ``medxfer predict`` computes (no test-time flips, full precision); else None."""
+    path = folder / STORED
+    if not path.exists():
+        return None
+    saved = np.load(path)
+    if bool(saved["tta"]) or str(saved["precision"]) != "fp32" or saved["probs"].shape[1] != k:
+        return None
+    return saved["probs"], saved["labels"]
+
+
 def reference_outputs(
     model: Any, meta: dict[str, Any], *, batch_size: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model's probabilities on its run's validation split, rebuilt from the configuration
-    stored in the checkpoint, through the same preprocessing as ``medxfer predict``."""
+    stored in the checkpoint, through the same preprocessing as ``medxfer predict``; needs the
+    training data (``stored_outputs`` does not)."""
     from medxfer.config import config_from_dict
     from medxfer.data.prepare import prepare
     from medxfer.evaluate.predict import probs_of_arrays
@@ -226,7 +242,14 @@ def reference_outputs(
         )
     cfg = config_from_dict(meta["config"])
     cfg.data.synthetic = ""  # generated images only ever join the training split
-    data = prepare(cfg.data)
+    try:
+        data = prepare(cfg.data)
+    except MedxferError as err:
+        raise MedxferError(
+            f"cannot rebuild the run's validation split: {err.message}",
+            f"run the check where the training data is, or from a run folder holding {STORED} "
+            "(written by every training run since it was added; not with eval.tta)",
+        ) from None
     if data.classes != list(meta["classes"]):
         raise MedxferError(
             f"the run's data now has classes {data.classes}, the model {meta['classes']}",
@@ -244,7 +267,7 @@ def check_images(
 ) -> dict[str, Any]:
     """``medxfer shift``: the comparison for the images under ``target`` (a folder, an image,
     a DICOM file), read as ``medxfer predict`` reads them; unreadable files are listed."""
-    from medxfer.evaluate.predict import collect_inputs, iter_file_probs, load_trained
+    from medxfer.evaluate.predict import collect_inputs, iter_file_probs, load_trained, model_file
 
     model, meta = load_trained(checkpoint)
     files = collect_inputs(target)
@@ -256,11 +279,18 @@ def check_images(
             probs.append(p)
     if len(probs) < 2:
         raise MedxferError(f"{target} has fewer than 2 readable images", "the check compares sets")
-    ref_probs, ref_labels = reference_outputs(model, meta, batch_size=batch_size)
+    folder = model_file(checkpoint).parent
+    stored = stored_outputs(folder, len(meta["classes"]))
+    if stored is not None:
+        (ref_probs, ref_labels), source = stored, f"stored: {folder / STORED}"
+    else:
+        ref_probs, ref_labels = reference_outputs(model, meta, batch_size=batch_size)
+        source = "rebuilt from the run's configuration and data"
     out = compare_outputs(
         ref_probs, ref_labels, np.stack(probs), list(meta["classes"]), alpha=alpha
     )
-    return {"model": str(checkpoint), "images": str(target), "unreadable": unreadable} | out
+    return {"model": str(checkpoint), "images": str(target), "unreadable": unreadable,
+            "reference": source} | out  # fmt: skip
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

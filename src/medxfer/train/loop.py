@@ -266,7 +266,11 @@ def finish(
             )
             if split == "test":
                 _save_figures(run_dir, labels, probs, s.data.classes, history)
-                np.savez_compressed(run_dir / "test_predictions.npz", probs=probs, labels=labels)
+            # val: the reference of `medxfer shift`, usable where the training data is not
+            np.savez_compressed(
+                run_dir / f"{split}_predictions.npz", probs=probs, labels=labels,
+                tta=bool(tta_flips(cfg)), precision=results["compute"]["precision"],
+            )  # fmt: skip
     if c.is_main:
         atomic_write_json(results, run_dir / "metrics.json")  # written last: marks the run complete
         if "test" in results:
