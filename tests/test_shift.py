@@ -196,3 +196,31 @@ def test_shift_command_end_to_end(
     (tmp_path / "empty").mkdir()
     assert main(["shift", str(run), str(tmp_path / "empty")]) == 2
     assert "holds no images" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+
+
+def test_evaluate_rerun_and_old_runs_get_their_validation_outputs(
+    synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`medxfer evaluate`: another eval setting into its own file, metrics.json untouched, only
+    eval.* keys; a run without val_predictions.npz (made before it existed) gets one."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(synth_root), "--run-dir", str(run), *FAST]) == 0
+    metrics = (run / "metrics.json").read_text()
+    stored = np.load(run / "val_predictions.npz")
+    assert not bool(stored["tta"]) and str(stored["precision"]) == "fp32"
+    (run / "val_predictions.npz").unlink()  # as in a run made before the file existed
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "metrics-rerun.json")
+    again = np.load(run / "val_predictions.npz")
+    np.testing.assert_allclose(again["probs"], stored["probs"], atol=1e-6)
+    assert (again["labels"] == stored["labels"]).all()
+    rerun = json.loads((run / "metrics-rerun.json").read_text())
+    assert rerun["val"]["accuracy"] == pytest.approx(json.loads(metrics)["val"]["accuracy"])
+    # test-time flips: a new file; metrics.json and the stored outputs stay as they were
+    assert main(["evaluate", str(run), "eval.tta=true", "--out", "tta.json"]) == 0
+    assert json.loads((run / "tta.json").read_text())["tta_flips"] == [[3]]
+    assert (run / "metrics.json").read_text() == metrics
+    assert not bool(np.load(run / "val_predictions.npz")["tta"])
+    assert main(["evaluate", str(run), "train.lr=0.1"]) == 2
+    assert "only eval.* settings" in " ".join(capsys.readouterr().err.split())

@@ -2,7 +2,8 @@
 
 The run's own ``config.yaml`` rebuilds exactly its data splits and model; only ``eval.*`` keys
 may be overridden (anything else would describe another experiment). Results go to a separate
-file, never over the run's ``metrics.json``.
+file, never over the run's ``metrics.json``. A run made before runs stored their validation
+outputs gets ``val_predictions.npz`` (what ``medxfer shift`` reads), never replacing one.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 from medxfer.config import load_config
 from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import compute_metrics
+from medxfer.evaluate.unlabelled import STORED
 from medxfer.train import compute as compute_mod
 from medxfer.train.checkpoint import atomic_write_json, load_checkpoint
 from medxfer.train.epoch import predict_probs
-from medxfer.train.loop import tta_flips
+from medxfer.train.loop import save_predictions, tta_flips
 from medxfer.train.setup import build
 
 
@@ -39,6 +41,8 @@ def evaluate_run(run_dir: Path, overrides: list[str], out_name: str) -> tuple[Pa
             results[split] = compute_metrics(
                 labels, probs, s.data.classes, n_bootstrap=cfg.eval.n_bootstrap, seed=cfg.train.seed
             )
+            if split == "val" and not (run_dir / STORED).exists():
+                save_predictions(run_dir / STORED, probs, labels, cfg, c)
     out = run_dir / out_name
     atomic_write_json(results, out)
     return out, results

@@ -267,10 +267,7 @@ def finish(
             if split == "test":
                 _save_figures(run_dir, labels, probs, s.data.classes, history)
             # val: the reference of `medxfer shift`, usable where the training data is not
-            np.savez_compressed(
-                run_dir / f"{split}_predictions.npz", probs=probs, labels=labels,
-                tta=bool(tta_flips(cfg)), precision=results["compute"]["precision"],
-            )  # fmt: skip
+            save_predictions(run_dir / f"{split}_predictions.npz", probs, labels, cfg, c)
     if c.is_main:
         atomic_write_json(results, run_dir / "metrics.json")  # written last: marks the run complete
         if "test" in results:
@@ -281,6 +278,15 @@ def finish(
         console.print(f"run folder: {run_dir}")
     compute_mod.barrier(c)
     return results
+
+
+def save_predictions(
+    path: Path, probs: np.ndarray, labels: np.ndarray, cfg: ExperimentConfig, c: compute_mod.Compute
+) -> None:
+    """A split's probabilities and labels, with what made them (test-time flips, precision)."""
+    precision = str(c.dtype) if c.dtype else "fp32"
+    np.savez_compressed(path, probs=probs, labels=labels, tta=bool(tta_flips(cfg)),
+                        precision=precision)  # fmt: skip
 
 
 def state_checksum(model: torch.nn.Module) -> str:
