@@ -184,6 +184,7 @@ def test_shift_command_end_to_end(
     err = capsys.readouterr().err
     r = json.loads(out.read_text())
     assert r["shifted"] and "SHIFTED" in err
+    assert r["figure"] == str(out.with_suffix(".png")) and out.with_suffix(".png").stat().st_size
 
     # no training data: the stored outputs suffice; without them, one clear message
     shutil.rmtree(root)

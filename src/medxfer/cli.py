@@ -119,7 +119,10 @@ def _cmd_shift(args: argparse.Namespace) -> int:
     from medxfer.evaluate.unlabelled import check_images, summary_lines
     from medxfer.train.checkpoint import atomic_write_json
 
-    result = check_images(Path(args.checkpoint), Path(args.input), alpha=args.alpha)
+    out = Path(args.out)
+    result = check_images(
+        Path(args.checkpoint), Path(args.input), alpha=args.alpha, figure=out.with_suffix(".png")
+    )
     table = Table(title=f"validation ({result['n_reference']} images) against {args.input} "
                   f"({result['n_images']} images, no labels)")  # fmt: skip
     for col in ("class", "predicted share val / new", "mean prob. val / new", "KS p",
@@ -141,7 +144,7 @@ def _cmd_shift(args: argparse.Namespace) -> int:
         console.print(
             f"{len(result['unreadable'])} unreadable file(s) skipped (listed in the JSON)"
         )
-    out = Path(args.out)
+    console.print(f"figure: {result['figure']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out)
     print(out)
@@ -275,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sh.add_argument("checkpoint", help="a run folder or its best.pt")
     sh.add_argument("input", help="an image folder, an image or a DICOM file")
-    sh.add_argument("--out", default="shift.json")
+    sh.add_argument("--out", default="shift.json", help="JSON; its figure goes beside it (.png)")
     sh.add_argument("--alpha", type=float, default=0.05,
                     help="level of the per-class KS tests, Bonferroni over classes")  # fmt: skip
     sh.set_defaults(func=_cmd_shift)

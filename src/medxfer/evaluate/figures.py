@@ -1,4 +1,5 @@
-"""Evaluation figures as PNG files: confusion matrix, ROC, training curves, reliability.
+"""Evaluation figures as PNG files: confusion matrix, ROC, training curves, reliability, and
+the per-class output distributions of ``medxfer shift``.
 
 Every function writes one file and closes its figure, so long runs do not leak memory.
 The Agg backend is forced here because training runs headless (servers, CI, containers).
@@ -173,6 +174,34 @@ def plot_reliability(
     ax_hist.set_xlim(0.0, 1.0)
     ax_hist.set_xlabel("confidence (max probability)")
     ax_hist.set_ylabel("count")
+    return _save(fig, path)
+
+
+def plot_output_shift(
+    ref_probs: np.ndarray,
+    probs: np.ndarray,
+    class_names: list[str],
+    path: Path | str,
+    p_values: Sequence[float] | None = None,
+) -> Path:
+    """One panel per class: the cumulative distribution of the model's probability for that
+    class on validation and on the new images (the curves the KS tests compare)."""
+    k = len(class_names)
+    cols = min(k, 4)
+    rows = (k + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for j, name in enumerate(class_names):
+        ax = axes[j // cols][j % cols]
+        for values, label in ((ref_probs[:, j], "validation"), (probs[:, j], "new images")):
+            x = np.sort(values)
+            ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", label=label)
+        title = name if p_values is None else f"{name} (KS p = {p_values[j]:.2g})"
+        ax.set(title=title, xlim=(0, 1), ylim=(0, 1.02), xlabel=f"P({name})")
+        ax.grid(alpha=0.3)
+    for j in range(k, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    axes[0][0].set_ylabel("share of images")
+    axes[0][0].legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 

@@ -263,10 +263,16 @@ def reference_outputs(
 
 
 def check_images(
-    checkpoint: Path, target: Path, *, alpha: float = ALPHA, batch_size: int = 64
+    checkpoint: Path,
+    target: Path,
+    *,
+    alpha: float = ALPHA,
+    batch_size: int = 64,
+    figure: Path | None = None,
 ) -> dict[str, Any]:
     """``medxfer shift``: the comparison for the images under ``target`` (a folder, an image,
-    a DICOM file), read as ``medxfer predict`` reads them; unreadable files are listed."""
+    a DICOM file), read as ``medxfer predict`` reads them; unreadable files are listed.
+    ``figure``: also draw each class's output distribution on both sets there."""
     from medxfer.evaluate.predict import collect_inputs, iter_file_probs, load_trained, model_file
 
     model, meta = load_trained(checkpoint)
@@ -289,6 +295,12 @@ def check_images(
     out = compare_outputs(
         ref_probs, ref_labels, np.stack(probs), list(meta["classes"]), alpha=alpha
     )
+    if figure is not None:
+        from medxfer.evaluate.figures import plot_output_shift
+
+        p_values = [c["ks_p_value"] for c in out["per_class"]]
+        plot_output_shift(ref_probs, np.stack(probs), list(meta["classes"]), figure, p_values)
+        out["figure"] = str(figure)
     return {"model": str(checkpoint), "images": str(target), "unreadable": unreadable,
             "reference": source} | out  # fmt: skip
 
