@@ -126,7 +126,7 @@ def _cmd_shift(args: argparse.Namespace) -> int:
     table = Table(title=f"validation ({result['n_reference']} images) against {args.input} "
                   f"({result['n_images']} images, no labels)")  # fmt: skip
     for col in ("class", "predicted share val / new", "mean prob. val / new", "KS p",
-                "estimated share (BBSE)", "true share val"):  # fmt: skip
+                "estimated share (BBSE)", "class share val"):  # fmt: skip
         table.add_column(col, justify="left" if col == "class" else "right")
     for c in result["per_class"]:
         table.add_row(
