@@ -35,7 +35,12 @@ import numpy as np
 from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
 
 from medxfer.evaluate.predict import load_trained
-from medxfer.evaluate.unlabelled import ALPHA, compare_outputs, reference_outputs
+from medxfer.evaluate.unlabelled import (
+    ALPHA,
+    compare_outputs,
+    reference_outputs,
+    stored_outputs,
+)
 
 
 def l1(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,8 +118,9 @@ def main() -> None:
         k = len(classes)
         test_mix = np.bincount(saved["labels"], minlength=k) / len(saved["labels"])
         loader_shares = np.bincount(saved["probs"].argmax(1), minlength=k) / len(saved["labels"])
-        model, meta = load_trained(run_dir)
-        probs, labels = reference_outputs(model, meta)
+        # the reference `medxfer shift` used: stored by the run, or rebuilt as it rebuilt it
+        stored = stored_outputs(run_dir, k)
+        probs, labels = stored if stored is not None else reference_outputs(*load_trained(run_dir))
         rows.append({
             "run_dir": str(run_dir),
             "command": " ".join(cmd),

@@ -184,6 +184,9 @@ def test_shift_command_end_to_end(
     err = capsys.readouterr().err
     r = json.loads(out.read_text())
     assert r["shifted"] and "SHIFTED" in err
+    assert r["ks_min_p_value"] < 1e-30
+    # what the README warns of: confident on noise, so ATC estimates it above validation
+    assert r["accuracy"]["estimated_accuracy"] > r["accuracy"]["reference_accuracy"]
     assert r["figure"] == str(out.with_suffix(".png")) and out.with_suffix(".png").stat().st_size
 
     # no training data: the stored outputs suffice; without them, one clear message
@@ -223,5 +226,8 @@ def test_evaluate_rerun_and_old_runs_get_their_validation_outputs(
     assert json.loads((run / "tta.json").read_text())["tta_flips"] == [[3]]
     assert (run / "metrics.json").read_text() == metrics
     assert not bool(np.load(run / "val_predictions.npz")["tta"])
+    (run / "val_predictions.npz").unlink()  # flipped outputs are never stored: shift skips them
+    assert main(["evaluate", str(run), "eval.tta=true", "--out", "tta.json"]) == 0
+    assert not (run / "val_predictions.npz").exists()
     assert main(["evaluate", str(run), "train.lr=0.1"]) == 2
     assert "only eval.* settings" in " ".join(capsys.readouterr().err.split())

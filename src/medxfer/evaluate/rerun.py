@@ -3,7 +3,8 @@
 The run's own ``config.yaml`` rebuilds exactly its data splits and model; only ``eval.*`` keys
 may be overridden (anything else would describe another experiment). Results go to a separate
 file, never over the run's ``metrics.json``. A run made before runs stored their validation
-outputs gets ``val_predictions.npz`` (what ``medxfer shift`` reads), never replacing one.
+outputs gets ``val_predictions.npz`` (what ``medxfer shift`` reads) from an evaluation without
+test-time flips, never replacing one.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def evaluate_run(run_dir: Path, overrides: list[str], out_name: str) -> tuple[Pa
             results[split] = compute_metrics(
                 labels, probs, s.data.classes, n_bootstrap=cfg.eval.n_bootstrap, seed=cfg.train.seed
             )
-            if split == "val" and not (run_dir / STORED).exists():
+            # only a file `medxfer shift` can use (no test-time flips): never one it would skip
+            if split == "val" and not tta_flips(cfg) and not (run_dir / STORED).exists():
                 save_predictions(run_dir / STORED, probs, labels, cfg, c)
     out = run_dir / out_name
     atomic_write_json(results, out)

@@ -78,6 +78,14 @@ def bbse_class_shares(
     return q / q.sum() if q.sum() > 0 else np.full(k, 1.0 / k)
 
 
+def _bbse_mix(
+    ref_probs: np.ndarray, ref_labels: np.ndarray, probs: np.ndarray, present: np.ndarray
+) -> np.ndarray:
+    """BBSE's mix over the classes validation holds (the others cannot be drawn from)."""
+    mix = bbse_class_shares(ref_probs, ref_labels, probs, len(present)) * present
+    return mix / mix.sum() if mix.sum() > 0 else present / present.sum()
+
+
 def _mixture_distance(
     ref_probs: np.ndarray, ref_labels: np.ndarray, probs: np.ndarray, mix: np.ndarray
 ) -> float:
@@ -116,8 +124,7 @@ def label_shift_test(
     images of some class look different to the model, so the BBSE mix should not be trusted."""
     k = probs.shape[1]
     present = np.array([(ref_labels == j).any() for j in range(k)])
-    mix = bbse_class_shares(ref_probs, ref_labels, probs, k) * present
-    mix = mix / mix.sum() if mix.sum() > 0 else present / present.sum()
+    mix = _bbse_mix(ref_probs, ref_labels, probs, present)
     observed = _mixture_distance(ref_probs, ref_labels, probs, mix)
     rng = np.random.default_rng(seed)
     by_class = {j: np.flatnonzero(ref_labels == j) for j in range(k) if present[j]}
@@ -136,8 +143,7 @@ def label_shift_test(
         new_idx = np.concatenate([rng.choice(halves[j][len(halves[j]) // 2 :], size=n)
                                   for j, n in enumerate(counts) if n])  # fmt: skip
         r_p, r_y, n_p = ref_probs[ref_idx], ref_labels[ref_idx], ref_probs[new_idx]
-        m = bbse_class_shares(r_p, r_y, n_p, k) * present
-        m = m / m.sum() if m.sum() > 0 else present / present.sum()
+        m = _bbse_mix(r_p, r_y, n_p, present)
         exceed += _mixture_distance(r_p, r_y, n_p, m) * scale >= observed
     return {
         "statistic": observed,
@@ -219,10 +225,10 @@ def stored_outputs(folder: Path, k: int) -> tuple[np.ndarray, np.ndarray] | None
     path = folder / STORED
     if not path.exists():
         return None
-    saved = np.load(path)
-    if bool(saved["tta"]) or str(saved["precision"]) != "fp32" or saved["probs"].shape[1] != k:
-        return None
-    return saved["probs"], saved["labels"]
+    with np.load(path) as saved:
+        if bool(saved["tta"]) or str(saved["precision"]) != "fp32" or saved["probs"].shape[1] != k:
+            return None
+        return saved["probs"], saved["labels"]
 
 
 def reference_outputs(
@@ -277,13 +283,13 @@ def check_images(
 
     model, meta = load_trained(checkpoint)
     files = collect_inputs(target)
-    probs, unreadable = [], {}
+    rows, unreadable = [], {}
     for f, p, error in iter_file_probs(model, meta, files, batch_size=batch_size):
         if p is None:
             unreadable[str(f)] = error
         else:
-            probs.append(p)
-    if len(probs) < 2:
+            rows.append(p)
+    if len(rows) < 2:
         raise MedxferError(f"{target} has fewer than 2 readable images", "the check compares sets")
     folder = model_file(checkpoint).parent
     stored = stored_outputs(folder, len(meta["classes"]))
@@ -292,14 +298,13 @@ def check_images(
     else:
         ref_probs, ref_labels = reference_outputs(model, meta, batch_size=batch_size)
         source = "rebuilt from the run's configuration and data"
-    out = compare_outputs(
-        ref_probs, ref_labels, np.stack(probs), list(meta["classes"]), alpha=alpha
-    )
+    probs, classes = np.stack(rows), list(meta["classes"])
+    out = compare_outputs(ref_probs, ref_labels, probs, classes, alpha=alpha)
     if figure is not None:
         from medxfer.evaluate.figures import plot_output_shift
 
         p_values = [c["ks_p_value"] for c in out["per_class"]]
-        plot_output_shift(ref_probs, np.stack(probs), list(meta["classes"]), figure, p_values)
+        plot_output_shift(ref_probs, probs, classes, figure, p_values)
         out["figure"] = str(figure)
     return {"model": str(checkpoint), "images": str(target), "unreadable": unreadable,
             "reference": source} | out  # fmt: skip
