@@ -8,6 +8,7 @@ medxfer prune [--config FILE] [--data PATH] [key=value ...] [--levels L] [--frac
 medxfer prune --export RUN_DIR [--no-latency] [--no-onnx]
 medxfer predict RUN_OR_CHECKPOINT INPUT [--out preds.csv]
 medxfer shift RUN_OR_CHECKPOINT INPUT [--out shift.json] [--alpha 0.05]
+medxfer adapt RUN_OR_CHECKPOINT INPUT [--out DIR] [--batch-size 64] [--seed 0] [--folds 2]
 medxfer data audit PATH [--out audit.json]
 medxfer data synth OUT
 medxfer models
@@ -151,6 +152,36 @@ def _cmd_shift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from medxfer.evaluate.adapt import adapt_run, summary_lines
+    from medxfer.evaluate.predict import model_file
+
+    target = Path(args.input)
+    out = Path(args.out) if args.out else (
+        model_file(Path(args.checkpoint)).parent / f"adapted-{target.resolve().name}"
+    )  # fmt: skip
+    console.print(f"adapting to {target} (BatchNorm statistics only; no labels needed)")
+    record = adapt_run(Path(args.checkpoint), target, out, batch_size=args.batch_size,
+                       seed=args.seed, folds=args.folds)  # fmt: skip
+    for line in summary_lines(record):
+        console.print(line)
+    if record["unreadable"]:
+        console.print(f"{len(record['unreadable'])} unreadable file(s) skipped (adapt.json)")
+    console.print(f"adapted model: {record['model']} (use it with predict and shift)")
+    print(out)
+    return 0
+
+
+def _model_and_images(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, images: str
+) -> argparse.ArgumentParser:
+    """A subcommand taking a trained model and a set of new images."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("checkpoint", help="a run folder or a model file")
+    p.add_argument("input", help=images)
+    return p
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from medxfer.data.audit import audit, print_audit
     from medxfer.data.sources import discover, with_patient_ids
@@ -271,17 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("input", help="an image, a DICOM file or a folder")
     pr.add_argument("--out", default="predictions.csv")
     pr.set_defaults(func=_cmd_predict)
-    sh = sub.add_parser(
-        "shift",
-        help="do unlabelled images look like the validation split to the model? (shift test, "
-        "estimated accuracy and class mix; no labels needed)",
-    )
-    sh.add_argument("checkpoint", help="a run folder or its best.pt")
-    sh.add_argument("input", help="an image folder, an image or a DICOM file")
+    sh = _model_and_images(
+        sub, "shift", "do unlabelled images look like the validation split to the model? (shift "
+        "test, estimated accuracy and class mix; no labels needed)",
+        "an image folder, an image or a DICOM file",
+    )  # fmt: skip
     sh.add_argument("--out", default="shift.json", help="JSON; its figure goes beside it (.png)")
     sh.add_argument("--alpha", type=float, default=0.05,
                     help="level of the per-class KS tests, Bonferroni over classes")  # fmt: skip
     sh.set_defaults(func=_cmd_shift)
+    ad = _model_and_images(
+        sub, "adapt", "re-estimate BatchNorm statistics on unlabelled images of a new site "
+        "(AdaBN); with one subfolder per class, also measures what it does to accuracy",
+        "a folder of images from the new site",
+    )  # fmt: skip
+    ad.add_argument("--out", help="output folder (default: adapted-<input name> beside the model)")
+    ad.add_argument("--batch-size", type=int, default=64)
+    ad.add_argument("--seed", type=int, default=0, help="shuffling of the images into batches")
+    ad.add_argument("--folds", type=int, default=2, help="folds of the labelled check")
+    ad.set_defaults(func=_cmd_adapt)
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
     a = d.add_parser("audit", help="counts, unreadable files, duplicates and leaks across splits")
     a.add_argument("path", help="dataset folder or CSV manifest")

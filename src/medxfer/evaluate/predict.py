@@ -89,15 +89,36 @@ def probs_of_arrays(
 ) -> np.ndarray:
     """Softmax probabilities of uint8 images already at the model's size ((N, H, W) or
     (N, H, W, 3)), normalized with the checkpoint's mean and std."""
+    out = []
+    for start in range(0, len(arrays), batch_size):
+        x = preprocess_arrays(meta, arrays[start : start + batch_size])
+        out.append(torch.softmax(model(x), dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), np.float32)
+
+
+def preprocess_arrays(meta: dict[str, Any], arrays: np.ndarray) -> torch.Tensor:
+    """uint8 images at the model's size -> the float batch the model takes (3 channels,
+    normalized with the checkpoint's mean and std)."""
     pre = Preprocess(tuple(meta["mean"]), tuple(meta["std"]), "checkpoint")
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    out = []
-    for start in range(0, len(arrays), batch_size):
-        x = to_float(torch.from_numpy(np.ascontiguousarray(arrays[start : start + batch_size])))
-        x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x) - mean
-        out.append(torch.softmax(model(x / std), dim=1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), np.float32)
+    x = to_float(torch.from_numpy(np.ascontiguousarray(arrays)))
+    return ((x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x) - mean) / std
+
+
+def read_arrays(
+    meta: dict[str, Any], files: list[Path]
+) -> tuple[list[np.ndarray], dict[Path, str]]:
+    """The readable ``files`` as uint8 arrays at the model's size and colour, in order, and
+    why each unreadable one could not be read."""
+    arrays, errors = [], {}
+    for f in files:
+        try:
+            img = read_image(f, str(meta["color"]))
+            arrays.append(resize(img, int(meta["image_size"]), str(meta["resize"])))
+        except MedxferError as err:
+            errors[f] = err.message
+    return arrays, errors
 
 
 def iter_file_probs(
@@ -105,13 +126,8 @@ def iter_file_probs(
 ) -> Iterator[tuple[Path, np.ndarray | None, str]]:
     """Per file, in order: its probabilities, or None and why it could not be read."""
     for start in range(0, len(files), batch_size):
-        chunk, arrays, errors = files[start : start + batch_size], [], {}
-        for f in chunk:
-            try:
-                img = read_image(f, str(meta["color"]))
-                arrays.append(resize(img, int(meta["image_size"]), str(meta["resize"])))
-            except MedxferError as err:
-                errors[f] = err.message
+        chunk = files[start : start + batch_size]
+        arrays, errors = read_arrays(meta, chunk)
         probs = iter(probs_of_arrays(model, meta, np.stack(arrays), batch_size) if arrays else [])
         for f in chunk:
             yield (f, None, errors[f]) if f in errors else (f, next(probs), "")

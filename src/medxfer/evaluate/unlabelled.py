@@ -237,9 +237,17 @@ def reference_outputs(
     """The model's probabilities on its run's validation split, rebuilt from the configuration
     stored in the checkpoint, through the same preprocessing as ``medxfer predict``; needs the
     training data (``stored_outputs`` does not)."""
+    from medxfer.evaluate.predict import probs_of_arrays
+
+    images, labels = validation_arrays(meta)
+    return probs_of_arrays(model, meta, images, batch_size=batch_size), labels
+
+
+def validation_arrays(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 images and labels of the validation split of the run that wrote ``meta``,
+    rebuilt from the configuration stored in its checkpoint."""
     from medxfer.config import config_from_dict
     from medxfer.data.prepare import prepare
-    from medxfer.evaluate.predict import probs_of_arrays
 
     if "config" not in meta:
         raise MedxferError(
@@ -264,8 +272,7 @@ def reference_outputs(
     idx = data.split_index["val"]
     if len(idx) < 2:
         raise MedxferError("the run's validation split has fewer than 2 images")
-    probs = probs_of_arrays(model, meta, data.images[idx].numpy(), batch_size=batch_size)
-    return probs, data.labels[idx].numpy()
+    return data.images[idx].numpy(), data.labels[idx].numpy()
 
 
 def check_images(

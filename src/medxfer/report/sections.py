@@ -79,11 +79,18 @@ def results(r: dict[str, Any]) -> tuple[Section, list[dict[str, Any]]]:
         )
     )
     s.add(Table(header, body, caption="Results table laid out like the paper's", id="paper-table"))
-    rows = []
+    rows, recal = [], []
     shift: list[tuple[str, list[dict[str, Any]]]] = []
     for row in ev["rows"]:
         label = "fine-tuned + pruned" if row["pruned"] else "fine-tuned"
         full = load(Path(row["run_dir"]) / "metrics.json")
+        if "bn_recalibration" in full:
+            b = full["bn_recalibration"]
+            recal.append(
+                f"{label}: {num(b['val_balanced_accuracy_before'])} -> "
+                f"{num(b['val_balanced_accuracy_after'])}, "
+                + ("kept" if b["kept"] else "not kept (training statistics used)")
+            )
         m = full["test"]
         if "val" in full:
             shift.append((label, split_shift(full["val"], m)))
@@ -117,6 +124,14 @@ def results(r: dict[str, Any]) -> tuple[Section, list[dict[str, Any]]]:
             id="test-metrics",
         )
     )
+    if recal:
+        s.add(
+            Text(
+                "BatchNorm statistics were re-estimated on the un-augmented training images "
+                "after training and kept where validation balanced accuracy did not drop "
+                "(train.bn_recalibrate): " + "; ".join(recal) + "."
+            )
+        )
     if shift:
         _split_shift(s, shift)
     return s, ev["rows"]

@@ -238,6 +238,13 @@ def finish(
     compute_mod.barrier(c)
     best = load_checkpoint(run_dir / "best.pt")
     _bare(s.model).load_state_dict(best["model"])
+    recal = best.get("bn_recalibration")  # present: done before this run was interrupted
+    if recal is None and evaluate_test and cfg.train.bn_recalibrate:
+        recal = recalibrate_batchnorm(s, c, cfg)
+        if recal is not None and c.is_main:
+            best |= {"model": _bare(s.model).state_dict(), "bn_recalibration": recal}
+            atomic_save(best, run_dir / "best.pt")
+        compute_mod.barrier(c)
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "best_epoch": best["epoch"] + 1,
@@ -255,6 +262,8 @@ def finish(
                     "precision": str(c.dtype) if c.dtype else "fp32", "world_size": c.world,
                     "threads": torch.get_num_threads()},
     }  # fmt: skip
+    if recal is not None:
+        results["bn_recalibration"] = recal
     splits = [("val", s.val_loader), ("test", s.test_loader)][: 2 if evaluate_test else 1]
     for split, loader in splits:
         if len(loader.indices) == 0:
@@ -278,6 +287,56 @@ def finish(
         console.print(f"run folder: {run_dir}")
     compute_mod.barrier(c)
     return results
+
+
+def recalibrate_batchnorm(
+    s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig
+) -> dict[str, Any] | None:
+    """Re-estimate the model's BatchNorm statistics on the un-augmented training images and
+    keep them when validation balanced accuracy does not drop (else restore the model as it
+    was); None for a model without BatchNorm. Every rank computes the same statistics from the
+    whole training split, so DDP ranks stay equal."""
+    import copy
+
+    from medxfer.data.loader import BatchLoader
+    from medxfer.train.batchnorm import batchnorm_layers, recompute_batchnorm
+
+    model = _bare(s.model)
+    if not batchnorm_layers(model):
+        return None
+    before = _validate(s, c, cfg)["val_balanced_accuracy"]
+    saved = copy.deepcopy(model.state_dict())
+    # train=True: a seeded shuffle with the last partial batch dropped (never one image);
+    # augment=None: the plain images the model is evaluated on
+    loader = BatchLoader(
+        s.data.images, s.data.labels, s.data.split_index["train"],
+        batch_size=max(cfg.train.eval_batch_size, 2), normalize=s.train_loader.normalize,
+        device=c.device, train=True, augment=None, seed=cfg.train.seed,
+        channels_last=c.channels_last,
+    )  # fmt: skip
+    if c.is_main:
+        console.print(
+            f"recalibrating BatchNorm statistics on {len(loader.indices)} un-augmented "
+            "training images"
+        )
+    t0 = time.perf_counter()
+    images = recompute_batchnorm(model, (x for x, _ in loader))
+    after = _validate(s, c, cfg)["val_balanced_accuracy"]
+    kept = after >= before
+    if not kept:
+        model.load_state_dict(saved)
+    if c.is_main:
+        console.print(
+            f"  val balanced accuracy {before:.4f} -> {after:.4f}: "
+            + ("kept" if kept else "not kept (training statistics restored)")
+        )
+    return {
+        "images": images,
+        "val_balanced_accuracy_before": before,
+        "val_balanced_accuracy_after": after,
+        "kept": kept,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def save_predictions(
