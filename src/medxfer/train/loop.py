@@ -1,5 +1,7 @@
 """``fit``: train with checkpoints every epoch, keep the best by validation balanced accuracy,
-then evaluate that best model once on the untouched test split.
+re-estimate its BatchNorm statistics on the un-augmented training images (kept when validation
+balanced accuracy does not drop; ``train.bn_recalibrate``), then evaluate that model once on the
+untouched test split.
 
 Resume contract: every random choice of epoch ``e`` is seeded from (seed, e), and the last
 checkpoint holds model, optimizer, scheduler, scaler, history and early-stopping state, so a run
@@ -119,7 +121,8 @@ def fit(
     ``prepare_model`` is called on the bare network after it is built and before training (or
     resuming) starts: the hook later stages use to load a rewound state or attach pruning masks.
     ``callbacks`` are called after every epoch with (epoch, history row).
-    ``evaluate_test=False`` never runs the model on the test split (tuning trials).
+    ``evaluate_test=False`` never runs the model on the test split (tuning trials), and skips
+    the BatchNorm recalibration (a trial's value is its best per-epoch validation score).
     ``start_epoch=k`` begins a fresh run at epoch ``k`` of the schedule (epochs before it are
     skipped and the LR schedule is advanced past them): late rewinding retrains from epoch k.
     ``warn_shift=False``: no console warning for classes that validation and test disagree on
