@@ -162,7 +162,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     )  # fmt: skip
     console.print(f"adapting to {target} (BatchNorm statistics only; no labels needed)")
     record = adapt_run(Path(args.checkpoint), target, out, batch_size=args.batch_size,
-                       seed=args.seed, folds=args.folds)  # fmt: skip
+                       seed=args.seed, folds=args.folds, log=console.print)  # fmt: skip
     for line in summary_lines(record):
         console.print(line)
     if record["unreadable"]:

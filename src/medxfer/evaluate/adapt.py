@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ def cross_fitted_check(
     batch_size: int = 64,
     seed: int = 0,
     n_bootstrap: int = 2000,
+    log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """What adaptation does to accuracy on labelled images, no image scored by a model whose
     statistics it shaped: stratified ``folds``, each scored after adapting on the others, against
@@ -112,7 +114,8 @@ def cross_fitted_check(
     splitter = (StratifiedKFold if stratify else KFold)(folds, shuffle=True, random_state=seed)
     before = probs_of_arrays(model, meta, images, batch_size=batch_size)
     after = np.zeros_like(before)
-    for fit_idx, score_idx in splitter.split(images, labels):
+    for fold, (fit_idx, score_idx) in enumerate(splitter.split(images, labels)):
+        log(f"labelled check: fold {fold + 1} of {folds}")
         adapted = adapt_batchnorm(model, meta, images[fit_idx], batch_size=batch_size, seed=seed)
         after[score_idx] = probs_of_arrays(adapted, meta, images[score_idx], batch_size=batch_size)
     p0, p1 = before.argmax(1), after.argmax(1)
@@ -169,6 +172,7 @@ def adapt_run(
     batch_size: int = 64,
     seed: int = 0,
     folds: int = 2,
+    log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """``medxfer adapt``: the model of ``checkpoint`` (a run folder or model file) adapted to the
     images under ``target``, written to ``out_dir`` in a form every medxfer command loads
@@ -191,12 +195,14 @@ def adapt_run(
     model, meta = load_trained(checkpoint)
     source = model_file(checkpoint)
     files = collect_inputs(target)
+    log(f"reading {len(files)} files from {target}")
     arrays, errors = read_arrays(meta, files)
     readable = [f for f in files if f not in errors]
     if len(arrays) < 2:
         raise MedxferError(f"{target} has fewer than 2 readable images", "adaptation needs a set")
     images = np.stack(arrays)
     classes = list(meta["classes"])
+    log(f"re-estimating the BatchNorm statistics on {len(images)} images")
     adapted = adapt_batchnorm(model, meta, images, batch_size=batch_size, seed=seed)
     p0 = probs_of_arrays(model, meta, images, batch_size=batch_size).argmax(1)
     p1 = probs_of_arrays(adapted, meta, images, batch_size=batch_size).argmax(1)
@@ -204,7 +210,7 @@ def adapt_run(
     check = None
     if labels is not None and len(labels) >= 2 * folds:
         check = cross_fitted_check(model, meta, images, np.asarray(labels), folds=folds,
-                                   batch_size=batch_size, seed=seed)  # fmt: skip
+                                   batch_size=batch_size, seed=seed, log=log)  # fmt: skip
     record: dict[str, Any] = {
         "source_model": str(source),
         "images": str(target),

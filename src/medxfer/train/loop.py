@@ -305,7 +305,7 @@ def recalibrate_batchnorm(
     from medxfer.train.batchnorm import batchnorm_layers, recompute_batchnorm
 
     model = _bare(s.model)
-    if not batchnorm_layers(model):
+    if not batchnorm_layers(model) or len(s.data.split_index["train"]) < 2:
         return None
     before = _validate(s, c, cfg)["val_balanced_accuracy"]
     saved = copy.deepcopy(model.state_dict())
