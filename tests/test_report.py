@@ -100,6 +100,13 @@ def test_report_tables_match_metrics(demo: Path) -> None:
     for row, (label, c, v, te) in zip(shift, expected, strict=True):
         assert row[:4] == [label, c, f"{v:.3f}", f"{te:.3f}"]
         assert row[4] == f"{100 * (te - v):+.1f}"
+    # the BatchNorm recalibration of both models, as their metrics.json record it
+    md = " ".join((demo / "report.md").read_text().split())
+    for label, m in (("fine-tuned", train), ("fine-tuned + pruned", pruned)):
+        b = m["bn_recalibration"]
+        said = "kept" if b["kept"] else "not kept"
+        assert (f"{label}: {b['val_balanced_accuracy_before']:.3f} -> "
+                f"{b['val_balanced_accuracy_after']:.3f}, {said}") in md  # fmt: skip
     # the paper-style table: our numbers in the synthetic-demo column
     paper = t.tables["paper-table"]
     assert paper[1][:2] == ["efficientnet_lite0", "fine-tuned"]
