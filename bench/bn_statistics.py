@@ -35,7 +35,7 @@ from medxfer.train import compute as compute_mod
 from medxfer.train.batchnorm import recompute_batchnorm
 from medxfer.train.checkpoint import load_checkpoint
 from medxfer.train.epoch import predict_probs
-from medxfer.train.loop import checkpoint_meta, recalibrate_batchnorm
+from medxfer.train.loop import checkpoint_meta, plain_train_loader, recalibrate_batchnorm
 from medxfer.train.setup import build
 
 
@@ -71,14 +71,7 @@ def measure(run_dir: Path, extra: list[str]) -> dict[str, Any]:
     if rule["kept"]:
         recalibrated = chosen
     else:  # the rule restored the trained statistics: measure the recalibrated ones anyway
-        from medxfer.data.loader import BatchLoader
-
-        loader = BatchLoader(
-            s.data.images, s.data.labels, s.data.split_index["train"],
-            batch_size=cfg.train.eval_batch_size, normalize=s.train_loader.normalize,
-            device=c.device, train=True, augment=None, seed=cfg.train.seed,
-        )  # fmt: skip
-        recompute_batchnorm(s.model, (x for x, _ in loader))
+        recompute_batchnorm(s.model, (x for x, _ in plain_train_loader(s, c, cfg)))
         recalibrated = scores(s, c)
 
     def short(check: dict[str, Any]) -> dict[str, Any]:

@@ -164,7 +164,11 @@ def test_training_recalibrates_keeps_by_validation_and_resumes(
     monkeypatch.setattr(loop, "_validate", validate)
     worse = tmp_path / "worse"
     assert main(["train", "--data", str(synth_root), "--run-dir", str(worse), *FAST]) == 0
-    assert not json.loads((worse / "metrics.json").read_text())["bn_recalibration"]["kept"]
+    mw = json.loads((worse / "metrics.json").read_text())
+    assert not mw["bn_recalibration"]["kept"]
+    # "before" is the best epoch's score from the history: equal to evaluating best.pt afresh
+    before = mw["bn_recalibration"]["val_balanced_accuracy_before"]
+    assert mw["val"]["balanced_accuracy"] == pytest.approx(before, abs=1e-12)
     restored = _bn_state(worse / "best.pt")
     assert trained and restored.keys() == trained.keys()
     assert all(torch.equal(restored[k], trained[k]) for k in trained)

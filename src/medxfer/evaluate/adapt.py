@@ -98,10 +98,12 @@ def cross_fitted_check(
     seed: int = 0,
     n_bootstrap: int = 2000,
     log: Callable[[str], None] = lambda line: None,
+    before: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """What adaptation does to accuracy on labelled images, no image scored by a model whose
     statistics it shaped: stratified ``folds``, each scored after adapting on the others, against
-    the unadapted model on the same images; a paired percentile bootstrap of the differences."""
+    the unadapted model on the same images (``before``: its probabilities, if already computed);
+    a paired percentile bootstrap of the differences."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     from medxfer.evaluate.predict import probs_of_arrays
@@ -112,7 +114,8 @@ def cross_fitted_check(
     counts = np.bincount(labels, minlength=k)
     stratify = counts[counts > 0].min() >= folds
     splitter = (StratifiedKFold if stratify else KFold)(folds, shuffle=True, random_state=seed)
-    before = probs_of_arrays(model, meta, images, batch_size=batch_size)
+    if before is None:
+        before = probs_of_arrays(model, meta, images, batch_size=batch_size)
     after = np.zeros_like(before)
     for fold, (fit_idx, score_idx) in enumerate(splitter.split(images, labels)):
         log(f"labelled check: fold {fold + 1} of {folds}")
@@ -204,13 +207,15 @@ def adapt_run(
     classes = list(meta["classes"])
     log(f"re-estimating the BatchNorm statistics on {len(images)} images")
     adapted = adapt_batchnorm(model, meta, images, batch_size=batch_size, seed=seed)
-    p0 = probs_of_arrays(model, meta, images, batch_size=batch_size).argmax(1)
+    probs0 = probs_of_arrays(model, meta, images, batch_size=batch_size)
+    p0 = probs0.argmax(1)
     p1 = probs_of_arrays(adapted, meta, images, batch_size=batch_size).argmax(1)
     labels = folder_labels(target, readable, classes)
     check = None
     if labels is not None and len(labels) >= 2 * folds:
         check = cross_fitted_check(model, meta, images, np.asarray(labels), folds=folds,
-                                   batch_size=batch_size, seed=seed, log=log)  # fmt: skip
+                                   batch_size=batch_size, seed=seed, log=log,
+                                   before=probs0)  # fmt: skip
     record: dict[str, Any] = {
         "source_model": str(source),
         "images": str(target),

@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 
 from medxfer.config import ExperimentConfig, save_config
+from medxfer.data.loader import BatchLoader
 from medxfer.evaluate.metrics import compute_metrics, format_summary, shift_warnings
 from medxfer.train import compute as compute_mod
 from medxfer.train.checkpoint import (
@@ -243,7 +244,9 @@ def finish(
     _bare(s.model).load_state_dict(best["model"])
     recal = best.get("bn_recalibration")  # present: done before this run was interrupted
     if recal is None and evaluate_test and cfg.train.bn_recalibrate:
-        recal = recalibrate_batchnorm(s, c, cfg)
+        row = [h for h in history if h.get("epoch") == best["epoch"] + 1]
+        # the best epoch's validation score is that of best.pt as saved: no second pass
+        recal = recalibrate_batchnorm(s, c, cfg, row[0]["val_balanced_accuracy"] if row else None)
         if recal is not None and c.is_main:
             best |= {"model": _bare(s.model).state_dict(), "bn_recalibration": recal}
             atomic_save(best, run_dir / "best.pt")
@@ -292,31 +295,39 @@ def finish(
     return results
 
 
-def recalibrate_batchnorm(
-    s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig
-) -> dict[str, Any] | None:
-    """Re-estimate the model's BatchNorm statistics on the un-augmented training images and
-    keep them when validation balanced accuracy does not drop (else restore the model as it
-    was); None for a model without BatchNorm. Every rank computes the same statistics from the
-    whole training split, so DDP ranks stay equal."""
-    import copy
-
+def plain_train_loader(s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig) -> BatchLoader:
+    """The whole training split without augmentation, in a seeded shuffle with the last partial
+    batch dropped (never a batch of one image), on every rank: what BatchNorm statistics are
+    re-estimated from."""
     from medxfer.data.loader import BatchLoader
-    from medxfer.train.batchnorm import batchnorm_layers, recompute_batchnorm
 
-    model = _bare(s.model)
-    if not batchnorm_layers(model) or len(s.data.split_index["train"]) < 2:
-        return None
-    before = _validate(s, c, cfg)["val_balanced_accuracy"]
-    saved = copy.deepcopy(model.state_dict())
-    # train=True: a seeded shuffle with the last partial batch dropped (never one image);
-    # augment=None: the plain images the model is evaluated on
-    loader = BatchLoader(
+    return BatchLoader(
         s.data.images, s.data.labels, s.data.split_index["train"],
         batch_size=max(cfg.train.eval_batch_size, 2), normalize=s.train_loader.normalize,
         device=c.device, train=True, augment=None, seed=cfg.train.seed,
         channels_last=c.channels_last,
     )  # fmt: skip
+
+
+def recalibrate_batchnorm(
+    s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig, before: float | None = None
+) -> dict[str, Any] | None:
+    """Re-estimate the model's BatchNorm statistics on the un-augmented training images and
+    keep them when validation balanced accuracy does not drop below ``before`` (the model's
+    score as it stands; measured when not given), else restore the model as it was; None for a
+    model without BatchNorm. Every rank computes the same statistics from the whole training
+    split, so DDP ranks stay equal."""
+    import copy
+
+    from medxfer.train.batchnorm import batchnorm_layers, recompute_batchnorm
+
+    model = _bare(s.model)
+    if not batchnorm_layers(model) or len(s.data.split_index["train"]) < 2:
+        return None
+    if before is None:
+        before = _validate(s, c, cfg)["val_balanced_accuracy"]
+    saved = copy.deepcopy(model.state_dict())
+    loader = plain_train_loader(s, c, cfg)
     if c.is_main:
         console.print(
             f"recalibrating BatchNorm statistics on {len(loader.indices)} un-augmented "
