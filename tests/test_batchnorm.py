@@ -214,7 +214,20 @@ def test_adapt_command_end_to_end(
     assert main(["predict", str(out), str(site), "--out", str(tmp_path / "p.csv")]) == 0
     # no class subfolders: adapted, but the effect on accuracy is not claimed
     assert main(["adapt", str(run), str(flat), "--out", str(tmp_path / "a2")]) == 0
-    assert json.loads((tmp_path / "a2" / "adapt.json").read_text())["labelled_check"] is None
-    assert "not measured" in " ".join(capsys.readouterr().err.split())
+    a2 = json.loads((tmp_path / "a2" / "adapt.json").read_text())
+    assert a2["labelled_check"] is None and a2["labelled_images"] == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no labels" in err and "not measured" in err
+    # labelled, but too few for two folds of two: said as such, not as "no labels"
+    cls = next(p for p in site.iterdir() if p.is_dir())
+    few = tmp_path / "few"
+    (few / cls.name).mkdir(parents=True)
+    for f in sorted(cls.glob("*.png"))[:3]:
+        shutil.copy(f, few / cls.name / f.name)
+    assert main(["adapt", str(run), str(few), "--out", str(tmp_path / "a3")]) == 0
+    a3 = json.loads((tmp_path / "a3" / "adapt.json").read_text())
+    assert a3["labelled_check"] is None and a3["labelled_images"] == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "only 3 labelled images" in err and "not measured" in err
     assert main(["adapt", str(run), str(site), "--batch-size", "1"]) == 2
     assert "at least 2" in " ".join(capsys.readouterr().err.split())

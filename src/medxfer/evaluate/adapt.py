@@ -232,6 +232,7 @@ def adapt_run(
         ),
         "predictions_changed": float((p0 != p1).mean()),
         "few_images": len(images) < MIN_IMAGES,
+        "labelled_images": 0 if labels is None else len(labels),
         "labelled_check": check,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -263,9 +264,14 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
         )
     check = record["labelled_check"]
     if check is None:
+        why = (
+            f"only {record['labelled_images']} labelled images, too few for the labelled check"
+            if record["labelled_images"]
+            else "no labels (the folder is not one subfolder per class)"
+        )
         lines.append(
-            "no labels (the folder is not one subfolder per class): what adaptation does to "
-            "accuracy here is not measured; check it on labelled images of the same site"
+            f"{why}: what adaptation does to accuracy here is not measured; check it on "
+            "labelled images of the same site"
         )
         return lines
     lo, hi = check["accuracy_difference_ci95"]
