@@ -21,14 +21,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_experiment_files_are_also_train_configs() -> None:
-    for name in (
-        "demo",
-        "cpu-brain-tumor",
-        "cpu-pneumonia",
-        "paper-brain-tumor",
-        "paper-pneumonia",
-    ):
-        path = REPO / "configs" / f"{name}.yaml"
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(paths) >= 6
+    for path in paths:
         cfg = load_config(path)  # what `medxfer train --config` does: extra keys are ignored
         exp = load_experiment(path)
         assert exp.base.to_dict() == cfg.to_dict() or cfg.data.root != exp.base.data.root
@@ -37,6 +32,21 @@ def test_experiment_files_are_also_train_configs() -> None:
     assert all(c.cfg.tune.n_trials == 20 and c.cfg.data.image_size == 224 for c in paper.cells())
     cpu = load_experiment(REPO / "configs" / "cpu-pneumonia.yaml")
     assert cpu.base.model.arch == "efficientnet_lite0" and cpu.base.model.weights == "imagenet"
+
+
+def test_oversampled_chest_file_changes_only_the_sampling() -> None:
+    """Its header says: configs/cpu-pneumonia-192.yaml with the training split sampled per class
+    (and without the fine-tuning baseline that file added later)."""
+    base = load_experiment(REPO / "configs" / "cpu-pneumonia-192.yaml").base.to_dict()
+    over = load_experiment(REPO / "configs" / "cpu-pneumonia-192-oversample.yaml").base.to_dict()
+    assert over["train"].pop("weighted_sampling") is True
+    assert base["train"].pop("weighted_sampling") is False
+    assert over["prune"].pop("finetune") is False and base["prune"].pop("finetune") is True
+    assert (over.pop("name"), base.pop("name")) == (
+        "cpu-pneumonia-192-oversample",
+        "cpu-pneumonia-192",
+    )
+    assert over == base
 
 
 def test_matrix_cells_and_overrides(tmp_path: Path) -> None:
