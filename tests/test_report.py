@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import yaml
 from experiment_demo import gan_available, run_demo
 
 from medxfer.cli import main
@@ -126,6 +127,24 @@ def test_report_tables_match_metrics(demo: Path) -> None:
     assert len(t.tables["pruning"]) - 1 == len(lottery["levels"])
     trials = t.tables["trials"][1:]
     assert len(trials) >= 2 and {r[1] for r in trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+
+
+def test_report_names_the_imbalance_handling(demo: Path) -> None:
+    from medxfer.report.sections import imbalance_text
+
+    t = _parse(demo / "report.html")
+    train = Path(_marker(demo, "train")["run_dir"])
+    cfg = yaml.safe_load((train / "config.yaml").read_text())
+    overview = [r for table in t.tables.values() for r in table if r and r[0] == "class imbalance"]
+    assert overview == [["class imbalance", imbalance_text(cfg)]]
+    gan = {"data": {"synthetic": "gan/manifest.csv"}, "train": {"weighted_sampling": False}}
+    assert imbalance_text(gan) == "GAN images added to the training split"
+    base = {"data": {"synthetic": ""}, "train": {"weighted_sampling": False, "class_weight": False}}
+    assert imbalance_text(base) == "none (plain loss, natural class frequencies)"
+    both = {"data": {"synthetic": ""}, "train": {"weighted_sampling": True, "class_weight": True}}
+    assert imbalance_text(both) == (
+        "each class sampled equally often; inverse-frequency class weights in the loss"
+    )
 
 
 def test_report_is_self_contained(demo: Path) -> None:

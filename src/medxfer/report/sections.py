@@ -54,6 +54,7 @@ def overview(r: dict[str, Any]) -> Section:
                     f"{cfg['train']['epochs']} epochs, batch {cfg['train']['batch_size']}, "
                     f"lr {cfg['train']['lr']:.3g}, weight decay {cfg['train']['weight_decay']:.3g}",
                 ],
+                ["class imbalance", imbalance_text(cfg)],
                 ["command", r["command"]],
             ],
             caption="What was run (the training row holds the tuned values when tuning ran)",
@@ -62,6 +63,18 @@ def overview(r: dict[str, Any]) -> Section:
     rows = [[STAGE_TITLES[k], v] for k, v in r["status"].items()]
     s.add(Table(["stage", "status"], rows, caption="Stages (complete = done in an earlier call)"))
     return s
+
+
+def imbalance_text(cfg: dict[str, Any]) -> str:
+    """How the training run met the class imbalance, from its resolved config."""
+    parts = []
+    if cfg["data"].get("synthetic"):
+        parts.append("GAN images added to the training split")
+    if cfg["train"].get("weighted_sampling"):
+        parts.append("each class sampled equally often")
+    if cfg["train"].get("class_weight"):
+        parts.append("inverse-frequency class weights in the loss")
+    return "; ".join(parts) if parts else "none (plain loss, natural class frequencies)"
 
 
 def results(r: dict[str, Any]) -> tuple[Section, list[dict[str, Any]]]:
