@@ -299,8 +299,6 @@ def plain_train_loader(s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig) 
     """The whole training split without augmentation, in a seeded shuffle with the last partial
     batch dropped (never a batch of one image), on every rank: what BatchNorm statistics are
     re-estimated from."""
-    from medxfer.data.loader import BatchLoader
-
     return BatchLoader(
         s.data.images, s.data.labels, s.data.split_index["train"],
         batch_size=max(cfg.train.eval_batch_size, 2), normalize=s.train_loader.normalize,
