@@ -343,10 +343,10 @@ def test_export_round_trip(lottery: Path) -> None:
     assert all(torch.equal(state[k], v) for k, v in best["model"].items())
     from medxfer.evaluate.predict import load_trained
 
-    original, _ = load_trained(run)
-    x = torch.randn(4, 3, 32, 32)
+    original, _ = load_trained(run)  # in the NHWC layout `medxfer predict` runs
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert torch.equal(original(x), restored(x))
+        assert torch.equal(original(x), restored.to(memory_format=torch.channels_last)(x))
     assert meta["classes"] == best["meta"]["classes"]
     assert json.loads((run / "export" / "export.json").read_text())["sizes"] == sizes
 

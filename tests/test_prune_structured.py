@@ -121,6 +121,11 @@ def test_measure_latency_reports_every_model() -> None:
                           batches=(1, 4), repeats=2, threads=1)  # fmt: skip
     assert lat["threads"] == 1 and lat["baseline"] == "dense"
     assert lat["batch_4"]["speedup"]["dense"] == 1.0 and lat["batch_1"]["ms"]["small"] > 0
+    dense = _tiny()
+    nhwc = measure_latency({"dense": dense}, 32, batches=(2,), repeats=1, channels_last=True)
+    assert (lat["memory_format"], nhwc["memory_format"]) == ("contiguous", "channels_last")
+    assert nhwc["batch_2"]["ms"]["dense"] > 0
+    assert dense.conv1.weight.is_contiguous()  # timed on a copy: the caller's model is as it was
 
 
 def test_onnxruntime_latency_times_the_exported_pruned_graph(tmp_path: Path) -> None:
@@ -170,9 +175,10 @@ def test_structured_end_to_end_and_reload(dense_run: Path, tmp_path: Path) -> No
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
         assert model(x).shape == (5, len(meta["classes"]))
-    loaded, _ = load_trained(out)  # what `medxfer predict` and Grad-CAM load
+    loaded, _ = load_trained(out)  # what `medxfer predict` and Grad-CAM load, in NHWC
+    nhwc = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
+        assert torch.equal(loaded(nhwc), model.to(memory_format=torch.channels_last)(nhwc))
     Image.fromarray(np.full((40, 40), 128, np.uint8)).save(tmp_path / "scan.png")
     csv_out = tmp_path / "p.csv"
     assert main(["predict", str(out), str(tmp_path / "scan.png"), "--out", str(csv_out)]) == 0

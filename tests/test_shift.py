@@ -19,6 +19,7 @@ from PIL import Image
 from medxfer.cli import main
 from medxfer.errors import MedxferError
 from medxfer.evaluate.unlabelled import (
+    ALPHA,
     atc_accuracy,
     bbse_class_shares,
     compare_outputs,
@@ -166,6 +167,7 @@ def test_shift_command_end_to_end(
         assert capsys.readouterr().out.strip() == str(out)
         r = json.loads(out.read_text())
         assert r["n_images"] == r["n_reference"] == len(val)
+        assert r["alpha"] == ALPHA  # no --alpha: the module's level, not a second literal
         assert not r["shifted"] and r["ks_min_p_value"] == pytest.approx(1.0)
         for c in r["per_class"]:  # the file path and the reference see the same pixels
             assert c["predicted_share"] == pytest.approx(c["reference_predicted_share"])

@@ -60,8 +60,27 @@ def test_cli_end_to_end(
     assert len(rows) == sum(1 for _ in (synth_root / "test").rglob("*.png"))
     p = [float(rows[0][k]) for k in rows[0] if k.startswith("p_")]
     assert len(p) == 4 and abs(sum(p) - 1) < 1e-4
-    # and on a single DICOM file
+    # the model runs in the channels-last (NHWC) layout, with the probabilities of NCHW
     import numpy as np
+
+    from medxfer.evaluate.predict import (
+        load_trained,
+        preprocess_arrays,
+        probs_of_arrays,
+        read_arrays,
+    )
+
+    model, meta = load_trained(run)
+    stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.weight.is_contiguous(memory_format=torch.channels_last)
+    arrays = np.stack(read_arrays(meta, sorted((synth_root / "test").rglob("*.png"))[:8])[0])
+    nhwc = probs_of_arrays(model, meta, arrays)
+    with torch.no_grad():
+        nchw = torch.softmax(model.to(memory_format=torch.contiguous_format)(
+            preprocess_arrays(meta, arrays)), dim=1).numpy()  # fmt: skip
+    assert not stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.allclose(nhwc, nchw, atol=1e-5)
+    # and on a single DICOM file
     from test_io import _write_dicom
 
     _write_dicom(tmp_path / "scan.dcm", np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (100, 1)))

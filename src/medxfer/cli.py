@@ -117,12 +117,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_shift(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from medxfer.evaluate.unlabelled import check_images, summary_lines
+    from medxfer.evaluate.unlabelled import ALPHA, check_images, summary_lines
     from medxfer.train.checkpoint import atomic_write_json
 
     out = Path(args.out)
+    alpha = ALPHA if args.alpha is None else args.alpha
     result = check_images(
-        Path(args.checkpoint), Path(args.input), alpha=args.alpha, figure=out.with_suffix(".png")
+        Path(args.checkpoint), Path(args.input), alpha=alpha, figure=out.with_suffix(".png")
     )
     table = Table(title=f"validation ({result['n_reference']} images) against {args.input} "
                   f"({result['n_images']} images, no labels)")  # fmt: skip
@@ -308,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
         "an image folder, an image or a DICOM file",
     )  # fmt: skip
     sh.add_argument("--out", default="shift.json", help="JSON; its figure goes beside it (.png)")
-    sh.add_argument("--alpha", type=float, default=0.05,
-                    help="level of the per-class KS tests, Bonferroni over classes")  # fmt: skip
+    sh.add_argument("--alpha", type=float, default=None,  # None: unlabelled.ALPHA (0.05)
+                    help="level of the per-class KS tests, Bonferroni over classes "
+                    "(default 0.05, medxfer.evaluate.unlabelled.ALPHA)")  # fmt: skip
     sh.set_defaults(func=_cmd_shift)
     ad = _model_and_images(
         sub, "adapt", "re-estimate BatchNorm statistics on unlabelled images of a new site "

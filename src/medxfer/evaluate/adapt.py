@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from medxfer.errors import MedxferError
@@ -182,7 +181,7 @@ def adapt_run(
     (``best.pt``, or ``model.pt`` for a structured-pruned model), with ``adapt.json``."""
     from medxfer.evaluate.predict import (
         collect_inputs,
-        load_trained,
+        load_trained_with_format,
         model_file,
         probs_of_arrays,
         read_arrays,
@@ -195,7 +194,7 @@ def adapt_run(
             f"batch size and folds must be at least 2, got {batch_size} and {folds}",
             "BatchNorm statistics need batches of 2 or more; cross-fitting needs 2 or more folds",
         )
-    model, meta = load_trained(checkpoint)
+    model, meta, fmt = load_trained_with_format(checkpoint)
     source = model_file(checkpoint)
     files = collect_inputs(target)
     log(f"reading {len(files)} files from {target}")
@@ -238,8 +237,7 @@ def adapt_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     provenance = ("source_model", "images", "n_images", "seed")
     new_meta = dict(meta) | {"adapted": {k: record[k] for k in provenance}}
-    obj = torch.load(source, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict) and obj.get("format") == STRUCTURED_FORMAT:
+    if fmt == STRUCTURED_FORMAT:
         path = out_dir / "model.pt"
         atomic_save({"format": STRUCTURED_FORMAT, "module": adapted, "meta": new_meta}, path)
     else:  # dense, a pruned level (mask folded in) or the compact export: a plain state dict

@@ -36,6 +36,15 @@ def load_trained(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Any model medxfer writes (a run folder or the file: ``best.pt`` of train, tune or a
     lottery level, the structured-pruned ``model.pt``, the compact ``model.sparse.pt``) ->
     eval-mode model and its meta (arch, classes, mean/std, image size)."""
+    model, meta, _ = load_trained_with_format(checkpoint)
+    return model, meta
+
+
+def load_trained_with_format(
+    checkpoint: Path,
+) -> tuple[torch.nn.Module, dict[str, Any], str | None]:
+    """``load_trained`` plus the file's ``format`` tag (structured, sparse, or None for a state
+    dict), for a caller that writes the model back in its own kind of file."""
     from medxfer.prune.export import FORMAT as SPARSE_FORMAT  # bit mask + surviving values
     from medxfer.prune.structured import FORMAT as STRUCTURED_FORMAT  # a thinner module
 
@@ -52,7 +61,7 @@ def load_trained(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt == STRUCTURED_FORMAT:  # channels physically removed: the module itself is stored
         module: torch.nn.Module = obj["module"]
-        return module.eval(), obj["meta"]
+        return _inference_layout(module), obj["meta"], fmt
     if fmt == SPARSE_FORMAT:
         from medxfer.prune.export import expand
 
@@ -67,7 +76,14 @@ def load_trained(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise MedxferError(f"{path} has no model description (arch, classes) in its meta")
     built = create_model(meta["arch"], weights="none", num_classes=len(meta["classes"]))
     built.model.load_state_dict(state)
-    return built.model.eval(), meta
+    return _inference_layout(built.model), meta, fmt
+
+
+def _inference_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, 4-D weights in the NHWC (channels-last) layout that the training loop also
+    uses: oneDNN's CPU convolutions run it faster (bench/results/inference-layout.json), and
+    ``probs_of_arrays`` feeds it NHWC batches. Values, and so predictions, are unchanged."""
+    return model.eval().to(memory_format=torch.channels_last)
 
 
 def collect_inputs(target: Path) -> list[Path]:
@@ -92,6 +108,7 @@ def probs_of_arrays(
     out = []
     for start in range(0, len(arrays), batch_size):
         x = preprocess_arrays(meta, arrays[start : start + batch_size])
+        x = x.contiguous(memory_format=torch.channels_last)  # the layout of load_trained
         out.append(torch.softmax(model(x), dim=1).numpy())
     return np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), np.float32)
 

@@ -11,6 +11,7 @@ dense convolution kernels do the same work, so the latency report measures both 
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import math
@@ -132,13 +133,24 @@ def round_robin_ms(
 
 @torch.inference_mode()
 def interleaved_latency_ms(
-    models: Mapping[str, nn.Module], image_size: int, batch: int, repeats: int = 20
-) -> dict[str, float]:
-    """Median ms per forward of each model (``round_robin_ms``) on one random batch."""
+    models: Mapping[str, nn.Module], image_size: int, batch: int, repeats: int = 20,
+    channels_last: bool = False,
+) -> dict[str, float]:  # fmt: skip
+    """Median ms per forward of each model (``round_robin_ms``) on one random batch; with
+    ``channels_last``, copies of the models and the batch in that memory layout (NHWC)."""
     x = torch.randn(batch, 3, image_size, image_size)
     for m in models.values():
         m.eval()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        models = {n: to_channels_last(copy.deepcopy(m)) for n, m in models.items()}
     return round_robin_ms({name: partial(m, x) for name, m in models.items()}, repeats)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """In place: 4-D weights in the NHWC layout, which oneDNN's CPU convolutions prefer (the
+    training loop's ``train.channels_last``); values and results unchanged."""
+    return model.to(memory_format=torch.channels_last)
 
 
 def paired_latency_ms(
@@ -151,18 +163,20 @@ def paired_latency_ms(
 
 def measure_latency(
     models: Mapping[str, nn.Module], image_size: int, batches: tuple[int, ...] = (1, 32),
-    repeats: int = 20, threads: int = 0,
+    repeats: int = 20, threads: int = 0, channels_last: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """CPU latency of several models at each batch size, with the speed-up of each over the
-    first model (the baseline); ``threads`` > 0 sets torch's CPU threads first."""
+    first model (the baseline); ``threads`` > 0 sets torch's CPU threads first;
+    ``channels_last``: every model and batch in the NHWC layout (``interleaved_latency_ms``)."""
     if threads > 0:
         torch.set_num_threads(threads)
     base = next(iter(models))
     out: dict[str, Any] = {"device": "cpu", "threads": torch.get_num_threads(), "warmup": 2,
                            "repeats": repeats, "statistic": "median ms per forward",
-                           "image_size": image_size, "baseline": base}  # fmt: skip
+                           "image_size": image_size, "baseline": base, "memory_format":
+                           "channels_last" if channels_last else "contiguous"}  # fmt: skip
     for b in batches:
-        ms = interleaved_latency_ms(models, image_size, b, repeats)
+        ms = interleaved_latency_ms(models, image_size, b, repeats, channels_last)
         out[f"batch_{b}"] = {"ms": ms, "speedup": {k: ms[base] / v for k, v in ms.items()}}
     return out
 

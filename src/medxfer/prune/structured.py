@@ -246,6 +246,10 @@ def run_structured(
     if latency:
         models = {"dense": dense, "structured": model}
         report["latency"] = measure_latency(models, size, repeats=repeats)
+        # NHWC, as `medxfer predict` and the training loop run them (oneDNN's preferred layout)
+        report["latency"]["channels_last"] = measure_latency(
+            models, size, repeats=repeats, channels_last=True
+        )
         if importlib.util.find_spec("onnxruntime") is not None:  # the `prune` extra
             (out / "onnx").mkdir(exist_ok=True)  # structured-<size>.onnx: ready to ship
             report["latency"]["onnxruntime"] = onnxruntime_latency(
