@@ -41,7 +41,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     import torch
 
-    from medxfer.prune.export import round_robin_ms, to_channels_last
+    from medxfer.prune.export import round_robin_ms
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=abspath, nargs="*", default=[])
@@ -59,8 +59,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load(args)
-    variants = {f"{name}/{layout}": (to_channels_last(copy.deepcopy(m)) if layout == LAYOUTS[1]
-                                 else copy.deepcopy(m).to(memory_format=torch.contiguous_format))
+    formats = {LAYOUTS[0]: torch.contiguous_format, LAYOUTS[1]: torch.channels_last}
+    variants = {f"{name}/{layout}": copy.deepcopy(m).to(memory_format=formats[layout])
                 for name, m in base.items() for layout in LAYOUTS}  # fmt: skip
     first = next(iter(base))
     rows: list[dict[str, Any]] = []
@@ -68,7 +68,7 @@ def main() -> None:
         for i, batch in enumerate(args.batches):
             repeats = args.repeats[min(i, len(args.repeats) - 1)]
             x = torch.randn(batch, 3, size, size)
-            inputs = {LAYOUTS[0]: x, LAYOUTS[1]: x.contiguous(memory_format=torch.channels_last)}
+            inputs = {layout: x.contiguous(memory_format=f) for layout, f in formats.items()}
             blocks: list[dict[str, float]] = []
             with torch.inference_mode():
                 for _ in range(args.blocks):

@@ -126,6 +126,10 @@ def test_measure_latency_reports_every_model() -> None:
     assert (lat["memory_format"], nhwc["memory_format"]) == ("contiguous", "channels_last")
     assert nhwc["batch_2"]["ms"]["dense"] > 0
     assert dense.conv1.weight.is_contiguous()  # timed on a copy: the caller's model is as it was
+    nhwc_model = dense.to(memory_format=torch.channels_last)  # as load_trained returns models
+    nchw = measure_latency({"dense": nhwc_model}, 32, batches=(2,), repeats=1)
+    assert nchw["memory_format"] == "contiguous" and nchw["batch_2"]["ms"]["dense"] > 0
+    assert nhwc_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_onnxruntime_latency_times_the_exported_pruned_graph(tmp_path: Path) -> None:

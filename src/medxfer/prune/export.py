@@ -136,21 +136,14 @@ def interleaved_latency_ms(
     models: Mapping[str, nn.Module], image_size: int, batch: int, repeats: int = 20,
     channels_last: bool = False,
 ) -> dict[str, float]:  # fmt: skip
-    """Median ms per forward of each model (``round_robin_ms``) on one random batch; with
-    ``channels_last``, copies of the models and the batch in that memory layout (NHWC)."""
-    x = torch.randn(batch, 3, image_size, image_size)
-    for m in models.values():
-        m.eval()
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-        models = {n: to_channels_last(copy.deepcopy(m)) for n, m in models.items()}
+    """Median ms per forward of each model (``round_robin_ms``) on one random batch: copies of
+    the models and the batch all in one memory layout, NHWC with ``channels_last``, else NCHW
+    (``load_trained`` returns NHWC models, the other loaders NCHW: mixed, they would not
+    compare)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, image_size, image_size).contiguous(memory_format=layout)
+    models = {n: copy.deepcopy(m).eval().to(memory_format=layout) for n, m in models.items()}
     return round_robin_ms({name: partial(m, x) for name, m in models.items()}, repeats)
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """In place: 4-D weights in the NHWC layout, which oneDNN's CPU convolutions prefer (the
-    training loop's ``train.channels_last``); values and results unchanged."""
-    return model.to(memory_format=torch.channels_last)
 
 
 def paired_latency_ms(
