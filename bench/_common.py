@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medxfer.errors import MedxferError
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -24,6 +26,18 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `kill` of a bench stops what it started
+
+
+def _medxfer_error_hook(kind: type[BaseException], err: BaseException, tb: Any) -> None:
+    """A bench's bad input (a missing run folder, an unknown arch) ends as the medxfer command
+    line ends it: the error and its fix, no traceback; anything else as Python reports it."""
+    if isinstance(err, MedxferError):
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.__excepthook__(kind, err, tb)
+
+
+sys.excepthook = _medxfer_error_hook
 
 
 def machine() -> dict[str, Any]:
