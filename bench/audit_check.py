@@ -22,11 +22,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import _common  # noqa: F401  (its error hook: bad input ends in the message and its fix)
 import numpy as np
 import PIL
 
 from medxfer.data.audit import audit
 from medxfer.data.sources import discover
+from medxfer.errors import MedxferError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "brain-tumor-mri"
@@ -53,7 +55,11 @@ def _rel(path: str, root: Path) -> str:
 
 def reference_pairs(data: Path) -> dict[Pair, str]:
     """(train_path, test_path) -> transform, from the dataset's hand-made list."""
-    with open(data / "train_test_near_duplicates.csv", newline="") as fh:
+    path = data / "train_test_near_duplicates.csv"
+    if not path.exists():
+        raise MedxferError(f"{data} has no {path.name} (the hand-found near duplicates)",
+                           "pass --data the brain-tumor-mri folder that ships it")  # fmt: skip
+    with open(path, newline="") as fh:
         return {(r["train_path"], r["test_path"]): r["transform"] for r in csv.DictReader(fh)}
 
 

@@ -2,15 +2,16 @@
 pruning buys?
 
     python bench/inference_layout.py [--runs DIR ...] [--archs resnet18 ...]
-        [--sizes 64 224] [--batches 1 32] [--blocks 5] [--out NAME]
+        [--sizes 64 224] [--batches 1 32] [--blocks 5] [--onnxruntime] [--out NAME]
 
 ``--runs``: model folders or files any medxfer command loads (a training run, a
 ``prune-structured`` folder); the first is the baseline of the speed-ups. ``--archs``: registry
 architectures with random weights (latency does not depend on the values), for a machine
-without runs. Each model is timed in both layouts at every input size and batch: median ms per
-forward over ``--repeats`` calls, every model and layout called round-robin, in ``--blocks``
-independent blocks (the spread across blocks is the timing noise of this machine). Writes
-bench/results/<--out>.json.
+without runs. Each model is timed in both layouts at every input size and batch (and, with
+``--onnxruntime``, exported to ONNX and run by onnxruntime's CPU provider with as many
+intra-op threads): median ms per forward over ``--repeats`` calls, every model and backend
+called round-robin, in ``--blocks`` independent blocks (the spread across blocks is the timing
+noise of this machine). Writes bench/results/<--out>.json.
 """
 
 from __future__ import annotations
@@ -18,30 +19,103 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from _common import abspath, save
 
 LAYOUTS = ("contiguous", "channels_last")
+ONNX = "onnxruntime"
 
 
-def load(args: argparse.Namespace) -> dict[str, Any]:
+def load(runs: list[Path], archs: list[str]) -> dict[str, Any]:
     from medxfer.evaluate.predict import load_trained
     from medxfer.models import create_model
 
     models: dict[str, Any] = {}
-    for run in args.runs:
+    for run in runs:
         models[run.name] = load_trained(run)[0]
-    for arch in args.archs:
+    for arch in archs:
         models[arch] = create_model(arch, weights="none", num_classes=4).model.eval()
     return models
 
 
-def main() -> None:
+def _onnx_sessions(base: dict[str, Any], size: int, workdir: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    from medxfer.prune.export import export_onnx
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    sessions = {}
+    for name, m in base.items():
+        path = export_onnx(copy.deepcopy(m).to(memory_format=torch.contiguous_format), size,
+                           workdir / f"{name}-{size}.onnx")  # fmt: skip
+        sessions[name] = ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+    return sessions
+
+
+def time_rows(
+    base: dict[str, Any], sizes: list[int], batches: list[int], repeats: list[int],
+    blocks: int, onnxruntime: bool = False,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per model, input size and batch: the median over blocks of each block's median
+    ms, per backend (both PyTorch layouts, and onnxruntime if asked), with every block's value,
+    the speed-up over the first model in the same backend, and channels-last over contiguous."""
     import torch
 
     from medxfer.prune.export import round_robin_ms
+
+    backends = [*LAYOUTS, *([ONNX] if onnxruntime else [])]
+    formats = {LAYOUTS[0]: torch.contiguous_format, LAYOUTS[1]: torch.channels_last}
+    variants = {f"{name}/{layout}": copy.deepcopy(m).to(memory_format=formats[layout])
+                for name, m in base.items() for layout in LAYOUTS}  # fmt: skip
+    first = next(iter(base))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            sessions = _onnx_sessions(base, size, Path(tmp)) if onnxruntime else {}
+            for i, batch in enumerate(batches):
+                reps = repeats[min(i, len(repeats) - 1)]
+                x = torch.randn(batch, 3, size, size)
+                inputs = {layout: x.contiguous(memory_format=f) for layout, f in formats.items()}
+                calls = {key: partial(m, inputs[key.rsplit("/", 1)[1]])
+                         for key, m in variants.items()}  # fmt: skip
+                feed = {"image": x.numpy()}
+                calls |= {f"{name}/{ONNX}": partial(s.run, None, feed)
+                          for name, s in sessions.items()}  # fmt: skip
+                timed: list[dict[str, float]] = []
+                with torch.inference_mode():
+                    for _ in range(blocks):
+                        timed.append(round_robin_ms(calls, reps))
+                for name in base:
+                    row: dict[str, Any] = {"model": name, "image_size": size, "batch": batch,
+                                           "threads": torch.get_num_threads()}  # fmt: skip
+                    for be in backends:
+                        ms = [b[f"{name}/{be}"] for b in timed]
+                        row[f"{be}_ms"] = statistics.median(ms)
+                        row[f"{be}_ms_blocks"] = [round(v, 2) for v in ms]
+                        if name != first:  # speed-up over the baseline, per block, same backend
+                            per = [b[f"{first}/{be}"] / b[f"{name}/{be}"] for b in timed]
+                            row[f"speedup_over_{first}_{be}"] = statistics.median(per)
+                            row[f"speedup_over_{first}_{be}_blocks"] = [round(v, 3) for v in per]
+                    per = [b[f"{name}/{LAYOUTS[0]}"] / b[f"{name}/{LAYOUTS[1]}"] for b in timed]
+                    row["channels_last_speedup"] = statistics.median(per)
+                    row["channels_last_speedup_blocks"] = [round(v, 3) for v in per]
+                    rows.append(row)
+                    print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
+                           if not k.endswith("_blocks")}, flush=True)  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    import torch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=abspath, nargs="*", default=[])
@@ -52,49 +126,19 @@ def main() -> None:
                    help="calls per block at each batch size (one value: all)")  # fmt: skip
     p.add_argument("--blocks", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--onnxruntime", action="store_true", help="also time onnxruntime's CPU run")
     p.add_argument("--out", default="inference-layout")
     args = p.parse_args()
     if not args.runs and not args.archs:
         p.error("give --runs or --archs")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = load(args)
-    formats = {LAYOUTS[0]: torch.contiguous_format, LAYOUTS[1]: torch.channels_last}
-    variants = {f"{name}/{layout}": copy.deepcopy(m).to(memory_format=formats[layout])
-                for name, m in base.items() for layout in LAYOUTS}  # fmt: skip
-    first = next(iter(base))
-    rows: list[dict[str, Any]] = []
-    for size in args.sizes:
-        for i, batch in enumerate(args.batches):
-            repeats = args.repeats[min(i, len(args.repeats) - 1)]
-            x = torch.randn(batch, 3, size, size)
-            inputs = {layout: x.contiguous(memory_format=f) for layout, f in formats.items()}
-            blocks: list[dict[str, float]] = []
-            with torch.inference_mode():
-                for _ in range(args.blocks):
-                    calls = {key: partial(m, inputs[key.rsplit("/", 1)[1]])
-                             for key, m in variants.items()}  # fmt: skip
-                    blocks.append(round_robin_ms(calls, repeats))
-            for name in base:
-                row: dict[str, Any] = {"model": name, "image_size": size, "batch": batch}
-                for layout in LAYOUTS:
-                    ms = [b[f"{name}/{layout}"] for b in blocks]
-                    row[f"{layout}_ms"] = statistics.median(ms)
-                    row[f"{layout}_ms_blocks"] = [round(v, 2) for v in ms]
-                    if name != first:  # speed-up over the baseline, per block, same layout
-                        per = [b[f"{first}/{layout}"] / b[f"{name}/{layout}"] for b in blocks]
-                        row[f"speedup_over_{first}_{layout}"] = statistics.median(per)
-                        row[f"speedup_over_{first}_{layout}_blocks"] = [round(v, 3) for v in per]
-                per = [b[f"{name}/{LAYOUTS[0]}"] / b[f"{name}/{LAYOUTS[1]}"] for b in blocks]
-                row["channels_last_speedup"] = statistics.median(per)
-                row["channels_last_speedup_blocks"] = [round(v, 3) for v in per]
-                rows.append(row)
-                print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
-                       if not k.endswith("_blocks")})  # fmt: skip
+    base = load(args.runs, args.archs)
+    rows = time_rows(base, args.sizes, args.batches, args.repeats, args.blocks, args.onnxruntime)
     save(args.out, {
         "models": {name: str(run) for name, run in zip(base, [*args.runs, *args.archs],
                                                         strict=True)},
-        "baseline": first, "threads": torch.get_num_threads(), "blocks": args.blocks,
+        "baseline": next(iter(base)), "threads": torch.get_num_threads(), "blocks": args.blocks,
         "repeats": args.repeats, "statistic": "median over blocks of each block's median ms",
         "rows": rows,
     })  # fmt: skip

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _common  # noqa: F401  (its error hook: bad input ends in the message and its fix)
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
