@@ -38,23 +38,22 @@ def _test(run: Path) -> dict[str, Any]:
             "ci95": t["ci95"], "n": t["n"]}  # fmt: skip
 
 
-def paired_difference(
-    dense: Path, structured: Path, n_bootstrap: int = 2000, seed: int = 0
-) -> dict[str, Any]:
-    """Structured minus dense test accuracy on the same images, with a paired percentile
-    bootstrap interval (both runs must hold the same test labels in the same order)."""
+def paired_difference(dense: Path, structured: Path) -> dict[str, Any]:
+    """Structured minus dense on the same test images (``paired_bootstrap_difference``, in
+    points); both runs must hold the same test labels in the same order."""
+    from medxfer.evaluate.metrics import paired_bootstrap_difference
+
     a, b = (np.load(r / "test_predictions.npz") for r in (dense, structured))
     if not np.array_equal(a["labels"], b["labels"]):
         raise MedxferError("the two runs were tested on different images",
                            "prune-structure the dense run you compare against")  # fmt: skip
-    y = a["labels"]
-    right_a, right_b = a["probs"].argmax(1) == y, b["probs"].argmax(1) == y
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), (n_bootstrap, len(y)))
-    diffs = right_b[idx].mean(1) - right_a[idx].mean(1)
-    return {"points": 100 * float(right_b.mean() - right_a.mean()),
-            "ci95_points": [100 * float(np.percentile(diffs, q)) for q in (2.5, 97.5)],
-            "n_bootstrap": n_bootstrap}  # fmt: skip
+    d = paired_bootstrap_difference(a["labels"], a["probs"].argmax(1), b["probs"].argmax(1),
+                                    a["probs"].shape[1])  # fmt: skip
+    return {"points": 100 * d["accuracy_difference"],
+            "ci95_points": [100 * v for v in d["accuracy_difference_ci95"]],
+            "balanced_points": 100 * d["balanced_accuracy_difference"],
+            "balanced_ci95_points": [100 * v for v in d["balanced_accuracy_difference_ci95"]],
+            "n_bootstrap": d["n_bootstrap"]}  # fmt: skip
 
 
 def targets(

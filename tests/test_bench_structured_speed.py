@@ -79,7 +79,11 @@ def test_time_rows_all_backends(bench: dict[str, ModuleType]) -> None:
     models = il.load([], ["resnet18", "efficientnet_lite0"])
     rows = il.time_rows(models, [32], [1, 2], [1], blocks=2, onnxruntime=True)
     assert [(r["model"], r["batch"]) for r in rows] == [
-        ("resnet18", 1), ("efficientnet_lite0", 1), ("resnet18", 2), ("efficientnet_lite0", 2)]
+        ("resnet18", 1),
+        ("efficientnet_lite0", 1),
+        ("resnet18", 2),
+        ("efficientnet_lite0", 2),
+    ]
     for r in rows:
         for be in ("contiguous", "channels_last", "onnxruntime"):
             assert len(r[f"{be}_ms_blocks"]) == 2 and r[f"{be}_ms"] > 0

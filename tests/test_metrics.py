@@ -144,6 +144,35 @@ def test_bootstrap_matches_loop_reference_including_missing_classes() -> None:
         assert got[key] == pytest.approx(want[key])
 
 
+def test_paired_difference_matches_loop_reference() -> None:
+    """Both models are scored on the same resamples: the interval is of per-resample
+    differences (scikit-learn on each), not of two independent intervals."""
+    from medxfer.evaluate.metrics import paired_bootstrap_difference
+
+    y = np.array([0] * 20 + [1] * 10 + [2] * 5 + [3])
+    a = y.copy()
+    a[::4] = (a[::4] + 1) % 4
+    b = a.copy()
+    b[1::6] = (b[1::6] + 2) % 4  # b is wrong on more images
+    got = paired_bootstrap_difference(y, a, b, 4, n_bootstrap=80, seed=5, chunk=30)
+    idx = np.random.default_rng(5).integers(0, len(y), size=(80, len(y)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d_acc = [accuracy_score(y[r], b[r]) - accuracy_score(y[r], a[r]) for r in idx]
+        d_bal = [balanced_accuracy_score(y[r], b[r]) - balanced_accuracy_score(y[r], a[r])
+                 for r in idx]  # fmt: skip
+    assert got["accuracy_difference"] == pytest.approx((b == y).mean() - (a == y).mean())
+    assert got["accuracy_difference"] < 0
+    assert got["accuracy_difference_ci95"] == pytest.approx(np.percentile(d_acc, [2.5, 97.5]))
+    assert got["balanced_accuracy_difference_ci95"] == pytest.approx(
+        np.percentile(d_bal, [2.5, 97.5])
+    )
+    same = paired_bootstrap_difference(y, a, a, 4, n_bootstrap=50)
+    assert same["accuracy_difference_ci95"] == [0.0, 0.0]  # paired: identical models, no spread
+    with pytest.raises(ValueError, match="equal length"):
+        paired_bootstrap_difference(y, a, b[:-1], 4)
+
+
 def test_bootstrap_contains_point_deterministic_and_narrows() -> None:
     y, p = make_data(200, seed=1)
     m1 = compute_metrics(y, p, NAMES, n_bootstrap=300, seed=7)

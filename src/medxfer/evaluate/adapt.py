@@ -42,6 +42,7 @@ import numpy as np
 from torch import nn
 
 from medxfer.errors import MedxferError
+from medxfer.evaluate.metrics import paired_bootstrap_difference
 from medxfer.train.batchnorm import batchnorm_layers, recompute_batchnorm
 
 MIN_IMAGES = 100  # fewer than this: the statistics are noisy, said in the output
@@ -75,15 +76,6 @@ def adapt_batchnorm(
     order = batches(len(images), batch_size, seed)
     recompute_batchnorm(adapted, (preprocess_arrays(meta, images[np.sort(i)]) for i in order))
     return adapted
-
-
-def _recalls(pred: np.ndarray, labels: np.ndarray, k: int) -> list[float | None]:
-    return [float((pred[labels == j] == j).mean()) if (labels == j).any() else None
-            for j in range(k)]  # fmt: skip
-
-
-def _balanced(pred: np.ndarray, labels: np.ndarray, k: int) -> float:
-    return statistics.fmean(r for r in _recalls(pred, labels, k) if r is not None)
 
 
 def cross_fitted_check(
@@ -121,34 +113,23 @@ def cross_fitted_check(
         adapted = adapt_batchnorm(model, meta, images[fit_idx], batch_size=batch_size, seed=seed)
         after[score_idx] = probs_of_arrays(adapted, meta, images[score_idx], batch_size=batch_size)
     p0, p1 = before.argmax(1), after.argmax(1)
-    rng = np.random.default_rng(seed)
-    d_acc, d_bal = [], []
-    for _ in range(n_bootstrap):
-        i = rng.integers(0, len(labels), len(labels))
-        d_acc.append(float((p1[i] == labels[i]).mean() - (p0[i] == labels[i]).mean()))
-        d_bal.append(_balanced(p1[i], labels[i], k) - _balanced(p0[i], labels[i], k))
 
     def side(pred: np.ndarray) -> dict[str, Any]:
-        recalls = _recalls(pred, labels, k)
+        recalls = [float((pred[labels == j] == j).mean()) if (labels == j).any() else None
+                   for j in range(k)]  # fmt: skip
         return {
             "accuracy": float((pred == labels).mean()),
-            "balanced_accuracy": _balanced(pred, labels, k),
+            "balanced_accuracy": statistics.fmean(r for r in recalls if r is not None),
             "recall": dict(zip(meta["classes"], recalls, strict=True)),
         }
 
-    diff = float((p1 == labels).mean() - (p0 == labels).mean())
-    diff_bal = _balanced(p1, labels, k) - _balanced(p0, labels, k)
     return {
         "folds": folds,
         "stratified": bool(stratify),
         "n_images": len(labels),
         "unadapted": side(p0),
         "adapted": side(p1),
-        "accuracy_difference": diff,
-        "accuracy_difference_ci95": np.percentile(d_acc, [2.5, 97.5]).tolist(),
-        "balanced_accuracy_difference": diff_bal,
-        "balanced_accuracy_difference_ci95": np.percentile(d_bal, [2.5, 97.5]).tolist(),
-        "n_bootstrap": n_bootstrap,
+        **paired_bootstrap_difference(labels, p0, p1, k, n_bootstrap=n_bootstrap, seed=seed),
     }
 
 
