@@ -9,9 +9,9 @@ pruning buys?
 architectures with random weights (latency does not depend on the values), for a machine
 without runs. Each model is timed in both layouts at every input size and batch (and, with
 ``--onnxruntime``, exported to ONNX and run by onnxruntime's CPU provider with as many
-intra-op threads): median ms per forward over ``--repeats`` calls, every model and backend
-called round-robin, in ``--blocks`` independent blocks (the spread across blocks is the timing
-noise of this machine). Writes bench/results/<--out>.json.
+intra-op threads): median ms per forward over ``--repeats`` calls, every model in both
+layouts called round-robin, then every ONNX model, in ``--blocks`` independent blocks (the
+spread across blocks is the timing noise of this machine). Writes bench/results/<--out>.json.
 """
 
 from __future__ import annotations
@@ -46,11 +46,9 @@ def _onnx_sessions(base: dict[str, Any], size: int, workdir: Path) -> dict[str, 
     import onnxruntime as ort
     import torch
 
-    from medxfer.prune.export import export_onnx
+    from medxfer.prune.export import export_onnx, ort_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
+    opts = ort_options()  # torch's thread count, no spin-waiting between runs
     sessions = {}
     for name, m in base.items():
         path = export_onnx(copy.deepcopy(m).to(memory_format=torch.contiguous_format), size,
@@ -88,12 +86,17 @@ def time_rows(
                 calls = {key: partial(m, inputs[key.rsplit("/", 1)[1]])
                          for key, m in variants.items()}  # fmt: skip
                 feed = {"image": x.numpy()}
-                calls |= {f"{name}/{ONNX}": partial(s.run, None, feed)
-                          for name, s in sessions.items()}  # fmt: skip
+                # a runtime's calls alternate among themselves only: one runtime's threads
+                # waking or winding down must not land in the other's timings
+                ort_calls = {f"{name}/{ONNX}": partial(s.run, None, feed)
+                             for name, s in sessions.items()}  # fmt: skip
                 timed: list[dict[str, float]] = []
                 with torch.inference_mode():
                     for _ in range(blocks):
-                        timed.append(round_robin_ms(calls, reps))
+                        block = round_robin_ms(calls, reps)
+                        if ort_calls:
+                            block |= round_robin_ms(ort_calls, reps)
+                        timed.append(block)
                 for name in base:
                     row: dict[str, Any] = {"model": name, "image_size": size, "batch": batch,
                                            "threads": torch.get_num_threads()}  # fmt: skip

@@ -142,6 +142,10 @@ class PruneConfig:
     # fine-tuning learning rate = train.lr * this; 1.0 beat 0.3 on validation at equal epochs
     # (bench/results/structured-lr.json: brain +5.6 points balanced accuracy, chest -0.6)
     structured_lr_scale: float = 1.0
+    # > 0: the dense model teaches its pruned copy while it is fine-tuned (knowledge
+    # distillation, this weight on the soft term, 1 - it on the labels); 0 = labels only
+    structured_distill: float = 0.0
+    structured_temperature: float = 4.0  # softmax temperature of the distillation term
 
 
 @dataclass

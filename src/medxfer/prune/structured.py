@@ -36,6 +36,7 @@ from medxfer.prune.lottery import finetune_config
 from medxfer.prune.magnitude import fold_reparam
 from medxfer.runs import is_complete
 from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
+from medxfer.train.distill import Teacher
 from medxfer.train.loop import fit
 
 State = dict[str, torch.Tensor]
@@ -212,6 +213,9 @@ def run_structured(
     head = entry(arch).head
     dense = create_model(arch, weights="none", num_classes=n).model.eval()
     dense.load_state_dict(state)
+    teacher = None  # checked before any work starts
+    if p.structured_distill:
+        teacher = Teacher(dense, p.structured_distill, p.structured_temperature)
     ratio = p.structured_ratio
     if ratio:
         check_ratio(ratio)
@@ -225,7 +229,8 @@ def run_structured(
         metrics = json.loads((out / "metrics.json").read_text())
     else:
         prepare = _prepare(state, head, ratio, size)
-        metrics = fit(ft, out, resume=(out / "last.pt").exists(), prepare_model=prepare)
+        metrics = fit(ft, out, resume=(out / "last.pt").exists(), prepare_model=prepare,
+                      teacher=teacher)  # fmt: skip
     model = pruned_model(arch, state, n, ratio, size)
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
@@ -241,7 +246,9 @@ def run_structured(
         "macs_speedup": before["macs"] / after["macs"],
         "params_fraction": after["params"] / before["params"],
         "finetune": {"epochs": ft.train.epochs, "lr": ft.train.lr,
-                     "best_epoch": metrics.get("best_epoch")},
+                     "best_epoch": metrics.get("best_epoch"),
+                     "distill": p.structured_distill or None,
+                     "temperature": p.structured_temperature if p.structured_distill else None},
     }  # fmt: skip
     if latency:
         models = {"dense": dense, "structured": model}

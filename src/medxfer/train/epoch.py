@@ -49,6 +49,7 @@ def train_one_epoch(
     for m in frozen or []:
         m.eval()  # a frozen backbone also keeps its BatchNorm statistics
     total = len(loader) if max_steps <= 0 else min(max_steps, len(loader))
+    takes_input = getattr(loss_fn, "takes_input", False)
     loss_sum, seen, timed_images, t0 = 0.0, 0, 0, 0.0
     t_first = time.perf_counter()
     with _progress(compute.is_main) as bar:
@@ -59,7 +60,9 @@ def train_one_epoch(
             if step == TIMING_WARMUP_STEPS:
                 t0 = time.perf_counter()
             with compute.autocast():
-                loss = loss_fn(model(x), y)
+                logits = model(x)
+                # a DistillationLoss also needs the batch, for its teacher
+                loss = loss_fn(logits, y, x) if takes_input else loss_fn(logits, y)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

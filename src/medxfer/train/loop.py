@@ -33,6 +33,7 @@ from medxfer.train.checkpoint import (
     atomic_write_text,
     load_checkpoint,
 )
+from medxfer.train.distill import DistillationLoss, Teacher
 from medxfer.train.epoch import loss_from_probs, predict_probs, train_one_epoch
 from medxfer.train.setup import Setup, build, frozen_modules, set_trainable
 
@@ -116,6 +117,7 @@ def fit(
     evaluate_test: bool = True,
     start_epoch: int = 0,
     warn_shift: bool = True,
+    teacher: Teacher | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; return the final metrics (also in metrics.json).
 
@@ -128,6 +130,7 @@ def fit(
     skipped and the LR schedule is advanced past them): late rewinding retrains from epoch k.
     ``warn_shift=False``: no console warning for classes that validation and test disagree on
     (a lottery prints one summary for all its runs instead).
+    ``teacher``: distill from this trained model besides the labels (``DistillationLoss``).
     """
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
@@ -136,6 +139,8 @@ def fit(
     s = build(cfg, c)
     if prepare_model is not None:
         prepare_model(_bare(s.model))
+    if teacher is not None:
+        s.loss_fn = DistillationLoss(s.loss_fn, teacher, c.device, c.channels_last)
     if c.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

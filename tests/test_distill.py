@@ -1,0 +1,107 @@
+"""Knowledge distillation: the loss is Hinton's, the teacher never changes or trains, and
+`medxfer prune-structured` fine-tunes with it when asked."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medxfer.cli import main
+from medxfer.errors import MedxferError
+from medxfer.train.checkpoint import load_checkpoint
+from medxfer.train.distill import DistillationLoss, Teacher
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def test_loss_is_hintons_formula() -> None:
+    teacher, student = _net(0), _net(1)
+    x, y = torch.randn(6, 3, 6, 6), torch.tensor([0, 1, 2, 0, 1, 2])
+    ce = nn.CrossEntropyLoss(label_smoothing=0.1)
+    loss_fn = DistillationLoss(ce, Teacher(teacher, 0.7, 3.0), torch.device("cpu"), False)
+    logits = student(x)
+    got = loss_fn(logits, y, x)
+    p_t = F.softmax(teacher(x) / 3.0, dim=1)
+    kl = (p_t * (p_t.log() - F.log_softmax(logits / 3.0, dim=1))).sum(1).mean()
+    want = 0.3 * ce(logits, y) + 0.7 * 9.0 * kl
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    same = DistillationLoss(ce, Teacher(student, 1.0), torch.device("cpu"), False)
+    assert same(logits, y, x).item() == pytest.approx(0.0, abs=1e-6)  # its own teacher
+
+
+def test_teacher_is_a_frozen_copy_and_only_the_student_learns() -> None:
+    teacher, student = _net(0), _net(1)
+    before = copy.deepcopy(teacher.state_dict())
+    loss_fn = DistillationLoss(nn.CrossEntropyLoss(), Teacher(teacher, 0.5),
+                               torch.device("cpu"), True)  # fmt: skip
+    assert loss_fn.teacher is not teacher and not loss_fn.teacher.training
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    x, y = torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 2, 0])
+    start = loss_fn(student(x), y, x).item()
+    for _ in range(20):
+        opt.zero_grad()
+        loss_fn(student(x), y, x).backward()
+        opt.step()
+    assert loss_fn(student(x), y, x).item() < start
+    assert all(p.grad is None for p in loss_fn.teacher.parameters())
+    for k, v in loss_fn.teacher.state_dict().items():
+        assert torch.equal(v, before[k])
+    for k, v in teacher.state_dict().items():  # the caller's model, too
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize(("alpha", "temperature", "words"),
+                         [(1.5, 4.0, "outside (0, 1]"), (-0.2, 4.0, "outside (0, 1]"),
+                          (0.5, 0.0, "not positive")])  # fmt: skip
+def test_bad_settings(alpha: float, temperature: float, words: str) -> None:
+    with pytest.raises(MedxferError, match=words.replace("(", r"\(").replace("]", r"\]")):
+        Teacher(_net(0), alpha, temperature)
+
+
+FAST = [
+    "model.arch=resnet18", "model.weights=none", "data.image_size=32", "train.epochs=2",
+    "train.batch_size=8", "train.steps_per_epoch=2", "train.eval_batch_size=128",
+    "eval.n_bootstrap=20", "train.optimizer=sgd",
+]  # fmt: skip
+
+
+def test_prune_structured_distills(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("MEDXFER_CACHE", str(tmp_path / "cache"))
+    dense = tmp_path / "dense"
+    assert main(["train", "--data", str(synth_root), "--run-dir", str(dense), *FAST]) == 0
+    assert main(["prune-structured", str(dense), "prune.structured_distill=1.5",
+                 "--ratio", "0.5", "--out", str(tmp_path / "bad")]) == 2  # fmt: skip
+    assert "outside (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work
+    runs = {}
+    for name, extra in (("plain", []), ("distilled", ["prune.structured_distill=0.7"])):
+        out = tmp_path / name
+        args = ["prune-structured", str(dense), "train.lr=0.01", *extra, "--ratio", "0.5"]
+        assert main([*args, "--out", str(out), "--no-latency"]) == 0
+        runs[name] = json.loads((out / "structured.json").read_text())
+        best = load_checkpoint(out / "best.pt")["model"]
+        assert not any(k.startswith("teacher") for k in best)  # only the student is saved
+    assert runs["plain"]["finetune"]["distill"] is None
+    assert runs["distilled"]["finetune"] | {"best_epoch": None} == {
+        "epochs": 2,
+        "lr": 0.01,
+        "best_epoch": None,
+        "distill": 0.7,
+        "temperature": 4.0,
+    }
+    # same pruned start, same batches: only the loss differs
+    plain = json.loads((tmp_path / "plain" / "history.json").read_text())
+    dist = json.loads((tmp_path / "distilled" / "history.json").read_text())
+    assert plain[0]["train_loss"] != pytest.approx(dist[0]["train_loss"])
