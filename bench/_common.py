@@ -17,7 +17,8 @@ from typing import Any
 from medxfer.errors import MedxferError
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+# MEDXFER_BENCH_RESULTS: write elsewhere (the tests do, to leave the committed results alone)
+RESULTS = Path(os.environ.get("MEDXFER_BENCH_RESULTS") or REPO / "bench" / "results")
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

@@ -1,11 +1,13 @@
 """Does a channel-pruned model meet issue 3's speed target: at least 1.5x faster on CPU at batch
 1 and 32, within 1.5 points of its dense model's test accuracy?
 
-    python bench/structured_speed.py DENSE_RUN STRUCTURED_DIR [--sizes 160 224]
+    python bench/structured_speed.py DENSE_RUN STRUCTURED_DIR [...] [--sizes 160 224]
         [--threads 1 2] [--blocks 5] [--no-onnxruntime] [--out NAME]
 
 ``DENSE_RUN``: a finished training run; ``STRUCTURED_DIR``: ``medxfer prune-structured
-DENSE_RUN ...``'s folder (its ``structured.json`` names the source, which must be DENSE_RUN).
+DENSE_RUN ...``'s folder (its ``structured.json`` names the source, which must be DENSE_RUN);
+several folders of one network (same ratio, e.g. fine-tuned with and without distillation)
+share the timings of the first, after a check that their tensors have the same shapes.
 Accuracy: both test scores with their intervals, and the paired difference on the same test
 images (percentile bootstrap). Speed: ``inference_layout.time_rows`` at every thread count,
 input size and batch, in both PyTorch layouts and (if installed) onnxruntime, round-robin in
@@ -23,10 +25,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import RESULTS, abspath, save
+from _common import REPO, RESULTS, abspath, save
 from inference_layout import LAYOUTS, ONNX, load, time_rows
 
 from medxfer.errors import MedxferError
+
+INFO_KEYS = ("method", "ratio", "target_macs_speedup", "macs_speedup", "params_fraction",
+             "finetune")  # fmt: skip
+
+
+def _structured_info(run: Path, dense: Path) -> dict[str, Any]:
+    path = run / "structured.json"
+    if not path.exists():
+        raise MedxferError(f"{run} has no structured.json",
+                           "pass the folder `medxfer prune-structured` wrote")  # fmt: skip
+    info: dict[str, Any] = json.loads(path.read_text())
+    if Path(info["source_run"]).resolve() != dense:
+        raise MedxferError(f"{run} was pruned from {info['source_run']}",
+                           f"pass that run as DENSE_RUN, not {dense}")  # fmt: skip
+    return info
+
+
+def _same_shapes(a: Any, b: Any, run_a: Path, run_b: Path) -> None:
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (a, b)]
+    if shapes[0] != shapes[1]:
+        raise MedxferError(f"{run_b} is not the network of {run_a} (other channel counts)",
+                           "give one bench call per pruning ratio")  # fmt: skip
 
 
 def _test(run: Path) -> dict[str, Any]:
@@ -107,6 +131,7 @@ def figure(rows: list[dict[str, Any]], dense: str, structured: str, target: floa
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{structured} against {dense} (CPU, median of blocks)", fontsize=9)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -116,7 +141,9 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dense", type=abspath)
-    p.add_argument("structured", type=abspath)
+    p.add_argument("structured", type=abspath, nargs="+",
+                   help="prune-structured folders of DENSE_RUN with one network (the first is "
+                        "timed)")  # fmt: skip
     p.add_argument("--sizes", type=int, nargs="+", default=[160, 224])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, nargs="+", default=[30, 5],
@@ -128,44 +155,41 @@ def main() -> None:
     p.add_argument("--target-points", type=float, default=1.5)
     p.add_argument("--out", default=None, help="default: structured-speed-<structured folder>")
     args = p.parse_args()
-    info_path = args.structured / "structured.json"
-    if not info_path.exists():
-        raise MedxferError(f"{args.structured} has no structured.json",
-                           "pass the folder `medxfer prune-structured` wrote")  # fmt: skip
-    info = json.loads(info_path.read_text())
-    if Path(info["source_run"]).resolve() != args.dense:
-        raise MedxferError(f"{args.structured} was pruned from {info['source_run']}",
-                           f"pass that run as DENSE_RUN, not {args.dense}")  # fmt: skip
-    accuracy = {"dense": _test(args.dense), "structured": _test(args.structured),
-                "difference": paired_difference(args.dense, args.structured)}  # fmt: skip
-    print("accuracy", json.dumps(accuracy))
+    infos = {run: _structured_info(run, args.dense) for run in args.structured}
     onnx = not args.no_onnxruntime and importlib.util.find_spec("onnxruntime") is not None
-    base = load([args.dense, args.structured], [])
+    base = load([args.dense, args.structured[0]], [])
     names = list(base)
+    for run in args.structured[1:]:  # timed as the first: the same network, other weights
+        _same_shapes(base[names[1]], load([run], [])[run.name], args.structured[0], run)
     rows: list[dict[str, Any]] = []
     for t in args.threads:
         torch.set_num_threads(t)
         rows += time_rows(base, args.sizes, args.batches, args.repeats, args.blocks, onnx)
-    name = args.out or f"structured-speed-{args.structured.name}"
+    name = args.out or f"structured-speed-{args.structured[0].name}"
     fig = RESULTS / f"{name}.png"
     figure(rows, names[0], names[1], args.target_speedup, fig)
-    result = targets(rows, names[0], names[1], accuracy["difference"]["points"],
-                     args.target_speedup, args.target_points)  # fmt: skip
-    data = args.structured / "data.json"
+    runs = []
+    for run, info in infos.items():
+        accuracy = {"dense": _test(args.dense), "structured": _test(run),
+                    "difference": paired_difference(args.dense, run)}  # fmt: skip
+        result = targets(rows, names[0], names[1], accuracy["difference"]["points"],
+                         args.target_speedup, args.target_points)  # fmt: skip
+        runs.append({"structured_run": str(run), "timed_as": names[1],
+                     "structured": {k: info.get(k) for k in INFO_KEYS},
+                     "accuracy": accuracy, "targets": result})  # fmt: skip
+        print(run.name, "accuracy", json.dumps(accuracy["difference"]))
+        for c in result["cases"]:
+            print(" ", c)
+        print("  accuracy within", args.target_points, "points:", result["accuracy_met"])
+        print("  target met in:", result["met_in"] or "none")
+    data = args.structured[0] / "data.json"
     save(name, {
         "data": json.loads(data.read_text()) if data.exists() else None,
-        "dense_run": str(args.dense),
-        "structured_run": str(args.structured),
-        "structured": {k: info[k] for k in ("method", "ratio", "target_macs_speedup",
-                                            "macs_speedup", "params_fraction", "finetune")},
-        "accuracy": accuracy, "onnxruntime": onnx, "blocks": args.blocks,
-        "repeats": args.repeats, "statistic": "median over blocks of each block's median ms",
-        "rows": rows, "targets": result, "figures": [str(fig.relative_to(RESULTS.parent.parent))],
+        "dense_run": str(args.dense), "runs": runs, "onnxruntime": onnx,
+        "blocks": args.blocks, "repeats": args.repeats,
+        "statistic": "median over blocks of each block's median ms", "rows": rows,
+        "figures": [str(fig.relative_to(REPO) if fig.is_relative_to(REPO) else fig)],
     })  # fmt: skip
-    for c in result["cases"]:
-        print(c)
-    print("accuracy within", args.target_points, "points:", result["accuracy_met"])
-    print("target met in:", result["met_in"] or "none")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ from medxfer.cli import main
 from medxfer.errors import MedxferError
 from medxfer.train.checkpoint import load_checkpoint
 from medxfer.train.distill import DistillationLoss, Teacher
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _net(seed: int) -> nn.Module:
@@ -88,7 +93,8 @@ def test_prune_structured_distills(
     runs = {}
     for name, extra in (("plain", []), ("distilled", ["prune.structured_distill=0.7"])):
         out = tmp_path / name
-        args = ["prune-structured", str(dense), "train.lr=0.01", *extra, "--ratio", "0.5"]
+        # an override after an option still counts (cli.parse)
+        args = ["prune-structured", str(dense), "train.lr=0.01", "--ratio", "0.5", *extra]
         assert main([*args, "--out", str(out), "--no-latency"]) == 0
         runs[name] = json.loads((out / "structured.json").read_text())
         best = load_checkpoint(out / "best.pt")["model"]
@@ -105,3 +111,38 @@ def test_prune_structured_distills(
     plain = json.loads((tmp_path / "plain" / "history.json").read_text())
     dist = json.loads((tmp_path / "distilled" / "history.json").read_text())
     assert plain[0]["train_loss"] != pytest.approx(dist[0]["train_loss"])
+
+    # bench/structured_speed.py on both (one network: timed once), results kept in tmp_path
+    results = tmp_path / "results"
+    cmd = [sys.executable, "structured_speed.py", str(dense), str(tmp_path / "plain"),
+           str(tmp_path / "distilled"), "--sizes", "32", "--batches", "1", "2", "--threads", "1",
+           "--blocks", "2", "--repeats", "2", "--out", "t"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "MEDXFER_BENCH_RESULTS": str(results)})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((results / "t.json").read_text())
+    assert [Path(x["structured_run"]).name for x in out["runs"]] == ["plain", "distilled"]
+    assert {x["timed_as"] for x in out["runs"]} == {"plain"}
+    for x, name in zip(out["runs"], ("plain", "distilled"), strict=True):
+        test = json.loads((tmp_path / name / "metrics.json").read_text())["test"]["accuracy"]
+        dense_test = json.loads((dense / "metrics.json").read_text())["test"]["accuracy"]
+        assert x["accuracy"]["difference"]["points"] == pytest.approx(100 * (test - dense_test))
+        assert {c["image_size"] for c in x["targets"]["cases"]} == {32}
+    assert (results / "t.png").is_file()
+    (tmp_path / "other").mkdir()
+    bad = [sys.executable, "structured_speed.py", str(dense), str(tmp_path / "other")]
+    r = subprocess.run(bad, cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "has no structured.json" in r.stderr
+
+
+def test_words_after_options_are_overrides_and_nothing_else() -> None:
+    from medxfer.cli import parse
+
+    args = parse(["prune-structured", "run", "a.b=1", "--ratio", "0.4", "train.lr=1e-3"])
+    assert args.overrides == ["a.b=1", "train.lr=1e-3"] and args.ratio == 0.4
+    with pytest.raises(SystemExit):
+        parse(["prune-structured", "run", "--ratio", "0.4", "--bogus"])
+    with pytest.raises(SystemExit):
+        parse(["prune-structured", "run", "--ratio", "0.4", "stray"])
+    with pytest.raises(SystemExit):  # a command without overrides takes none
+        parse(["paper-table", "x", "--out", "t.json", "a=b"])

@@ -479,8 +479,22 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     t.set_defaults(func=commands.cmd_paper_table)
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse stops collecting the ``overrides`` positional at the first option, so
+    ``prune-structured RUN --ratio 0.4 train.lr=1e-3`` would be refused: ``key=value`` words
+    after options are overrides too."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [w for w in extra if "=" in w and not w.startswith("-")]
+    if late != extra or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*(args.overrides or []), *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.func(args))
     except MedxferError as err:
