@@ -156,6 +156,10 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default: structured-speed-<structured folder>")
     args = p.parse_args()
     infos = {run: _structured_info(run, args.dense) for run in args.structured}
+    dense_test = _test(args.dense)  # accuracy first: a run missing its outputs fails before timing
+    accuracies = {run: {"dense": dense_test, "structured": _test(run),
+                        "difference": paired_difference(args.dense, run)}
+                  for run in args.structured}  # fmt: skip
     onnx = not args.no_onnxruntime and importlib.util.find_spec("onnxruntime") is not None
     base = load([args.dense, args.structured[0]], [])
     names = list(base)
@@ -170,8 +174,7 @@ def main() -> None:
     figure(rows, names[0], names[1], args.target_speedup, fig)
     runs = []
     for run, info in infos.items():
-        accuracy = {"dense": _test(args.dense), "structured": _test(run),
-                    "difference": paired_difference(args.dense, run)}  # fmt: skip
+        accuracy = accuracies[run]
         result = targets(rows, names[0], names[1], accuracy["difference"]["points"],
                          args.target_speedup, args.target_points)  # fmt: skip
         runs.append({"structured_run": str(run), "timed_as": names[1],

@@ -209,17 +209,17 @@ def export_onnx(model: nn.Module, image_size: int, path: Path) -> Path:
     return path
 
 
-def ort_options(threads: int = 0) -> Any:
+def ort_options(threads: int = 0, spin: bool = False) -> Any:
     """onnxruntime session options for timing on CPU: ``threads`` intra-op threads (0: torch's
-    current count), one inter-op thread, and no spin-waiting: by default the intra-op threads
-    keep spinning after a run and take the cores from whatever runs next (measured here: an
-    eager PyTorch call right after a spinning 2-thread session took 36.8 ms, 17.6 ms alone)."""
+    current count), one inter-op thread, and no spin-waiting unless ``spin``: by default the
+    intra-op threads keep spinning after a run and take the cores from whatever runs next
+    (``bench/ort_spin.py`` measures what that does to the next eager PyTorch call)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return opts
 
 
