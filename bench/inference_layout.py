@@ -2,7 +2,7 @@
 pruning buys?
 
     python bench/inference_layout.py [--runs DIR ...] [--archs resnet18 ...]
-        [--sizes 64 224] [--batches 1 32] [--blocks 5] [--onnxruntime] [--out NAME]
+        [--sizes 64 224] [--batches 1 32] [--blocks 5] [--onnxruntime] [--fold] [--out NAME]
 
 ``--runs``: model folders or files any medxfer command loads (a training run, a
 ``prune-structured`` folder); the first is the baseline of the speed-ups. ``--archs``: registry
@@ -11,7 +11,9 @@ without runs. Each model is timed in both layouts at every input size and batch 
 ``--onnxruntime``, exported to ONNX and run by onnxruntime's CPU provider with as many
 intra-op threads): median ms per forward over ``--repeats`` calls, every model in both
 layouts called round-robin, then every ONNX model, in ``--blocks`` independent blocks (the
-spread across blocks is the timing noise of this machine). Writes bench/results/<--out>.json.
+spread across blocks is the timing noise of this machine). ``--fold``: every model also as
+``<name>+folded``, its BatchNorms folded into the convolutions as ``medxfer predict`` runs it
+(``medxfer.models.fuse``). Writes bench/results/<--out>.json.
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ def load(runs: list[Path], archs: list[str]) -> dict[str, Any]:
     for arch in archs:
         models[arch] = create_model(arch, weights="none", num_classes=4).model.eval()
     return models
+
+
+def add_folded(base: dict[str, Any], size: int) -> dict[str, int]:
+    """``<name>+folded`` beside every model (in place); returns how many BatchNorms each lost."""
+    import torch
+
+    from medxfer.models.fuse import fold_batchnorm
+
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for name, m in list(base.items()):
+        base[f"{name}+folded"], counts[name] = fold_batchnorm(copy.deepcopy(m), example)
+    return counts
 
 
 def _onnx_sessions(base: dict[str, Any], size: int, workdir: Path) -> dict[str, Any]:
@@ -130,6 +145,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--onnxruntime", action="store_true", help="also time onnxruntime's CPU run")
+    p.add_argument("--fold", action="store_true", help="also time BatchNorm-folded copies")
     p.add_argument("--out", default="inference-layout")
     args = p.parse_args()
     if not args.runs and not args.archs:
@@ -137,10 +153,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load(args.runs, args.archs)
+    sources = {name: str(run) for name, run in zip(base, [*args.runs, *args.archs], strict=True)}
+    folded = add_folded(base, min(args.sizes)) if args.fold else None
     rows = time_rows(base, args.sizes, args.batches, args.repeats, args.blocks, args.onnxruntime)
     save(args.out, {
-        "models": {name: str(run) for name, run in zip(base, [*args.runs, *args.archs],
-                                                        strict=True)},
+        "models": sources, "batchnorms_folded": folded,
         "baseline": next(iter(base)), "threads": torch.get_num_threads(), "blocks": args.blocks,
         "repeats": args.repeats, "statistic": "median over blocks of each block's median ms",
         "rows": rows,

@@ -91,6 +91,15 @@ def test_time_rows_all_backends(bench: dict[str, ModuleType]) -> None:
             assert r["speedup_over_resnet18_onnxruntime"] > 0
 
 
+def test_folded_copies_are_timed_beside_the_models(bench: dict[str, ModuleType]) -> None:
+    il = bench["inference_layout"]
+    models = il.load([], ["resnet18"])
+    assert il.add_folded(models, 32) == {"resnet18": 20}  # every BatchNorm of ResNet-18
+    rows = il.time_rows(models, [32], [1], [1], blocks=1)
+    assert [r["model"] for r in rows] == ["resnet18", "resnet18+folded"]
+    assert rows[1]["speedup_over_resnet18_channels_last"] > 0
+
+
 def test_wrong_dense_run_is_one_clear_message(tmp_path: Path) -> None:
     s = tmp_path / "structured"
     s.mkdir()

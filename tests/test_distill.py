@@ -100,6 +100,12 @@ def test_prune_structured_distills(
         best = load_checkpoint(out / "best.pt")["model"]
         assert not any(k.startswith("teacher") for k in best)  # only the student is saved
     assert runs["plain"]["finetune"]["distill"] is None
+    # a finished folder is bound to its distillation settings, not reported as another's
+    for folder, extra in (("plain", ["prune.structured_distill=0.7"]),
+                          ("distilled", ["prune.structured_distill=0.5"])):  # fmt: skip
+        args = ["prune-structured", str(dense), "train.lr=0.01", "--ratio", "0.5", *extra]
+        assert main([*args, "--out", str(tmp_path / folder), "--no-latency"]) == 2
+        assert "other settings" in capsys.readouterr().err
     assert runs["distilled"]["finetune"] | {"best_epoch": None} == {
         "epochs": 2,
         "lr": 0.01,

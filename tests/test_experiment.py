@@ -220,6 +220,11 @@ def test_select_reports_the_pruned_model_best_on_validation() -> None:
     assert (tie["kind"], tie["level"]) == ("ticket", 2)  # the sparser, then the ticket
     with pytest.raises(MedxferError, match="without a ticket"):
         select(_summary(random_reinit=(0.9,)))
+    s = _summary(ticket=(0.80, 0.85), finetune=(0.90, 0.84), distill=(0.88, 0.91))
+    assert select(s, finetune=True)["run_dir"] == "finetune1"  # distill off: not a candidate
+    best = select(s, finetune=True, distill=True)
+    assert (best["kind"], best["level"]) == ("distill", 2)
+    assert "pruned + distilled from the dense model" in best["rule"]
 
 
 def test_finetune_baseline_keeps_the_lottery_folder(tmp_path: Path) -> None:
@@ -238,3 +243,25 @@ def test_finetune_baseline_keeps_the_lottery_folder(tmp_path: Path) -> None:
     # old folder names kept: without the baseline the folder is named by the stage fingerprint
     assert f"prune-{prints[False][0]}" == prints[False][1] == prints[True][1]
     assert prints[True][0] != prints[False][0]
+
+
+def test_lottery_folder_names_survive_keys_added_later() -> None:
+    """A prune key added by a later medxfer (``LATER_KEYS``), at its default, leaves the
+    lottery folder and the prune stage's fingerprint as they were, so a finished experiment is
+    not pruned again after an upgrade; ``prune-structured``'s keys never touch them. Pinned:
+    the name of a folder made before the distillation keys existed (``medxfer run
+    configs/cpu-pneumonia-192.yaml prune.rewind=init prune.controls=false``, results table)."""
+    import copy
+
+    from medxfer.experiment.stages import Context, fingerprint, lottery_dir
+
+    over = ["prune.rewind=init", "prune.controls=false", "prune.finetune=false"]
+    names = {}
+    for extra in ([], ["prune.distill=0.7"], ["prune.structured_distill=0.7"]):
+        exp = load_experiment(REPO / "configs" / "cpu-pneumonia-192.yaml", [*over, *extra])
+        cell = exp.cells()[0]
+        ctx = Context(exp, cell, copy.deepcopy(cell.cfg), "medxfer run")
+        names[len(extra) and extra[0]] = lottery_dir(ctx).name, fingerprint("prune", ctx)
+    assert names[0] == names["prune.structured_distill=0.7"] == ("prune-9b08eee9ff", "9b08eee9ff")
+    assert names["prune.distill=0.7"][0] == "prune-9b08eee9ff"  # adds a run, same folder
+    assert names["prune.distill=0.7"][1] != "9b08eee9ff"  # the stage itself reruns

@@ -190,7 +190,10 @@ def test_schedule_and_settings() -> None:
                          ({"fraction": 1.0}, r"not in \(0, 1\)"),
                          ({"levels": 0}, "at least one"),
                          ({"rewind": "epoch:3"}, "needs more than 3"),
-                         ({"rewind": "sometimes"}, "not understood")]:  # fmt: skip
+                         ({"rewind": "sometimes"}, "not understood"),
+                         ({"distill": 1.5}, r"outside \(0, 1\]"),
+                         ({"distill": -0.2}, r"outside \(0, 1\]"),
+                         ({"distill": 0.5, "distill_temperature": 0}, "not positive")]:  # fmt: skip
         with pytest.raises(MedxferError, match=needle):
             _settings(**over)
     cfg = load_config(None, ["train.lr=0.002"])
@@ -329,6 +332,46 @@ def test_finetune_baseline_is_added_to_a_finished_lottery(
     assert [h["epoch"] for h in history] == [1, 2, 3]  # from the trained weights, all epochs
     with pytest.raises(MedxferError, match="other settings"):  # other settings still refused
         run_lottery(cfg, out, finetune=True, levels=1, rewind="init", controls=False)
+
+
+def test_distillation_baseline_is_added_and_bound_to_its_settings(
+    lottery: Path, synth_root: Path, tmp_path: Path
+) -> None:
+    """``prune.distill`` adds one run per level beside a finished lottery: the ticket's mask on
+    the dense model's trained weights, fine-tuned like ``finetune`` with the dense level-0 model
+    as teacher; a rerun with another weight or temperature is refused, not continued."""
+    out = tmp_path / "lth"
+    shutil.copytree(lottery, out, ignore=shutil.ignore_patterns("random_*", "lottery.json"))
+    bound = out / "settings.json"
+    bound.write_text(json.dumps(json.loads(bound.read_text()) | {"controls": False}))
+    ticket = run_dir(out, 1, "ticket") / "metrics.json"
+    before = ticket.stat().st_mtime_ns
+    cfg = load_config(None, [f"data.root={synth_root}", *FAST])
+    kw = {"levels": 1, "rewind": "epoch:1", "controls": False}
+    summary = run_lottery(cfg, out, distill=0.7, distill_temperature=2.0, **kw)  # type: ignore[arg-type]
+    assert ticket.stat().st_mtime_ns == before
+    assert set(summary["levels"][1]["runs"]) == {"ticket", "distill"}
+    run = run_dir(out, 1, "distill")
+    info = json.loads((run / "prune.json").read_text())
+    assert info["distill"]["weight"] == 0.7 and info["distill"]["temperature"] == 2.0
+    assert Path(info["distill"]["teacher"]) == run_dir(out, 0, "dense")
+    assert load_config(run / "config.yaml").train.lr == pytest.approx(cfg.train.lr * 0.1)
+    mask = Mask.load(run / "mask.pt")
+    assert all(torch.equal(m, Mask.load(run_dir(out, 1, "ticket") / "mask.pt")[k])
+               for k, m in mask.items())  # fmt: skip
+    best = torch.load(run / "best.pt", weights_only=False)["model"]
+    assert not any(k.startswith("teacher") for k in best)  # only the student is saved
+    assert all(not best[k][~m].any() for k, m in mask.items())  # zeros survived distillation
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # the same start as the plain fine-tune, another loss
+    plain = run_lottery(cfg, out, finetune=True, distill=0.7, distill_temperature=2.0, **kw)  # type: ignore[arg-type]
+    assert set(plain["levels"][1]["runs"]) == {"ticket", "finetune", "distill"}
+    ft = json.loads((run_dir(out, 1, "finetune") / "history.json").read_text())
+    assert ft[0]["train_loss"] != pytest.approx(history[0]["train_loss"])
+    for other in ({"distill": 0.5}, {"distill": 0.7, "distill_temperature": 4.0}):
+        with pytest.raises(MedxferError, match=r"was distilled with weight 0\.7"):
+            run_lottery(cfg, out, **kw | other)  # type: ignore[arg-type]
 
 
 def test_export_round_trip(lottery: Path) -> None:

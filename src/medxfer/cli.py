@@ -211,9 +211,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     import hashlib
     import json
     import shutil
-    from dataclasses import asdict
 
-    from medxfer.config import load_config
+    from medxfer.config import load_config, lottery_key
 
     if args.export:
         from medxfer.prune.export import export_run
@@ -236,10 +235,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         overrides.append("prune.include_head=true")
     if args.finetune:
         overrides.append("prune.finetune=true")
+    if args.distill is not None:
+        overrides.append(f"prune.distill={args.distill}")
     cfg = load_config(args.config, overrides)
     p = cfg.prune
     target = args.target_sparsity if args.target_sparsity is not None else p.target_sparsity or None
-    bound = asdict(p) | {"target_sparsity": target}  # more levels continue the same folder
+    bound = lottery_key(p) | {"target_sparsity": target}  # more levels continue the same folder
     if target is None:
         bound.pop("levels")
     tag = hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()[:8]
@@ -252,6 +253,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         cfg, out, levels=p.levels, fraction=p.fraction,
         target_sparsity=target, rewind=p.rewind, controls=p.controls,
         include_head=p.include_head, finetune=p.finetune, finetune_lr_scale=p.finetune_lr_scale,
+        distill=p.distill, distill_temperature=p.distill_temperature,
     )  # fmt: skip
     print(out)
     return 0
@@ -361,6 +363,12 @@ def _add_prune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     pr.add_argument("--no-controls", action="store_true", help="skip random re-init / random mask")
     pr.add_argument("--include-head", action="store_true", help="prune the classification head too")
     pr.add_argument("--finetune", action="store_true", help="add the prune + fine-tune baseline")
+    pr.add_argument(
+        "--distill",
+        type=float,
+        metavar="W",
+        help="add that fine-tune distilled from the dense model, weight W in (0, 1]",
+    )
     pr.add_argument("--out", help="lottery folder (default: <out_dir>/<name>-<hash>-lottery-<tag>)")
     pr.add_argument("--force", action="store_true", help="delete an existing lottery folder first")
     pr.add_argument("--export", metavar="RUN_DIR", help="export a pruned run folder instead")

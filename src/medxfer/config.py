@@ -133,6 +133,11 @@ class PruneConfig:
     include_head: bool = False  # prune the classification head too
     finetune: bool = False  # baseline per level: prune the trained weights and fine-tune
     finetune_lr_scale: float = 0.1  # fine-tuning learning rate = train.lr * this
+    # > 0: one more baseline per level, the pruned trained weights fine-tuned like `finetune`
+    # while the dense level-0 model teaches them (knowledge distillation, this weight on the
+    # soft term, 1 - it on the labels); 0 = none
+    distill: float = 0.0
+    distill_temperature: float = 4.0  # softmax temperature of that distillation term
     image_size: int = 0  # every lottery run at this size; 0 = data.image_size
     epochs: int = 0  # epochs of every lottery run; 0 = train.epochs
     # `medxfer prune-structured`: L1-norm channel pruning of a trained run, then fine-tuning
@@ -213,6 +218,7 @@ class ExperimentConfig:
 LATER_KEYS: dict[str, tuple[str, ...]] = {
     "data": ("class_fraction", "synthetic", "synthetic_ratio", "patient_regex"),
     "tune": ("image_size",),
+    "prune": ("structured_distill", "structured_temperature", "distill", "distill_temperature"),
 }
 
 
@@ -225,6 +231,17 @@ def drop_later_defaults(d: dict[str, Any]) -> dict[str, Any]:
             if section in d and key in d[section] and d[section][key] == defaults[section][key]:
                 d[section].pop(key)
     return d
+
+
+def lottery_key(p: PruneConfig) -> dict[str, Any]:
+    """The prune settings as lottery folder and stage hashes see them: ``prune-structured``'s
+    own keys (``structured_*``) at their defaults, since no lottery depends on them, and the
+    ``LATER_KEYS`` at their defaults left out, so folders made before a key existed keep their
+    names."""
+    d = asdict(p)
+    defaults = asdict(PruneConfig())
+    d |= {k: defaults[k] for k in d if k.startswith("structured_")}
+    return drop_later_defaults({"prune": d})["prune"]
 
 
 # Top-level keys of an experiment file (`medxfer run`, medxfer.experiment) that a plain

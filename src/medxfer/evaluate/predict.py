@@ -86,6 +86,20 @@ def _inference_layout(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval().to(memory_format=torch.channels_last)
 
 
+def folded_for_inference(
+    model: torch.nn.Module, meta: dict[str, Any]
+) -> tuple[torch.nn.Module, int]:
+    """``model`` with its BatchNorms folded into the convolutions before them (checked on a
+    random batch at the model's input size; ``models/fuse.py``), in the inference layout, and
+    the number folded. Only for prediction: AdaBN and recalibration need the BatchNorms."""
+    from medxfer.models.fuse import fold_batchnorm
+
+    size = int(meta.get("image_size", 224))
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    folded, n = fold_batchnorm(model, example.contiguous(memory_format=torch.channels_last))
+    return _inference_layout(folded), n
+
+
 def collect_inputs(target: Path) -> list[Path]:
     if not target.exists():
         raise MedxferError(f"{target} does not exist", "pass an image, a DICOM file or a folder")
@@ -153,8 +167,10 @@ def iter_file_probs(
 def predict_files(
     checkpoint: Path, target: Path, out_csv: Path, batch_size: int = 32
 ) -> tuple[Path, int]:
-    """Write ``path,predicted,p_<class>...`` rows; unreadable files get an ``error`` column."""
+    """Write ``path,predicted,p_<class>...`` rows; unreadable files get an ``error`` column.
+    BatchNorm is folded into the convolutions first (same predictions, less time)."""
     model, meta = load_trained(checkpoint)
+    model, _ = folded_for_inference(model, meta)
     classes: list[str] = list(meta["classes"])
     files = collect_inputs(target)
     out_csv.parent.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import ExperimentConfig
+from medxfer.config import ExperimentConfig, PruneConfig, lottery_key
 from medxfer.errors import MedxferError
 from medxfer.experiment.spec import Cell, Experiment
 from medxfer.train.checkpoint import atomic_write_json
@@ -62,7 +62,7 @@ def fingerprint(stage: str, ctx: Context) -> str:
     if stage == "train":
         return digest(cfg.fingerprint())
     if stage == "prune":
-        return digest(cfg.fingerprint(), asdict(cfg.prune))
+        return digest(cfg.fingerprint(), lottery_key(cfg.prune))
     if stage == "evaluate":
         keep = ("train", "prune", "tune", "gan")
         return digest({k: ctx.outputs.get(k) for k in keep}, asdict(ctx.exp.report))
@@ -165,7 +165,8 @@ def lottery_dir(ctx: Context) -> Path:
     (the stage itself still reruns: its fingerprint sees every setting)."""
     from medxfer.prune.plan import ADDITIVE
 
-    prune = {**asdict(ctx.cfg.prune), **dict.fromkeys(ADDITIVE, False)}
+    defaults = asdict(PruneConfig())
+    prune = lottery_key(replace(ctx.cfg.prune, **{k: defaults[k] for k in ADDITIVE}))
     return ctx.cell.dir / f"prune-{digest(ctx.cfg.fingerprint(), prune)}"
 
 
@@ -185,20 +186,26 @@ def run_prune(ctx: Context) -> dict[str, Any]:
         include_head=p.include_head,
         finetune=p.finetune,
         finetune_lr_scale=p.finetune_lr_scale,
+        distill=p.distill,
+        distill_temperature=p.distill_temperature,
         dense_run=Path(ctx.outputs["train"]["run_dir"]) if "train" in ctx.outputs else None,
     )
-    selected = select(summary, finetune=p.finetune)
+    selected = select(summary, finetune=p.finetune, distill=bool(p.distill))
     return {"dir": str(out), "lottery": str(out / "lottery.json"), "selected": selected}
 
 
-def select(summary: dict[str, Any], *, finetune: bool = False) -> dict[str, Any]:
+def select(
+    summary: dict[str, Any], *, finetune: bool = False, distill: bool = False
+) -> dict[str, Any]:
     """The pruned model the results table reports: among the tickets and, with ``finetune``
-    (``prune.finetune``), the pruned-then-fine-tuned models of every level, the one with the
-    best validation balanced accuracy (on a tie the sparser, then the ticket). Chosen on val
+    (``prune.finetune``) and ``distill`` (``prune.distill``), the pruned-then-fine-tuned and
+    pruned-then-distilled models of every level, the one with the best validation balanced
+    accuracy (on a tie the sparser, then the ticket, then the plain fine-tune). Chosen on val
     only; test is just read."""
     from medxfer.prune.report import REPORTABLE
 
-    kinds = [k for k in REPORTABLE if finetune or k != "finetune"]
+    on = {"ticket": True, "finetune": finetune, "distill": distill}
+    kinds = [k for k in REPORTABLE if on[k]]
     best: tuple[float, int, int] | None = None
     chosen: dict[str, Any] = {}
     for row in summary["levels"][1:]:

@@ -5,7 +5,8 @@ freshly initialised head) and, for late rewinding, its state after K epochs. Lev
 previous ticket's final weights (global magnitude), rewinds the survivors and retrains under
 the mask. Controls that tell whether the ticket is special: the same mask with randomly
 re-initialised weights, and a random mask with the same per-layer sparsity on the rewound
-weights; optionally the classic baseline: keep the pruned trained weights and fine-tune.
+weights; optionally the classic baseline: keep the pruned trained weights and fine-tune, and
+the same fine-tune with the dense level-0 model as a distillation teacher (``distill``).
 Ticket and controls share one schedule (with ``epoch:K`` all retrain epochs K..E-1 from the
 LR at epoch K), so they differ only in their weights or their mask.
 
@@ -17,6 +18,7 @@ continued by running the same command again.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,7 @@ from medxfer.prune.plan import (
 )
 from medxfer.runs import is_complete
 from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
+from medxfer.train.distill import Teacher
 from medxfer.train.loop import EpochCallback, fit
 
 console = Console(stderr=True)
@@ -66,12 +69,14 @@ def _train(
     prepare: Callable[[nn.Module], None],
     callbacks: tuple[EpochCallback, ...],
     start_epoch: int = 0,
+    teacher: Teacher | None = None,
 ) -> None:
     if is_complete(run):
         console.print(f"already complete: {run}")
         return
     fit(cfg, run, resume=(run / "last.pt").exists(), prepare_model=prepare,
-        callbacks=callbacks, start_epoch=start_epoch, warn_shift=False)  # fmt: skip
+        callbacks=callbacks, start_epoch=start_epoch, warn_shift=False,
+        teacher=teacher)  # fmt: skip
 
 
 def save_init(run: Path) -> Callable[[nn.Module], None]:
@@ -243,6 +248,8 @@ def train_level(
         ]
     if s.finetune:
         jobs.append(("finetune", mask, trained))
+    if s.distill:
+        jobs.append(("distill", mask, trained))
     for kind, kind_mask, state in jobs:
         _train_pruned(cfg, out_dir, level, kind, kind_mask, state, s, callbacks)
 
@@ -258,19 +265,50 @@ def _train_pruned(
     callbacks: tuple[EpochCallback, ...],
 ) -> None:
     run = run_dir(out_dir, level, kind)
+    distill = {"weight": s.distill, "temperature": s.distill_temperature}
+    if kind == "distill":  # finished or not, a run distilled otherwise is not reused
+        check_run(run, distill)
     if is_complete(run):
         return
     if not (run / "mask.pt").exists():
         mask.save(run / "mask.pt")
-    run_cfg, start = cfg, s.rewind_epoch
-    if kind == "finetune":
+    run_cfg, start, teacher = cfg, s.rewind_epoch, None
+    if kind in ("finetune", "distill"):
         run_cfg, start = finetune_config(cfg, s.finetune_lr_scale), 0
-    info = {"level": level, "kind": kind, "rewind": s.rewind, "start_epoch": start,
-            "sparsity": mask.sparsity, "kept": mask.kept, "total": mask.total,
-            "pruned_from": source_dir(out_dir, level)}  # fmt: skip
+    info: dict[str, Any] = {
+        "level": level, "kind": kind, "rewind": s.rewind, "start_epoch": start,
+        "sparsity": mask.sparsity, "kept": mask.kept, "total": mask.total,
+        "pruned_from": source_dir(out_dir, level),
+    }  # fmt: skip
+    if kind == "distill":
+        info["distill"] = distill | {"teacher": run_dir(out_dir, 0, "dense")}
+        teacher = dense_teacher(cfg, out_dir, s)
     atomic_write_json(info, run / "prune.json")
     console.print(f"level {level} {kind}: sparsity {mask.sparsity:.4f}")
-    _train(run_cfg, run, make_prepare(mask, state), callbacks, start)
+    _train(run_cfg, run, make_prepare(mask, state), callbacks, start, teacher)
+
+
+def check_run(run: Path, distill: dict[str, Any]) -> None:
+    """A distillation run made with another weight or temperature is neither continued nor
+    reported as this one."""
+    path = run / "prune.json"
+    old = json.loads(path.read_text()).get("distill") if path.exists() else None
+    keys = ("weight", "temperature")
+    if old is not None and any(old.get(k) != distill[k] for k in keys):
+        raise MedxferError(
+            f"{run} was distilled with weight {old.get('weight')} and temperature "
+            f"{old.get('temperature')}, not {distill['weight']} and {distill['temperature']}",
+            "use another --out folder, or delete that run folder to train it again",
+        )
+
+
+def dense_teacher(cfg: ExperimentConfig, out_dir: Path, s: Settings) -> Teacher:
+    """The dense level-0 model's final weights as the teacher of every level's distill run."""
+    state = trained_state(run_dir(out_dir, 0, "dense"))
+    n_classes = state[f"{entry(cfg.model.arch).head}.weight"].shape[0]
+    model = create_model(cfg.model.arch, weights="none", num_classes=n_classes).model
+    model.load_state_dict(state)
+    return Teacher(model.eval(), s.distill, s.distill_temperature)
 
 
 def finetune_config(cfg: ExperimentConfig, lr_scale: float) -> ExperimentConfig:
@@ -293,6 +331,8 @@ def run_lottery(
     include_head: bool = False,
     finetune: bool = False,
     finetune_lr_scale: float = 0.1,
+    distill: float = 0.0,
+    distill_temperature: float = 4.0,
     callbacks: tuple[EpochCallback, ...] = (),
     dense_run: Path | None = None,
 ) -> dict[str, Any]:
@@ -307,7 +347,8 @@ def run_lottery(
     s = make_settings(
         cfg, levels=levels, fraction=fraction, target_sparsity=target_sparsity, rewind=rewind,
         controls=controls, include_head=include_head, finetune=finetune,
-        finetune_lr_scale=finetune_lr_scale,
+        finetune_lr_scale=finetune_lr_scale, distill=distill,
+        distill_temperature=distill_temperature,
     )  # fmt: skip
     bind_folder(out_dir, s)
     if dense_run is None or not adopt_dense(cfg, out_dir, s, dense_run):

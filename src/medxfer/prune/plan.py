@@ -28,6 +28,8 @@ class Settings:
     include_head: bool
     finetune: bool
     finetune_lr_scale: float
+    distill: float = 0.0
+    distill_temperature: float = 4.0
 
     @property
     def rewind_epoch(self) -> int:
@@ -46,8 +48,9 @@ class Settings:
         return d
 
 
-# Settings that add runs to a lottery folder without changing any run already in it.
-ADDITIVE = ("finetune",)
+# Settings that add runs to a lottery folder without changing any run already in it (the
+# distillation baseline's own run is bound to its weight and temperature: ``check_run``).
+ADDITIVE = ("finetune", "distill", "distill_temperature")
 
 
 def lottery_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -71,6 +74,10 @@ def make_settings(cfg: ExperimentConfig, **kw: Any) -> Settings:
         )
     if s.finetune_lr_scale <= 0:
         raise MedxferError("prune.finetune_lr_scale must be positive", "e.g. 0.1")
+    if s.distill:
+        from medxfer.train.distill import check
+
+        check(s.distill, s.distill_temperature)
     if not 0.0 < s.fraction < 1.0:
         raise MedxferError(f"pruning fraction {s.fraction} is not in (0, 1)", "e.g. --fraction 0.2")
     ok = s.rewind in ("init", "lr") or (

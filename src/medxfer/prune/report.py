@@ -15,10 +15,14 @@ from medxfer.evaluate.metrics import split_shift
 from medxfer.prune.mask import Mask
 from medxfer.train.checkpoint import atomic_write_json
 
-KINDS = ("dense", "ticket", "random_reinit", "random_mask", "finetune")
+KINDS = ("dense", "ticket", "random_reinit", "random_mask", "finetune", "distill")
 # The pruned models a study may report, as tables name them; the controls are not among them
 # (they exist to test the ticket, not to be deployed).
-REPORTABLE = {"ticket": "lottery ticket", "finetune": "pruned + fine-tuned"}
+REPORTABLE = {
+    "ticket": "lottery ticket",
+    "finetune": "pruned + fine-tuned",
+    "distill": "pruned + distilled from the dense model",
+}
 SPLIT_KEYS = ("accuracy", "balanced_accuracy")
 PLOT = "sparsity_vs_accuracy.png"
 
@@ -79,7 +83,8 @@ def plot(summary: dict[str, Any], path: Path, split: str = "test") -> Path:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"ticket": "o-", "random_reinit": "s--", "random_mask": "^--", "finetune": "d:"}
+    styles = {"ticket": "o-", "random_reinit": "s--", "random_mask": "^--", "finetune": "d:",
+              "distill": "v:"}  # fmt: skip
     for kind, style in styles.items():
         runs = [r["runs"][kind] for r in summary["levels"] if split in r["runs"].get(kind, {})]
         if not runs:

@@ -224,7 +224,11 @@ def run_structured(
         found = json.loads(old.read_text()).get("ratio") if old.exists() else None
         ratio = found or ratio_for_speedup(dense, head, size, p.structured_speedup)
     ft = _finetune_cfg(cfg, p.structured_epochs, p.structured_lr_scale)
-    _bind(out, {"source": str(source.resolve()), "ratio": ratio, "config": ft.to_dict()})
+    settings: dict[str, Any] = {"source": str(source.resolve()), "ratio": ratio,
+                                "config": ft.to_dict()}  # fmt: skip
+    if teacher is not None:  # the config's fingerprint leaves prune.* out
+        settings["distill"] = {"weight": teacher.alpha, "temperature": teacher.temperature}
+    _bind(out, settings)
     if is_complete(out):
         metrics = json.loads((out / "metrics.json").read_text())
     else:

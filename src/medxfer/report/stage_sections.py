@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from medxfer.prune.report import KINDS
 from medxfer.report.blocks import Note, Section, Table, Text, load, num, scalars, status_note
 from medxfer.report.blocks import with_ci as ci
 
@@ -163,8 +164,7 @@ def pruning(r: dict[str, Any]) -> Section:
     out = r["outputs"]["prune"]
     lot = load(out["lottery"])
     s.image(Path(out["dir"]) / lot["plot"], "Pruning curve: ticket against its controls")
-    kinds = ["dense", "ticket", "random_reinit", "random_mask", "finetune"]
-    kinds = [k for k in kinds if any(k in lv["runs"] for lv in lot["levels"])]
+    kinds = [k for k in KINDS if any(k in lv["runs"] for lv in lot["levels"])]
     rows = []
     for lv in lot["levels"]:
         rows.append(

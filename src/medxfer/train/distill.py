@@ -25,14 +25,19 @@ class Teacher:
     temperature: float = 4.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.alpha <= 1.0:
-            raise MedxferError(
-                f"distillation weight {self.alpha} is outside (0, 1]",
-                "give a weight such as 0.7 (0 switches distillation off)",
-            )
-        if self.temperature <= 0:
-            raise MedxferError(f"distillation temperature {self.temperature} is not positive",
-                               "give a temperature such as 4")  # fmt: skip
+        check(self.alpha, self.temperature)
+
+
+def check(alpha: float, temperature: float) -> None:
+    """One clear message for a distillation weight outside (0, 1] or a temperature <= 0."""
+    if not 0.0 < alpha <= 1.0:
+        raise MedxferError(
+            f"distillation weight {alpha} is outside (0, 1]",
+            "give a weight such as 0.7 (0 switches distillation off)",
+        )
+    if temperature <= 0:
+        raise MedxferError(f"distillation temperature {temperature} is not positive",
+                           "give a temperature such as 4")  # fmt: skip
 
 
 class DistillationLoss(nn.Module):
