@@ -4,7 +4,10 @@ rewinding, controls, resume, export, and one tiny lottery end to end on the synt
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +51,7 @@ FAST = [
     "train.batch_size=8", "train.steps_per_epoch=1", "train.eval_batch_size=128",
     "eval.n_bootstrap=20", "train.optimizer=sgd",  # SGD: half of AdamW's state to checkpoint
 ]  # fmt: skip
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 LOTTERY = ["--levels", "1", "--fraction", "0.2", "--rewind", "epoch:1"]
 
 
@@ -374,6 +378,25 @@ def test_distillation_baseline_is_added_and_bound_to_its_settings(
             run_lottery(cfg, out, **kw | other)  # type: ignore[arg-type]
 
 
+def test_checkpoint_scores_bench(lottery: Path, tmp_path: Path) -> None:
+    """bench/checkpoint_scores.py: the dense final weights evaluated with the run's config, and
+    every run of the lottery beside the best and the final dense checkpoint."""
+    env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(tmp_path)}
+    cmd = [sys.executable, "checkpoint_scores.py", str(lottery), "--out", "t"]
+    r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "t.json").read_text())
+    dense = json.loads((run_dir(lottery, 0, "dense") / "metrics.json").read_text())
+    assert out["dense_best"]["test"]["accuracy"] == dense["test"]["accuracy"]
+    assert out["dense_final"]["epoch"] == 3 and 0 <= out["dense_final"]["test"]["accuracy"] <= 1
+    assert set(out["runs"]) == {"level_0/dense", "level_1/ticket", "level_1/random_reinit",
+                                "level_1/random_mask"}  # fmt: skip
+    assert out["runs"]["level_0/dense"]["test_agreement_with_dense_best"] == 1.0
+    r = subprocess.run([sys.executable, "checkpoint_scores.py", str(tmp_path)], cwd=BENCH,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "holds no finished dense level 0" in r.stderr
+
+
 def test_export_round_trip(lottery: Path) -> None:
     run = run_dir(lottery, 1, "ticket")
     report = export_run(run, latency=False, onnx=False)
@@ -416,6 +439,9 @@ def test_bad_input_through_the_cli(
 ) -> None:
     assert main(["prune", "--target-sparsity", "1.5", "--out", str(tmp_path / "x"), *FAST]) == 2
     assert "not in (0, 1)" in capsys.readouterr().err
+    assert main(["prune", "--distill", "1.5", "--out", str(tmp_path / "x"), *FAST]) == 2
+    assert "outside (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before any work
     (tmp_path / "untrained").mkdir()
     assert main(["prune", "--export", str(tmp_path / "untrained")]) == 2
     assert "never trained" in capsys.readouterr().err

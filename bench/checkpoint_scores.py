@@ -1,0 +1,107 @@
+"""Which dense weights does a lottery start from, and how do they score?
+
+    python bench/checkpoint_scores.py LOTTERY_DIR [--out NAME]
+
+A lottery prunes the dense level 0's *final* weights (``last.pt``, as open_lth does); the
+learning-rate rewinding ticket, the fine-tuning and the distillation baselines also start from
+them, and the distillation teacher is them. The dense score a results table shows is that of
+its *best* checkpoint on validation (``best.pt``, ``metrics.json``). This evaluates the final
+weights on validation and test with the run's own config (its splits, its eval settings) and
+sets every run of the lottery beside both: scores, recall per class, and how often each
+pruned model's test prediction agrees with each dense checkpoint's. Writes
+bench/results/<--out>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from _common import abspath, save
+
+from medxfer.errors import MedxferError
+
+
+def _scores(m: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "accuracy": m["accuracy"],
+        "balanced_accuracy": m["balanced_accuracy"],
+        "recall": {c: v["recall"] for c, v in m["per_class"].items()},
+    }
+
+
+def final_weights(run: Path) -> dict[str, Any]:
+    """Validation and test scores, and test predictions, of ``run``'s last.pt."""
+    from medxfer.config import load_config
+    from medxfer.evaluate.metrics import compute_metrics
+    from medxfer.prune.magnitude import fold_reparam
+    from medxfer.train import compute as compute_mod
+    from medxfer.train.checkpoint import load_checkpoint
+    from medxfer.train.epoch import predict_probs
+    from medxfer.train.loop import tta_flips
+    from medxfer.train.setup import build
+
+    cfg = load_config(run / "config.yaml")
+    c = compute_mod.resolve(cfg.train)
+    s = build(cfg, c)
+    last = load_checkpoint(run / "last.pt")
+    s.built.model.load_state_dict(fold_reparam(last["model"]))
+    out: dict[str, Any] = {"epoch": last["epoch"] + 1}
+    for split, loader in (("val", s.val_loader), ("test", s.test_loader)):
+        probs, labels = predict_probs(s.model, loader, c, tta=tta_flips(cfg), desc=split)
+        m = compute_metrics(labels, probs, s.data.classes, n_bootstrap=cfg.eval.n_bootstrap,
+                            seed=cfg.train.seed)  # fmt: skip
+        out[split] = _scores(m) | {"ci95": m.get("ci95", {})}
+        out[f"{split}_predicted"] = probs.argmax(1)
+    return out
+
+
+def main() -> None:
+    import numpy as np
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("lottery", type=abspath)
+    p.add_argument("--out", default="checkpoint-scores")
+    args = p.parse_args()
+    dense = args.lottery / "level_0" / "dense"
+    if not (dense / "metrics.json").exists() or not (dense / "last.pt").exists():
+        raise MedxferError(
+            f"{args.lottery} holds no finished dense level 0",
+            "pass a folder of `medxfer prune` (or an experiment's prune-<hash>)",
+        )
+    final = final_weights(dense)
+    best = json.loads((dense / "metrics.json").read_text())
+    best_test = np.load(dense / "test_predictions.npz")["probs"].argmax(1)
+    runs: dict[str, Any] = {}
+    for metrics in sorted(args.lottery.glob("level_*/*/metrics.json")):
+        run = metrics.parent
+        m = json.loads(metrics.read_text())
+        predicted = np.load(run / "test_predictions.npz")["probs"].argmax(1)
+        runs[f"{run.parent.name}/{run.name}"] = {
+            "best_epoch": m.get("best_epoch"),
+            "val": _scores(m["val"]),
+            "test": _scores(m["test"]),
+            "test_agreement_with_dense_best": float((predicted == best_test).mean()),
+            "test_agreement_with_dense_final": float((predicted == final["test_predicted"]).mean()),
+        }
+    dense_final = {k: v for k, v in final.items() if not k.endswith("_predicted")}
+    save(args.out, {
+        "lottery": str(args.lottery),
+        "dense_best": {"epoch": best.get("best_epoch"), "val": _scores(best["val"]),
+                       "test": _scores(best["test"])},
+        "dense_final": dense_final,
+        "runs": runs,
+        "note": "dense_best is what metrics.json reports; dense_final (last.pt) is what the "
+                "lottery pruned, rewound to (lr rewinding), fine-tuned and distilled from",
+    })  # fmt: skip
+    for name, r in runs.items():
+        print(f"{name}: test {r['test']['accuracy']:.3f}, agrees with dense best "
+              f"{r['test_agreement_with_dense_best']:.3f}, final "
+              f"{r['test_agreement_with_dense_final']:.3f}")  # fmt: skip
+    print(f"dense final weights (epoch {final['epoch']}): test {final['test']['accuracy']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
