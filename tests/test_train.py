@@ -80,6 +80,10 @@ def test_cli_end_to_end(
             preprocess_arrays(meta, arrays)), dim=1).numpy()  # fmt: skip
     assert not stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert np.allclose(nhwc, nchw, atol=1e-5)
+    # predict's CSV came from the BatchNorm-folded model: the same probabilities
+    files = sorted((synth_root / "test").rglob("*.png"))[:8]
+    by_path = {r["path"]: [float(r[f"p_{c}"]) for c in meta["classes"]] for r in rows}
+    assert np.allclose([by_path[str(f)] for f in files], nhwc, atol=1e-4)
     # and on a single DICOM file
     from test_io import _write_dicom
 
