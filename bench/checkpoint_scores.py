@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from _common import abspath, save
+from _common import REPO, abspath, save
 
 from medxfer.errors import MedxferError
 
@@ -44,6 +45,7 @@ def final_weights(run: Path) -> dict[str, Any]:
     from medxfer.train.setup import build
 
     cfg = load_config(run / "config.yaml")
+    os.chdir(REPO)  # a relative data.root is read from where medxfer commands run
     c = compute_mod.resolve(cfg.train)
     s = build(cfg, c)
     last = load_checkpoint(run / "last.pt")

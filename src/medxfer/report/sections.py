@@ -87,8 +87,9 @@ def results(r: dict[str, Any]) -> tuple[Section, list[dict[str, Any]]]:
         Text(
             f"Test accuracy on the untouched test split with 95% bootstrap intervals; the "
             f"paper's column gives the numbers of {paper.PAPER} where it reports one. The "
-            "pruned model is the lottery ticket level with the best validation balanced "
-            "accuracy."
+            "pruned model is the one with the best validation balanced accuracy among the "
+            "candidates the prune stage names below (the tickets of every level, and the "
+            "fine-tuned or distilled baselines when they are on)."
         )
     )
     s.add(Table(header, body, caption="Results table laid out like the paper's", id="paper-table"))
