@@ -94,7 +94,7 @@ def folded_for_inference(
     the number folded. Only for prediction: AdaBN and recalibration need the BatchNorms."""
     from medxfer.models.fuse import fold_batchnorm
 
-    size = int(meta.get("image_size", 224))
+    size = int(meta["image_size"])
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     folded, n = fold_batchnorm(model, example.contiguous(memory_format=torch.channels_last))
     return _inference_layout(folded), n

@@ -4,7 +4,8 @@ In eval mode a BatchNorm2d after a Conv2d is an affine map per channel, so it ca
 into the convolution's weight and bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``): one pass
 over the activations fewer per convolution, the same outputs up to float rounding. onnxruntime
 does this itself when it optimizes a graph; eager PyTorch does not, and at batch 1 on a CPU
-those passes are a large share of the time (README, "BatchNorm folding at inference").
+those passes are a large share of the time (measured: README, Architecture, "CPU compute
+settings"; bench/results/inference-fold-brain-tumor-mri-160px.json).
 
 Which BatchNorm follows which convolution is read from the modules' registration order (the
 next child of the same parent), the way torchvision's, timm's and medxfer's backbones are
@@ -47,18 +48,18 @@ def _fold_pairs(model: nn.Module) -> int:
 
 @torch.no_grad()
 def fold_batchnorm(
-    model: nn.Module, example: torch.Tensor, rtol: float = 1e-4
+    model: nn.Module, example: torch.Tensor, tol: float = 1e-4
 ) -> tuple[nn.Module, int]:
     """An eval-mode copy of ``model`` with every BatchNorm2d that directly follows a Conv2d
     folded into it, and the number folded. The copy's outputs on ``example`` must equal the
-    original's within ``rtol`` of their largest magnitude; otherwise (a BatchNorm that was not
-    fed by the convolution registered before it) the original is returned with 0."""
+    original's within ``tol`` x (1 + their largest magnitude); otherwise (a BatchNorm that was
+    not fed by the convolution registered before it) the original is returned with 0."""
     model = model.eval()
     folded = copy.deepcopy(model)
     n = _fold_pairs(folded)
     if n == 0:
         return model, 0
     want, got = model(example), folded(example)
-    if not torch.allclose(got, want, rtol=0.0, atol=rtol * (1.0 + float(want.abs().max()))):
+    if not torch.allclose(got, want, rtol=0.0, atol=tol * (1.0 + float(want.abs().max()))):
         return model, 0
     return folded, n
