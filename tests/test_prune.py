@@ -44,7 +44,7 @@ from medxfer.prune.magnitude import (
     prune_count,
 )
 from medxfer.prune.mask import Mask, check_fits, random_like
-from medxfer.prune.plan import Settings, kept_schedule, make_settings
+from medxfer.prune.plan import Settings, bind_folder, kept_schedule, make_settings
 
 FAST = [
     "model.arch=resnet18", "model.weights=none", "data.image_size=32", "train.epochs=3",
@@ -376,6 +376,48 @@ def test_distillation_baseline_is_added_and_bound_to_its_settings(
     for other in ({"distill": 0.5}, {"distill": 0.7, "distill_temperature": 4.0}):
         with pytest.raises(MedxferError, match=r"was distilled with weight 0\.7"):
             run_lottery(cfg, out, **kw | other)  # type: ignore[arg-type]
+
+
+def test_lottery_can_prune_the_epoch_validation_chose(
+    lottery: Path, synth_root: Path, tmp_path: Path
+) -> None:
+    """``prune.weights=best``: the mask comes from the magnitudes of the dense run's best.pt,
+    learning-rate rewinding and the fine-tune start from it; a folder is bound to the choice,
+    and folders made before it existed count as ``last``."""
+    out = tmp_path / "lth"
+    shutil.copytree(lottery, out, ignore=shutil.ignore_patterns("level_1", "lottery.json",
+                                                                "settings.json"))  # fmt: skip
+    dense = run_dir(out, 0, "dense")
+    best = torch.load(dense / "best.pt", weights_only=False)
+    torch.manual_seed(3)  # a best epoch whose magnitudes surely rank otherwise than the last's
+    best["model"] = {k: torch.randn_like(v) if k.endswith(("weight", "weight_orig")) else v
+                     for k, v in best["model"].items()}  # fmt: skip
+    torch.save(best, dense / "best.pt")
+    cfg = load_config(None, [f"data.root={synth_root}", *FAST])
+    kw = {"levels": 1, "fraction": 0.2, "rewind": "lr", "controls": False, "finetune": True}
+    run_lottery(cfg, out, weights="best", **kw)  # type: ignore[arg-type]
+    full, ticket = Mask.load(dense / "mask.pt"), Mask.load(run_dir(out, 1, "ticket") / "mask.pt")
+    chosen = trained_state(dense, "best")
+    expected = prune_count(chosen, full, full.kept - ticket.kept)
+    assert all(torch.equal(ticket[k], m) for k, m in expected.items())
+    final = prune_count(trained_state(dense), full, full.kept - ticket.kept)
+    assert any(not torch.equal(ticket[k], m) for k, m in final.items())
+    s = _settings(rewind="lr", weights="best")
+    assert all(torch.equal(v, chosen[k]) for k, v in rewind_state(out, 1, s).items())
+    for kind in ("ticket", "finetune"):
+        assert json.loads((run_dir(out, 1, kind) / "prune.json").read_text())["weights"] == "best"
+    with pytest.raises(MedxferError, match="other settings"):
+        run_lottery(cfg, out, **kw)  # type: ignore[arg-type]
+    with pytest.raises(MedxferError, match="not understood"):
+        _settings(weights="final")
+    old = tmp_path / "old"  # made before the setting existed: it was made from the last epoch
+    bind_folder(old, _settings())
+    bound = json.loads((old / "settings.json").read_text())
+    (old / "settings.json").write_text(json.dumps({k: v for k, v in bound.items()
+                                                   if k != "weights"}))  # fmt: skip
+    bind_folder(old, _settings())
+    with pytest.raises(MedxferError, match="other settings"):
+        bind_folder(old, _settings(weights="best"))
 
 
 def test_checkpoint_scores_bench(lottery: Path, tmp_path: Path) -> None:

@@ -237,6 +237,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         overrides.append("prune.finetune=true")
     if args.distill is not None:
         overrides.append(f"prune.distill={args.distill}")
+    if args.weights is not None:
+        overrides.append(f"prune.weights={args.weights}")
     cfg = load_config(args.config, overrides)
     p = cfg.prune
     target = args.target_sparsity if args.target_sparsity is not None else p.target_sparsity or None
@@ -253,7 +255,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         cfg, out, levels=p.levels, fraction=p.fraction,
         target_sparsity=target, rewind=p.rewind, controls=p.controls,
         include_head=p.include_head, finetune=p.finetune, finetune_lr_scale=p.finetune_lr_scale,
-        distill=p.distill, distill_temperature=p.distill_temperature,
+        distill=p.distill, distill_temperature=p.distill_temperature, weights=p.weights,
     )  # fmt: skip
     print(out)
     return 0
@@ -368,6 +370,12 @@ def _add_prune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=float,
         metavar="W",
         help="add that fine-tune distilled from the dense model, weight W in (0, 1]",
+    )
+    pr.add_argument(
+        "--weights",
+        choices=("last", "best"),
+        help="prune (and rewind / fine-tune / teach from) each run's final epoch (default) or "
+        "the epoch validation chose (best.pt)",
     )
     pr.add_argument("--out", help="lottery folder (default: <out_dir>/<name>-<hash>-lottery-<tag>)")
     pr.add_argument("--force", action="store_true", help="delete an existing lottery folder first")

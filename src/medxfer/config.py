@@ -138,6 +138,11 @@ class PruneConfig:
     # soft term, 1 - it on the labels); 0 = none
     distill: float = 0.0
     distill_temperature: float = 4.0  # softmax temperature of that distillation term
+    # which weights of a finished run are pruned (their magnitudes choose the mask), rewound to
+    # by `lr`, fine-tuned by `finetune` / `distill` and teach `distill`: last = the final epoch
+    # (open_lth's and Frankle & Carbin's choice); best = best.pt, the epoch validation chose,
+    # which is the model the results table reports as dense
+    weights: str = "last"
     image_size: int = 0  # every lottery run at this size; 0 = data.image_size
     epochs: int = 0  # epochs of every lottery run; 0 = train.epochs
     # `medxfer prune-structured`: L1-norm channel pruning of a trained run, then fine-tuning
@@ -218,7 +223,13 @@ class ExperimentConfig:
 LATER_KEYS: dict[str, tuple[str, ...]] = {
     "data": ("class_fraction", "synthetic", "synthetic_ratio", "patient_regex"),
     "tune": ("image_size",),
-    "prune": ("structured_distill", "structured_temperature", "distill", "distill_temperature"),
+    "prune": (
+        "structured_distill",
+        "structured_temperature",
+        "distill",
+        "distill_temperature",
+        "weights",
+    ),
 }
 
 

@@ -188,6 +188,7 @@ def run_prune(ctx: Context) -> dict[str, Any]:
         finetune_lr_scale=p.finetune_lr_scale,
         distill=p.distill,
         distill_temperature=p.distill_temperature,
+        weights=p.weights,
         dense_run=Path(ctx.outputs["train"]["run_dir"]) if "train" in ctx.outputs else None,
     )
     selected = select(summary, finetune=p.finetune, distill=bool(p.distill))

@@ -2,7 +2,8 @@
 
 Level 0 trains the dense network and keeps its starting point (``init.pt``: ImageNet backbone +
 freshly initialised head) and, for late rewinding, its state after K epochs. Level k prunes the
-previous ticket's final weights (global magnitude), rewinds the survivors and retrains under
+previous ticket's final weights (global magnitude; or the epoch validation chose, with
+``weights="best"``), rewinds the survivors and retrains under
 the mask. Controls that tell whether the ticket is special: the same mask with randomly
 re-initialised weights, and a random mask with the same per-layer sparsity on the rewound
 weights; optionally the classic baseline: keep the pruned trained weights and fine-tune, and
@@ -54,13 +55,14 @@ def run_dir(out_dir: Path, level: int, kind: str) -> Path:
     return out_dir / f"level_{level}" / kind
 
 
-def trained_state(run: Path) -> State:
-    """The final weights of a finished run (plain layout); a clear error when there are none."""
+def trained_state(run: Path, weights: str = "last") -> State:
+    """The weights of a finished run (plain layout): its final epoch (``last``) or the epoch
+    validation chose (``best``); a clear error when there are none."""
     if not (run / "last.pt").exists():
         raise MedxferError(f"{run} was never trained (no last.pt)", "train it before pruning it")
     if not is_complete(run):
         raise MedxferError(f"training of {run} did not finish", "run the same command again")
-    return fold_reparam(load_checkpoint(run / "last.pt")["model"])
+    return fold_reparam(load_checkpoint(run / f"{weights}.pt")["model"])
 
 
 def _train(
@@ -163,7 +165,7 @@ def _past_epoch(run: Path, epoch: int) -> bool:
 def rewind_state(out_dir: Path, level: int, s: Settings) -> State:
     """Where the ticket of ``level`` restarts from: init, epoch K, or the previous final weights."""
     if s.rewind == "lr":
-        return trained_state(source_dir(out_dir, level))
+        return trained_state(source_dir(out_dir, level), s.weights)
     name = "init.pt" if s.rewind == "init" else f"rewind_epoch{s.rewind_epoch}.pt"
     state: State = torch.load(out_dir / name, map_location="cpu", weights_only=True)
     return state
@@ -223,7 +225,7 @@ def train_level(
 
     def new_mask() -> Mask:
         prev = Mask.load(src / "mask.pt")
-        return prune_count(trained_state(src), prev, prev.kept - kept)
+        return prune_count(trained_state(src, s.weights), prev, prev.kept - kept)
 
     mask = _mask(run_dir(out_dir, level, "ticket") / "mask.pt", new_mask)
     if mask.kept != kept:
@@ -237,7 +239,7 @@ def train_level(
         return random_state(model, cfg, seed + 500)
 
     def trained(_: nn.Module) -> State:
-        return trained_state(src)
+        return trained_state(src, s.weights)
 
     jobs: list[tuple[str, Mask, Callable[[nn.Module], State]]] = [("ticket", mask, rewound)]
     if s.controls:
@@ -278,7 +280,7 @@ def _train_pruned(
     info: dict[str, Any] = {
         "level": level, "kind": kind, "rewind": s.rewind, "start_epoch": start,
         "sparsity": mask.sparsity, "kept": mask.kept, "total": mask.total,
-        "pruned_from": source_dir(out_dir, level),
+        "pruned_from": source_dir(out_dir, level), "weights": s.weights,
     }  # fmt: skip
     if kind == "distill":
         info["distill"] = distill | {"teacher": run_dir(out_dir, 0, "dense")}
@@ -303,8 +305,9 @@ def check_run(run: Path, distill: dict[str, Any]) -> None:
 
 
 def dense_teacher(cfg: ExperimentConfig, out_dir: Path, s: Settings) -> Teacher:
-    """The dense level-0 model's final weights as the teacher of every level's distill run."""
-    state = trained_state(run_dir(out_dir, 0, "dense"))
+    """The dense level-0 model (final or best weights, as ``s.weights``) as the teacher of every
+    level's distill run."""
+    state = trained_state(run_dir(out_dir, 0, "dense"), s.weights)
     n_classes = state[f"{entry(cfg.model.arch).head}.weight"].shape[0]
     model = create_model(cfg.model.arch, weights="none", num_classes=n_classes).model
     model.load_state_dict(state)
@@ -333,6 +336,7 @@ def run_lottery(
     finetune_lr_scale: float = 0.1,
     distill: float = 0.0,
     distill_temperature: float = 4.0,
+    weights: str = "last",
     callbacks: tuple[EpochCallback, ...] = (),
     dense_run: Path | None = None,
 ) -> dict[str, Any]:
@@ -348,7 +352,7 @@ def run_lottery(
         cfg, levels=levels, fraction=fraction, target_sparsity=target_sparsity, rewind=rewind,
         controls=controls, include_head=include_head, finetune=finetune,
         finetune_lr_scale=finetune_lr_scale, distill=distill,
-        distill_temperature=distill_temperature,
+        distill_temperature=distill_temperature, weights=weights,
     )  # fmt: skip
     bind_folder(out_dir, s)
     if dense_run is None or not adopt_dense(cfg, out_dir, s, dense_run):

@@ -30,6 +30,7 @@ class Settings:
     finetune_lr_scale: float
     distill: float = 0.0
     distill_temperature: float = 4.0
+    weights: str = "last"  # last.pt or best.pt of each finished run is what the next level uses
 
     @property
     def rewind_epoch(self) -> int:
@@ -51,6 +52,8 @@ class Settings:
 # Settings that add runs to a lottery folder without changing any run already in it (the
 # distillation baseline's own run is bound to its weight and temperature: ``check_run``).
 ADDITIVE = ("finetune", "distill", "distill_temperature")
+# Settings added after folders were made, at the value those folders were made with.
+LATER = {"weights": "last"}
 
 
 def lottery_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -78,6 +81,8 @@ def make_settings(cfg: ExperimentConfig, **kw: Any) -> Settings:
         from medxfer.train.distill import check
 
         check(s.distill, s.distill_temperature)
+    if s.weights not in ("last", "best"):
+        raise MedxferError(f"prune.weights={s.weights!r} is not understood", "use last or best")
     if not 0.0 < s.fraction < 1.0:
         raise MedxferError(f"pruning fraction {s.fraction} is not in (0, 1)", "e.g. --fraction 0.2")
     ok = s.rewind in ("init", "lr") or (
@@ -110,7 +115,7 @@ def bind_folder(out_dir: Path, s: Settings) -> None:
     path = out_dir / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if {k: old.get(k) for k in s.key()} != s.key():
+        if {k: old.get(k, LATER.get(k)) for k in s.key()} != s.key():
             raise MedxferError(
                 f"{out_dir} holds a lottery run with other settings ({old})",
                 "use another --out folder, or --force to start again",
