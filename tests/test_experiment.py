@@ -257,7 +257,9 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
 
     over = ["prune.rewind=init", "prune.controls=false", "prune.finetune=false"]
     names = {}
-    for extra in ([], ["prune.distill=0.7"], ["prune.structured_distill=0.7"]):
+    extras = ([], ["prune.distill=0.7"], ["prune.structured_distill=0.7"],
+              ["prune.weights=last"], ["prune.weights=best"])  # fmt: skip
+    for extra in extras:
         exp = load_experiment(REPO / "configs" / "cpu-pneumonia-192.yaml", [*over, *extra])
         cell = exp.cells()[0]
         ctx = Context(exp, cell, copy.deepcopy(cell.cfg), "medxfer run")
@@ -265,3 +267,5 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
     assert names[0] == names["prune.structured_distill=0.7"] == ("prune-9b08eee9ff", "9b08eee9ff")
     assert names["prune.distill=0.7"][0] == "prune-9b08eee9ff"  # adds a run, same folder
     assert names["prune.distill=0.7"][1] != "9b08eee9ff"  # the stage itself reruns
+    assert names["prune.weights=last"] == names[0]  # the default, as before the key existed
+    assert "9b08eee9ff" not in names["prune.weights=best"][0]  # another lottery, its own folder

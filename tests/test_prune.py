@@ -494,6 +494,37 @@ def test_bad_input_through_the_cli(
     assert "does not fit" in capsys.readouterr().err
 
 
+def test_cli_lottery_folder_is_named_without_the_added_baselines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``medxfer prune`` without ``--out``: ``--finetune`` / ``--distill`` only add runs, so they
+    continue the same folder (as ``medxfer run`` does); ``--weights best`` is another lottery;
+    a folder named the way earlier versions named it (with those settings) is still found."""
+    import hashlib
+
+    import medxfer.prune.lottery as lottery_mod
+    from medxfer.config import lottery_key
+
+    seen: list[Path] = []
+    monkeypatch.setattr(lottery_mod, "run_lottery", lambda _cfg, out, **_kw: seen.append(out))
+    base = ["prune", *LOTTERY, *FAST, f"out_dir={tmp_path}"]
+    for extra in ([], ["--finetune"], ["--distill", "0.5"], ["--weights", "best"]):
+        assert main([*base, *extra]) == 0
+    plain, finetune, distill, best = seen
+    assert plain == finetune == distill and best != plain and plain.parent == tmp_path
+    cfg = load_config(None, [*FAST, "prune.levels=1", "prune.fraction=0.2",
+                             "prune.rewind=epoch:1", "prune.finetune=true"])  # fmt: skip
+    bound = lottery_key(cfg.prune) | {"target_sparsity": None}
+    bound.pop("levels")
+    tag = hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()[:8]
+    older = tmp_path / plain.name.replace(plain.name.rsplit("-", 1)[1], tag)
+    assert older != plain
+    older.mkdir()
+    assert main([*base, "--finetune"]) == 0 and seen[-1] == older
+    plain.mkdir()  # the current name wins once it exists
+    assert main([*base, "--finetune"]) == 0 and seen[-1] == plain
+
+
 def test_lottery_adopts_a_finished_dense_run_and_lottery_overrides(
     synth_root: Path, tmp_path: Path
 ) -> None:

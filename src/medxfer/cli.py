@@ -213,6 +213,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     import shutil
 
     from medxfer.config import load_config, lottery_key
+    from medxfer.prune.plan import folder_key
 
     if args.export:
         from medxfer.prune.export import export_run
@@ -242,11 +243,21 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     p = cfg.prune
     target = args.target_sparsity if args.target_sparsity is not None else p.target_sparsity or None
-    bound = lottery_key(p) | {"target_sparsity": target}  # more levels continue the same folder
-    if target is None:
-        bound.pop("levels")
-    tag = hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()[:8]
-    out = Path(args.out or Path(cfg.out_dir) / f"{cfg.name}-{cfg.fingerprint()}-lottery-{tag}")
+
+    def folder(key: dict[str, object]) -> Path:
+        bound = key | {"target_sparsity": target}  # more levels continue the same folder
+        if target is None:
+            bound.pop("levels")
+        tag = hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()[:8]
+        return Path(cfg.out_dir) / f"{cfg.name}-{cfg.fingerprint()}-lottery-{tag}"
+
+    # named without the settings that only add runs (--finetune, --distill), so adding one
+    # continues the finished lottery; a folder named with them (before 0.1.0 did this) is found
+    out, older = folder(folder_key(p)), folder(lottery_key(p))
+    if args.out:
+        out = Path(args.out)
+    elif not out.exists() and older.exists():
+        out = older
     if args.force and out.exists():
         shutil.rmtree(out)
     if not cfg.data.root:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import ExperimentConfig, PruneConfig, lottery_key
+from medxfer.config import ExperimentConfig, lottery_key
 from medxfer.errors import MedxferError
 from medxfer.experiment.spec import Cell, Experiment
 from medxfer.train.checkpoint import atomic_write_json
@@ -163,11 +163,9 @@ def lottery_dir(ctx: Context) -> Path:
     """The prune stage's lottery folder: named by the prune fingerprint with the settings that
     only add runs (``ADDITIVE``) at their defaults, so switching one on reuses the finished runs
     (the stage itself still reruns: its fingerprint sees every setting)."""
-    from medxfer.prune.plan import ADDITIVE
+    from medxfer.prune.plan import folder_key
 
-    defaults = asdict(PruneConfig())
-    prune = lottery_key(replace(ctx.cfg.prune, **{k: defaults[k] for k in ADDITIVE}))
-    return ctx.cell.dir / f"prune-{digest(ctx.cfg.fingerprint(), prune)}"
+    return ctx.cell.dir / f"prune-{digest(ctx.cfg.fingerprint(), folder_key(ctx.cfg.prune))}"
 
 
 def run_prune(ctx: Context) -> dict[str, Any]:

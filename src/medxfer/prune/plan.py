@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import ExperimentConfig
+from medxfer.config import ExperimentConfig, PruneConfig, lottery_key
 from medxfer.errors import MedxferError
 from medxfer.train.checkpoint import atomic_write_json
 
@@ -54,6 +54,14 @@ class Settings:
 ADDITIVE = ("finetune", "distill", "distill_temperature")
 # Settings added after folders were made, at the value those folders were made with.
 LATER = {"weights": "last"}
+
+
+def folder_key(p: PruneConfig) -> dict[str, Any]:
+    """The prune settings a lottery folder is named by: ``lottery_key`` with the settings that
+    only add runs (``ADDITIVE``) at their defaults, so switching one on for a finished lottery
+    finds its folder and trains just the added runs."""
+    defaults = asdict(PruneConfig())
+    return lottery_key(replace(p, **{k: defaults[k] for k in ADDITIVE}))
 
 
 def lottery_config(cfg: ExperimentConfig) -> ExperimentConfig:
