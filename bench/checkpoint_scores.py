@@ -2,9 +2,10 @@
 
     python bench/checkpoint_scores.py LOTTERY_DIR [--out NAME]
 
-A lottery prunes the dense level 0's *final* weights (``last.pt``, as open_lth does); the
-learning-rate rewinding ticket, the fine-tuning and the distillation baselines also start from
-them, and the distillation teacher is them. The dense score a results table shows is that of
+A lottery prunes the dense level 0's *final* weights (``last.pt``, as open_lth does; with
+``prune.weights: best`` its best.pt instead); the learning-rate rewinding ticket, the
+fine-tuning and the distillation baselines also start from them, and the distillation teacher
+is them. The dense score a results table shows is that of
 its *best* checkpoint on validation (``best.pt``, ``metrics.json``). This evaluates the final
 weights on validation and test with the run's own config (its splits, its eval settings) and
 sets every run of the lottery beside both: scores, recall per class, and how often each
@@ -73,6 +74,9 @@ def main() -> None:
             f"{args.lottery} holds no finished dense level 0",
             "pass a folder of `medxfer prune` (or an experiment's prune-<hash>)",
         )
+    settings = json.loads((args.lottery / "settings.json").read_text())
+    weights = settings.get("weights", "last")  # folders made before the choice: last
+    pruned = "final" if weights == "last" else "best"
     final = final_weights(dense)
     best = json.loads((dense / "metrics.json").read_text())
     best_test = np.load(dense / "test_predictions.npz")["probs"].argmax(1)
@@ -95,8 +99,9 @@ def main() -> None:
                        "test": _scores(best["test"])},
         "dense_final": dense_final,
         "runs": runs,
-        "note": "dense_best is what metrics.json reports; dense_final (last.pt) is what the "
-                "lottery pruned, rewound to (lr rewinding), fine-tuned and distilled from",
+        "pruned_weights": weights,
+        "note": "dense_best is what metrics.json reports; the lottery pruned, rewound to (lr "
+                f"rewinding), fine-tuned and distilled from dense_{pruned} ({weights}.pt)",
     })  # fmt: skip
     for name, r in runs.items():
         print(f"{name}: test {r['test']['accuracy']:.3f}, agrees with dense best "

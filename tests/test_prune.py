@@ -434,6 +434,7 @@ def test_checkpoint_scores_bench(lottery: Path, tmp_path: Path) -> None:
     assert set(out["runs"]) == {"level_0/dense", "level_1/ticket", "level_1/random_reinit",
                                 "level_1/random_mask"}  # fmt: skip
     assert out["runs"]["level_0/dense"]["test_agreement_with_dense_best"] == 1.0
+    assert out["pruned_weights"] == "last" and "dense_final (last.pt)" in out["note"]
     r = subprocess.run([sys.executable, "checkpoint_scores.py", str(tmp_path)], cwd=BENCH,
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "holds no finished dense level 0" in r.stderr
