@@ -35,30 +35,21 @@ def _scores(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def final_weights(run: Path) -> dict[str, Any]:
-    """Validation and test scores, and test predictions, of ``run``'s last.pt."""
-    from medxfer.config import load_config
-    from medxfer.evaluate.metrics import compute_metrics
-    from medxfer.prune.magnitude import fold_reparam
-    from medxfer.train import compute as compute_mod
-    from medxfer.train.checkpoint import load_checkpoint
-    from medxfer.train.epoch import predict_probs
-    from medxfer.train.loop import tta_flips
-    from medxfer.train.setup import build
+    """Validation and test scores, and test predictions, of ``run``'s last.pt: ``medxfer
+    evaluate RUN --checkpoint last --out metrics-last.json`` (written into the run folder)."""
+    import numpy as np
 
-    cfg = load_config(run / "config.yaml")
+    from medxfer.evaluate.rerun import evaluate_run
+
     os.chdir(REPO)  # a relative data.root is read from where medxfer commands run
-    c = compute_mod.resolve(cfg.train)
-    s = build(cfg, c)
-    last = load_checkpoint(run / "last.pt")
-    s.built.model.load_state_dict(fold_reparam(last["model"]))
-    out: dict[str, Any] = {"epoch": last["epoch"] + 1}
-    for split, loader in (("val", s.val_loader), ("test", s.test_loader)):
-        probs, labels = predict_probs(s.model, loader, c, tta=tta_flips(cfg), desc=split)
-        m = compute_metrics(labels, probs, s.data.classes, n_bootstrap=cfg.eval.n_bootstrap,
-                            seed=cfg.train.seed)  # fmt: skip
-        out[split] = _scores(m) | {"ci95": m.get("ci95", {})}
-        out[f"{split}_predicted"] = probs.argmax(1)
-    return out
+    out, results = evaluate_run(run, [], "metrics-last.json", checkpoint="last")
+    scores: dict[str, Any] = {"epoch": results["epoch"]}
+    for split in ("val", "test"):
+        m = results[split]
+        scores[split] = _scores(m) | {"ci95": m.get("ci95", {})}
+        probs = np.load(out.with_name(f"{out.stem}-{split}.npz"))["probs"]
+        scores[f"{split}_predicted"] = probs.argmax(1)
+    return scores
 
 
 def main() -> None:

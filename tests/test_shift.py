@@ -233,3 +233,14 @@ def test_evaluate_rerun_and_old_runs_get_their_validation_outputs(
     assert not (run / "val_predictions.npz").exists()
     assert main(["evaluate", str(run), "train.lr=0.1"]) == 2
     assert "only eval.* settings" in " ".join(capsys.readouterr().err.split())
+    # the final epoch instead of the best one: its own file and outputs, nothing for `shift`
+    assert main(["evaluate", str(run), "--checkpoint", "last", "--out", "last.json"]) == 0
+    last = json.loads((run / "last.json").read_text())
+    assert last["checkpoint"] == "last" and last["epoch"] == len(json.loads(
+        (run / "history.json").read_text()))  # fmt: skip
+    assert "best_epoch" not in last and 0 <= last["test"]["accuracy"] <= 1
+    outputs = np.load(run / "last-test.npz")
+    assert outputs["probs"].shape[0] == len(outputs["labels"]) == last["test"]["n"]
+    assert not (run / "val_predictions.npz").exists()
+    assert (run / "metrics.json").read_text() == metrics
+    assert rerun["best_epoch"] == rerun["epoch"] == json.loads(metrics)["best_epoch"]

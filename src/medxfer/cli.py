@@ -94,7 +94,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medxfer.evaluate.metrics import format_summary, shift_warnings
     from medxfer.evaluate.rerun import evaluate_run
 
-    out, results = evaluate_run(Path(args.run_dir), list(args.overrides), args.out)
+    out, results = evaluate_run(Path(args.run_dir), list(args.overrides), args.out, args.checkpoint)
+    console.print(f"{results['checkpoint']}.pt (epoch {results['epoch']})")
     for split in ("val", "test"):
         if split in results:
             console.print(f"{split}: {format_summary(results[split])}")
@@ -308,10 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train the best config in full and evaluate it once on test")  # fmt: skip
     tu.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.epochs=3")
     tu.set_defaults(func=_cmd_tune)
-    ev = sub.add_parser("evaluate", help="re-evaluate a run's best checkpoint (eval.* settings)")
+    ev = sub.add_parser("evaluate", help="re-evaluate a run's best or last checkpoint (eval.*)")
     ev.add_argument("run_dir")
     ev.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.tta=true")
     ev.add_argument("--out", default="metrics-rerun.json", help="file name inside the run folder")
+    ev.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="best.pt (the epoch validation chose) or last.pt (the last epoch)",
+    )
     ev.set_defaults(func=_cmd_evaluate)
     pr = sub.add_parser("predict", help="class probabilities for an image, folder or DICOM")
     pr.add_argument("checkpoint", help="a run folder or its best.pt")

@@ -1,8 +1,10 @@
-"""``medxfer evaluate``: evaluate a finished run's best checkpoint again with other eval settings.
+"""``medxfer evaluate``: evaluate a finished run's best checkpoint (or, with ``checkpoint="last"``,
+its final epoch) again with other eval settings.
 
 The run's own ``config.yaml`` rebuilds exactly its data splits and model; only ``eval.*`` keys
 may be overridden (anything else would describe another experiment). Results go to a separate
-file, never over the run's ``metrics.json``. A run made before runs stored their validation
+file, never over the run's ``metrics.json``, with each split's probabilities beside it
+(``<file stem>-<split>.npz``). A run made before runs stored their validation
 outputs gets ``val_predictions.npz`` (what ``medxfer shift`` reads) from an evaluation without
 test-time flips, never replacing one.
 """
@@ -22,8 +24,18 @@ from medxfer.train.epoch import predict_probs
 from medxfer.train.loop import save_predictions, tta_flips
 from medxfer.train.setup import build
 
+CHECKPOINTS = ("best", "last")
 
-def evaluate_run(run_dir: Path, overrides: list[str], out_name: str) -> tuple[Path, dict[str, Any]]:
+
+def evaluate_run(
+    run_dir: Path, overrides: list[str], out_name: str, checkpoint: str = "best"
+) -> tuple[Path, dict[str, Any]]:
+    """Evaluate ``run_dir``'s ``<checkpoint>.pt`` on its validation and test splits into
+    ``run_dir/out_name``; returns that path and the results."""
+    from medxfer.prune.magnitude import fold_reparam
+
+    if checkpoint not in CHECKPOINTS:
+        raise MedxferError(f"checkpoint {checkpoint!r} is not understood", "use best or last")
     if not (run_dir / "best.pt").exists() or not (run_dir / "config.yaml").exists():
         raise MedxferError(f"{run_dir} is not a trained run", "pass a folder of `medxfer train`")
     bad = [o for o in overrides if not o.startswith("eval.")]
@@ -32,19 +44,24 @@ def evaluate_run(run_dir: Path, overrides: list[str], out_name: str) -> tuple[Pa
     cfg = load_config(run_dir / "config.yaml", overrides)
     c = compute_mod.resolve(cfg.train)
     s = build(cfg, c)
-    best = load_checkpoint(run_dir / "best.pt")
-    s.built.model.load_state_dict(best["model"])
+    ckpt = load_checkpoint(run_dir / f"{checkpoint}.pt")
+    s.built.model.load_state_dict(fold_reparam(ckpt["model"]))  # a pruned run's last.pt: masked
+    out = run_dir / out_name
     results: dict[str, Any] = {"run_dir": str(run_dir), "overrides": overrides}
-    results |= {"best_epoch": best["epoch"] + 1, "tta_flips": tta_flips(cfg)}
+    results |= {"checkpoint": checkpoint, "epoch": ckpt["epoch"] + 1, "tta_flips": tta_flips(cfg)}
+    if checkpoint == "best":
+        results["best_epoch"] = results["epoch"]
     for split, loader in (("val", s.val_loader), ("test", s.test_loader)):
         if len(loader.indices):
             probs, labels = predict_probs(s.model, loader, c, tta=tta_flips(cfg), desc=split)
             results[split] = compute_metrics(
                 labels, probs, s.data.classes, n_bootstrap=cfg.eval.n_bootstrap, seed=cfg.train.seed
             )
+            save_predictions(out.with_name(f"{out.stem}-{split}.npz"), probs, labels, cfg, c)
             # only a file `medxfer shift` can use (no test-time flips): never one it would skip
-            if split == "val" and not tta_flips(cfg) and not (run_dir / STORED).exists():
-                save_predictions(run_dir / STORED, probs, labels, cfg, c)
-    out = run_dir / out_name
+            stored = run_dir / STORED
+            usable = checkpoint == "best" and not tta_flips(cfg)
+            if split == "val" and usable and not stored.exists():
+                save_predictions(stored, probs, labels, cfg, c)
     atomic_write_json(results, out)
     return out, results
