@@ -81,6 +81,12 @@ def _train(
         teacher=teacher)  # fmt: skip
 
 
+def blank_model(arch: str, state: State) -> nn.Module:
+    """``arch`` without weights, its head sized for ``state`` (as many classes as it has)."""
+    n_classes = state[f"{entry(arch).head}.weight"].shape[0]
+    return create_model(arch, weights="none", num_classes=n_classes).model
+
+
 def save_init(run: Path) -> Callable[[nn.Module], None]:
     """``fit``'s hook for a dense run that a lottery may later adopt as its level 0: keeps the
     starting weights (ImageNet backbone + fresh head) in ``run/init.pt``."""
@@ -113,11 +119,8 @@ def adopt_dense(cfg: ExperimentConfig, out_dir: Path, s: Settings, dense: Path) 
         shutil.rmtree(tmp)
     shutil.copytree(dense, tmp)
     init: State = torch.load(dense / "init.pt", map_location="cpu", weights_only=True)
-    head = entry(cfg.model.arch).head
-    n_classes = init[f"{head}.weight"].shape[0]
-    built = create_model(cfg.model.arch, weights="none", num_classes=n_classes)
-    exclude = [] if s.include_head else [head]
-    Mask.dense(built.model, exclude).save(tmp / "mask.pt")  # names and shapes only
+    exclude = [] if s.include_head else [entry(cfg.model.arch).head]
+    Mask.dense(blank_model(cfg.model.arch, init), exclude).save(tmp / "mask.pt")  # shapes only
     atomic_write_json({"adopted_from": str(dense)}, tmp / "adopted.json")
     atomic_save(init, out_dir / "init.pt")
     tmp.rename(run)
@@ -308,8 +311,7 @@ def dense_teacher(cfg: ExperimentConfig, out_dir: Path, s: Settings) -> Teacher:
     """The dense level-0 model (final or best weights, as ``s.weights``) as the teacher of every
     level's distill run."""
     state = trained_state(run_dir(out_dir, 0, "dense"), s.weights)
-    n_classes = state[f"{entry(cfg.model.arch).head}.weight"].shape[0]
-    model = create_model(cfg.model.arch, weights="none", num_classes=n_classes).model
+    model = blank_model(cfg.model.arch, state)
     model.load_state_dict(state)
     return Teacher(model.eval(), s.distill, s.distill_temperature)
 
