@@ -125,6 +125,8 @@ def test_report_tables_match_metrics(demo: Path) -> None:
     assert found["leaking_train_files"] == str(audit["summary"]["leaking_train_files"])
     lottery = json.loads(Path(_marker(demo, "prune")["lottery"]).read_text())
     assert len(t.tables["pruning"]) - 1 == len(lottery["levels"])
+    source = "previous level's final weights (last epoch) under one global threshold"
+    assert f"{source}; its ticket restarts from the dense run's starting weights" in md
     trials = t.tables["trials"][1:]
     assert len(trials) >= 2 and {r[1] for r in trials} <= {"COMPLETE", "PRUNED", "FAIL"}
 
@@ -338,6 +340,16 @@ def test_matrix_overview_and_off_stages(tmp_path: Path, capsys: pytest.CaptureFi
         cells[1][1] == "resnet18/report.html"
         and "No cell has finished" in (exp / "report.html").read_text()
     )
+
+
+def test_pruning_lineage_in_words() -> None:
+    from medxfer.report.stage_sections import lineage
+
+    lr_best = lineage({"rewind": "lr", "weights": "best"})
+    assert "best weights (the epoch validation chose)" in lr_best
+    assert "learning-rate rewinding" in lr_best
+    late = lineage({"rewind": "epoch:2"})  # a folder made before prune.weights existed
+    assert "final weights (last epoch)" in late and "weights after 2 epoch(s)" in late
 
 
 def test_report_names_shifted_classes() -> None:

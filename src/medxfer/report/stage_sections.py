@@ -189,6 +189,9 @@ def pruning(r: dict[str, Any]) -> Section:
     )
     from medxfer.prune.report import REPORTABLE
 
+    bound = Path(out["dir"]) / "settings.json"
+    if bound.exists():
+        s.add(Text(lineage(load(bound))))
     sel = out["selected"]
     s.add(
         Text(
@@ -198,6 +201,24 @@ def pruning(r: dict[str, Any]) -> Section:
         )
     )
     return s
+
+
+def lineage(settings: dict[str, Any]) -> str:
+    """How each level's models came from the previous level's, in words (``settings.json``)."""
+    weights = settings.get("weights", "last")  # folders made before the choice: last
+    source = ("final weights (last epoch)" if weights == "last"
+              else "best weights (the epoch validation chose)")  # fmt: skip
+    rewind = str(settings["rewind"])
+    start = {
+        "init": "the dense run's starting weights (the backbone as loaded, the initial head)",
+        "lr": "the pruned weights themselves, replaying the learning-rate schedule "
+        "(learning-rate rewinding)",
+    }.get(rewind, f"the dense run's weights after {rewind.removeprefix('epoch:')} epoch(s)")
+    return (
+        f"Each level removes the smallest-magnitude surviving weights of the previous level's "
+        f"{source} under one global threshold; its ticket restarts from {start} and retrains "
+        "under the mask."
+    )
 
 
 def gradcam(r: dict[str, Any]) -> Section:
