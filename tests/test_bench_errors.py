@@ -22,3 +22,22 @@ def test_audit_check_without_its_reference_list(tmp_path: Path) -> None:
     r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith(f"error: {tmp_path} has no train_test_near_duplicates.csv")
+
+
+def test_ort_spin_bench_runs_and_records_every_block(tmp_path: Path) -> None:
+    """bench/ort_spin.py on a tiny budget: both onnxruntime sessions and the PyTorch calls timed
+    beside each, one median per block, the JSON where MEDXFER_BENCH_RESULTS points."""
+    import json
+    import os
+
+    env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(tmp_path)}
+    cmd = [sys.executable, "ort_spin.py", "--size", "32", "--threads", "1", "--blocks", "2",
+           "--repeats", "1"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "ort-spin.json").read_text())
+    keys = {"torch_alone", "ort_spinning", "torch_after_ort_spinning", "ort_no_spin",
+            "torch_after_ort_no_spin"}  # fmt: skip
+    assert len(out["blocks_ms"]) == 2 and all(set(b) == keys for b in out["blocks_ms"])
+    assert set(out["median_ms"]) == keys and all(v > 0 for v in out["median_ms"].values())
+    assert (out["image_size"], out["threads"]) == (32, 1)
