@@ -410,6 +410,8 @@ def test_lottery_can_prune_the_epoch_validation_chose(
         run_lottery(cfg, out, **kw)  # type: ignore[arg-type]
     with pytest.raises(MedxferError, match="not understood"):
         _settings(weights="final")
+    with pytest.raises(MedxferError, match=r"prune\.weights='final' is not allowed"):
+        load_config(None, ["prune.weights=final"])  # refused when the file is read
     old = tmp_path / "old"  # made before the setting existed: it was made from the last epoch
     bind_folder(old, _settings())
     bound = json.loads((old / "settings.json").read_text())

@@ -253,7 +253,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         return Path(cfg.out_dir) / f"{cfg.name}-{cfg.fingerprint()}-lottery-{tag}"
 
     # named without the settings that only add runs (--finetune, --distill), so adding one
-    # continues the finished lottery; a folder named with them (before 0.1.0 did this) is found
+    # continues the finished lottery; a folder named the earlier way (with them) is still found
     out, older = folder(folder_key(p)), folder(lottery_key(p))
     if args.out:
         out = Path(args.out)

@@ -344,6 +344,7 @@ def validate(cfg: ExperimentConfig) -> None:
         "train.optimizer": (cfg.train.optimizer, {"adamw", "sgd"}),
         "train.channels_last": (cfg.train.channels_last, {"auto", "true", "false"}),
         "train.precision": (cfg.train.precision, {"auto", "fp32", "bf16", "fp16"}),
+        "prune.weights": (cfg.prune.weights, {"last", "best"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -166,7 +166,8 @@ def _past_epoch(run: Path, epoch: int) -> bool:
 
 
 def rewind_state(out_dir: Path, level: int, s: Settings) -> State:
-    """Where the ticket of ``level`` restarts from: init, epoch K, or the previous final weights."""
+    """Where the ticket of ``level`` restarts from: init, epoch K, or the previous level's
+    trained weights (final or best epoch, as ``s.weights``)."""
     if s.rewind == "lr":
         return trained_state(source_dir(out_dir, level), s.weights)
     name = "init.pt" if s.rewind == "init" else f"rewind_epoch{s.rewind_epoch}.pt"
