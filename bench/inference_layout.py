@@ -2,7 +2,8 @@
 pruning buys?
 
     python bench/inference_layout.py [--runs DIR ...] [--archs resnet18 ...]
-        [--sizes 64 224] [--batches 1 32] [--blocks 5] [--onnxruntime] [--fold] [--out NAME]
+        [--sizes 64 224] [--batches 1 32] [--blocks 5] [--onnxruntime] [--fold]
+        [--cuts 2.0 2.5 3.0] [--out NAME]
 
 ``--runs``: model folders or files any medxfer command loads (a training run, a
 ``prune-structured`` folder); the first is the baseline of the speed-ups. ``--archs``: registry
@@ -13,7 +14,10 @@ intra-op threads): median ms per forward over ``--repeats`` calls, every model i
 layouts called round-robin, then every ONNX model, in ``--blocks`` independent blocks (the
 spread across blocks is the timing noise of this machine). ``--fold``: every model also as
 ``<name>+folded``, its BatchNorms folded into the convolutions as ``medxfer predict`` runs it
-(``medxfer.models.fuse``). Writes bench/results/<--out>.json.
+(``medxfer.models.fuse``). ``--cuts``: every ``--archs`` model also channel-pruned (L1, the
+Torch-Pruning call of ``medxfer prune-structured``) to each MACs cut, as
+``<arch>@<cut>x``: how deep a cut must go for a given CPU speed-up, before training one.
+Writes bench/results/<--out>.json.
 """
 
 from __future__ import annotations
@@ -42,6 +46,25 @@ def load(runs: list[Path], archs: list[str]) -> dict[str, Any]:
     for arch in archs:
         models[arch] = create_model(arch, weights="none", num_classes=4).model.eval()
     return models
+
+
+def add_cuts(base: dict[str, Any], archs: list[str], cuts: list[float], size: int
+             ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """``<arch>@<cut>x`` beside every random-weight ``arch`` (in place): its channels pruned
+    for that MACs cut at ``size``; returns each copy's ratio and measured MACs cut."""
+    from medxfer.models.registry import entry
+    from medxfer.prune.structured import count, prune_channels, ratio_for_speedup
+
+    info = {}
+    for arch in archs:
+        head, dense = entry(arch).head, count(base[arch], size)["macs"]
+        for cut in cuts:
+            ratio = ratio_for_speedup(base[arch], head, size, cut)
+            pruned = prune_channels(copy.deepcopy(base[arch]), head, ratio, size).eval()
+            name = f"{arch}@{cut:g}x"
+            base[name] = pruned
+            info[name] = {"ratio": ratio, "macs_cut": dense / count(pruned, size)["macs"]}
+    return info
 
 
 def add_folded(base: dict[str, Any], size: int) -> dict[str, int]:
@@ -146,6 +169,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--onnxruntime", action="store_true", help="also time onnxruntime's CPU run")
     p.add_argument("--fold", action="store_true", help="also time BatchNorm-folded copies")
+    p.add_argument("--cuts", type=float, nargs="*", default=[],
+                   help="MACs cuts: --archs models also channel-pruned to each")  # fmt: skip
     p.add_argument("--out", default="inference-layout")
     args = p.parse_args()
     if not args.runs and not args.archs:
@@ -154,10 +179,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     base = load(args.runs, args.archs)
     sources = {name: str(run) for name, run in zip(base, [*args.runs, *args.archs], strict=True)}
+    cuts = add_cuts(base, args.archs, args.cuts, min(args.sizes)) if args.cuts else None
     folded = add_folded(base, min(args.sizes)) if args.fold else None
     rows = time_rows(base, args.sizes, args.batches, args.repeats, args.blocks, args.onnxruntime)
     save(args.out, {
-        "models": sources, "batchnorms_folded": folded,
+        "models": sources, "cuts": cuts, "batchnorms_folded": folded,
         "baseline": next(iter(base)), "threads": torch.get_num_threads(), "blocks": args.blocks,
         "repeats": args.repeats, "statistic": "median over blocks of each block's median ms",
         "rows": rows,

@@ -100,6 +100,19 @@ def test_folded_copies_are_timed_beside_the_models(bench: dict[str, ModuleType])
     assert rows[1]["speedup_over_resnet18_channels_last"] > 0
 
 
+def test_channel_cuts_of_random_weight_models_are_timed(bench: dict[str, ModuleType]) -> None:
+    """``--cuts``: each --archs model channel-pruned to the MACs cut asked for, timed beside it."""
+    il = bench["inference_layout"]
+    models = il.load([], ["resnet18"])
+    info = il.add_cuts(models, ["resnet18"], [2.0], 32)
+    assert list(models) == ["resnet18", "resnet18@2x"]
+    assert info["resnet18@2x"]["macs_cut"] >= 2.0 and 0 < info["resnet18@2x"]["ratio"] < 1
+    dense_params = sum(p.numel() for p in models["resnet18"].parameters())
+    assert sum(p.numel() for p in models["resnet18@2x"].parameters()) < dense_params
+    rows = il.time_rows(models, [32], [1], [1], blocks=1)
+    assert rows[1]["model"] == "resnet18@2x" and rows[1]["speedup_over_resnet18_channels_last"] > 0
+
+
 def test_wrong_dense_run_is_one_clear_message(tmp_path: Path) -> None:
     s = tmp_path / "structured"
     s.mkdir()
