@@ -244,3 +244,6 @@ def test_evaluate_rerun_and_old_runs_get_their_validation_outputs(
     assert not (run / "val_predictions.npz").exists()
     assert (run / "metrics.json").read_text() == metrics
     assert rerun["best_epoch"] == rerun["epoch"] == json.loads(metrics)["best_epoch"]
+    (run / "last.pt").unlink()
+    assert main(["evaluate", str(run), "--checkpoint", "last"]) == 2
+    assert "has no last.pt" in " ".join(capsys.readouterr().err.split())

@@ -38,6 +38,8 @@ def evaluate_run(
         raise MedxferError(f"checkpoint {checkpoint!r} is not understood", "use best or last")
     if not (run_dir / "best.pt").exists() or not (run_dir / "config.yaml").exists():
         raise MedxferError(f"{run_dir} is not a trained run", "pass a folder of `medxfer train`")
+    if not (run_dir / f"{checkpoint}.pt").exists():
+        raise MedxferError(f"{run_dir} has no {checkpoint}.pt", "use --checkpoint best")
     bad = [o for o in overrides if not o.startswith("eval.")]
     if bad:
         raise MedxferError(f"only eval.* settings can change here, not {bad}", "train a new run")

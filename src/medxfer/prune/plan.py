@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,6 @@ class Settings:
 # Settings that add runs to a lottery folder without changing any run already in it (the
 # distillation baseline's own run is bound to its weight and temperature: ``check_run``).
 ADDITIVE = ("finetune", "distill", "distill_temperature")
-# Settings added after folders were made, at the value those folders were made with.
-LATER = {"weights": "last"}
 
 
 def folder_key(p: PruneConfig) -> dict[str, Any]:
@@ -123,7 +121,9 @@ def bind_folder(out_dir: Path, s: Settings) -> None:
     path = out_dir / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if {k: old.get(k, LATER.get(k)) for k in s.key()} != s.key():
+        # a setting added after a folder was made: the folder was made at its default
+        later = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
+        if {k: old.get(k, later.get(k)) for k in s.key()} != s.key():
             raise MedxferError(
                 f"{out_dir} holds a lottery run with other settings ({old})",
                 "use another --out folder, or --force to start again",
