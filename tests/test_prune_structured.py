@@ -27,6 +27,8 @@ from medxfer.prune.structured import (
     prune_channels,
     pruned_model,
     ratio_for_speedup,
+    run_structured,
+    step_ratios,
 )
 from medxfer.train.checkpoint import load_checkpoint
 
@@ -223,3 +225,46 @@ def test_a_newer_config_key_at_its_default_keeps_a_structured_folder(tmp_path: P
         _bind(tmp_path, {"source": "x", "ratio": 0.3, "config": changed})
     with pytest.raises(MedxferError, match="other settings"):
         _bind(tmp_path, {"source": "x", "ratio": 0.4, "config": new})
+
+
+def test_step_ratios_reach_the_cut_in_equal_shares() -> None:
+    assert step_ratios(0.36, 1) == [0.36]
+    ratios = step_ratios(0.36, 4)
+    left = 1.0
+    for i, r in enumerate(ratios, 1):
+        left *= 1 - r
+        assert left == pytest.approx(1 - 0.36 * i / 4)  # a quarter of the cut per step
+
+
+def test_iterative_structured_pruning_steps_resume_and_rebuild(
+    dense_run: Path, tmp_path: Path
+) -> None:
+    """Two steps share the fine-tuning epochs; the first is a run of its own that never sees
+    the test split; the final network is the replay of both cuts, and a rerun only re-reports."""
+    out = tmp_path / "iterative"
+    base = ["prune-structured", str(dense_run), "train.lr=0.01", "--ratio", "0.5", "--epochs", "3"]
+    args = [*base, "--steps", "2", "--out", str(out), "--no-latency"]
+    assert main(args) == 0
+    report = json.loads((out / "structured.json").read_text())
+    steps = report["finetune"]["steps"]
+    assert [s["channels_gone"] for s in steps] == [0.25, 0.5]
+    assert [s["epochs"] for s in steps] == [1, 2] and "2 steps" in report["method"]
+    assert json.loads((out / "step_1" / "metrics.json").read_text()).get("test") is None
+    dense = load_checkpoint(dense_run / "best.pt")["model"]
+    step1 = load_checkpoint(out / "step_1" / "best.pt")["model"]
+    model, meta = load_structured(out)
+    rebuilt = pruned_model("resnet18", dense, len(meta["classes"]), 0.5, 32, steps=2,
+                           states=[step1])  # fmt: skip
+    rebuilt.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+    once = pruned_model("resnet18", dense, len(meta["classes"]), 0.5, 32)
+    assert report["pruned"]["params"] == count(once, 32)["params"]  # same cut, other channels
+    assert report["macs_speedup"] > 2
+    assert main(args) == 0  # complete: only re-reports
+    assert json.loads((out / "structured.json").read_text())["pruned"] == report["pruned"]
+    with pytest.raises(MedxferError, match="other settings"):  # the folder is bound to 2 steps
+        one_step = ["train.lr=0.01", "prune.structured_ratio=0.5", "prune.structured_epochs=3"]
+        run_structured(dense_run, out, overrides=one_step, latency=False)
+    assert main([*base, "--steps", "5", "--out", str(tmp_path / "x")]) == 2  # 3 epochs < 5 steps

@@ -411,6 +411,8 @@ def _add_prune_structured_parser(sub: argparse._SubParsersAction[argparse.Argume
     ps.add_argument("--ratio", type=float, help="channels removed per layer, in (0, 1)")
     ps.add_argument("--speedup", type=float, help="without --ratio: MACs cut to aim at (2.0)")
     ps.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the run's)")
+    ps.add_argument("--steps", type=int, help="reach the cut in this many pruning steps, "
+                    "sharing the fine-tuning epochs (default 1: prune once)")  # fmt: skip
     ps.add_argument("--out", help="fine-tune run folder (default: <run>-structured-<hash>)")
     ps.add_argument("--force", action="store_true", help="delete the output folder first")
     ps.add_argument("--no-latency", action="store_true", help="skip the CPU timing")
@@ -424,7 +426,8 @@ def _cmd_prune_structured(args: argparse.Namespace) -> int:
 
     from medxfer.prune.structured import run_structured
 
-    flags = {"ratio": args.ratio, "speedup": args.speedup, "epochs": args.epochs}
+    flags = {"ratio": args.ratio, "speedup": args.speedup, "epochs": args.epochs,
+             "steps": args.steps}  # fmt: skip
     overrides = [f"prune.structured_{k}={v}" for k, v in flags.items() if v is not None]
     overrides += list(args.overrides)
     run = Path(args.run)

@@ -156,6 +156,10 @@ class PruneConfig:
     # distillation, this weight on the soft term, 1 - it on the labels); 0 = labels only
     structured_distill: float = 0.0
     structured_temperature: float = 4.0  # softmax temperature of the distillation term
+    # > 1: prune iteratively, the cut reached in this many equal steps (a `ratio * i / steps`
+    # share of every group's channels gone after step i), each step fine-tuned for its share
+    # of `structured_epochs` before the next one scores channels by L1 norm
+    structured_steps: int = 1
 
 
 @dataclass
@@ -226,6 +230,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
     "prune": (
         "structured_distill",
         "structured_temperature",
+        "structured_steps",
         "distill",
         "distill_temperature",
         "weights",
@@ -357,6 +362,8 @@ def validate(cfg: ExperimentConfig) -> None:
             raise MedxferError(f"{key} must be 0 (= data.image_size) or at least 32")
     if cfg.prune.epochs < 0:
         raise MedxferError("prune.epochs must be >= 0 (0 = train.epochs)")
+    if cfg.prune.structured_steps < 1:
+        raise MedxferError("prune.structured_steps must be >= 1 (1 = prune once)")
     if not 0 <= cfg.data.val_fraction < 1 or not 0 <= cfg.data.test_fraction < 1:
         raise MedxferError("data.val_fraction and data.test_fraction must be in [0, 1)")
     if not 0 < cfg.data.train_subset <= 1:

@@ -5,6 +5,8 @@ group of coupled layers (a conv, its BatchNorm, the depthwise conv and the next 
 channels, the branches of a residual sum) the channels with the smallest L1 norm are removed,
 the same fraction in every layer (Li et al. 2017), so dense CPU kernels do less work. The
 classification head keeps its outputs. The pruned network is fine-tuned with ``fit``.
+With ``prune.structured_steps = k > 1`` the cut is reached in k equal steps, each fine-tuned
+before the next one scores the channels (iterative pruning; steps 1..k-1 in ``step_<i>/``).
 
     run_structured(Path("runs/brain-…"), Path("runs/brain-…-structured"), ratio=0.4)
 
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from medxfer.config import ExperimentConfig, config_from_dict, load_config
@@ -40,6 +43,7 @@ from medxfer.train.distill import Teacher
 from medxfer.train.loop import fit
 
 State = dict[str, torch.Tensor]
+console = Console(stderr=True)
 MODEL_FILE = "model.pt"
 FORMAT = "medxfer-structured-v1"
 
@@ -135,11 +139,47 @@ def dense_source(source: Path) -> tuple[State, dict[str, Any]]:
     return fold_reparam(best["model"]), best["meta"]
 
 
-def pruned_model(arch: str, state: State, n_classes: int, ratio: float, size: int) -> nn.Module:
-    """The dense run's network with its channels pruned (deterministic given the weights)."""
-    model = create_model(arch, weights="none", num_classes=n_classes).model
+def step_ratios(ratio: float, steps: int) -> list[float]:
+    """The ratio each of ``steps`` prunings removes of the channels still there, so that after
+    step ``i`` a ``ratio * i / steps`` share of the dense channels is gone (the linear schedule
+    of Torch-Pruning's ``iterative_steps``); one step is ``[ratio]``."""
+    gone = [ratio * i / steps for i in range(steps + 1)]
+    return [1 - (1 - gone[i]) / (1 - gone[i - 1]) for i in range(1, steps + 1)]
+
+
+def _replay(
+    model: nn.Module, state: State, head: str, ratios: list[float], states: list[State], size: int
+) -> nn.Module:
+    """In place: the dense weights, then each step's cut followed by the weights that step's
+    fine-tune chose (``states``: one per finished step, at most one fewer than ``ratios``).
+    Deterministic: each cut is decided by the L1 norms of the weights it is given."""
     model.load_state_dict(state)
-    return prune_channels(model, entry(arch).head, ratio, size).eval()
+    for i, r in enumerate(ratios):
+        prune_channels(model, head, r, size)
+        if i < len(states):
+            model.load_state_dict(states[i])
+    return model
+
+
+def pruned_model(
+    arch: str,
+    state: State,
+    n_classes: int,
+    ratio: float,
+    size: int,
+    *,
+    steps: int = 1,
+    states: list[State] | None = None,
+) -> nn.Module:
+    """The dense run's network with its channels pruned (deterministic given the weights); for
+    an iterative run, ``states`` are the chosen weights of its first ``steps - 1`` steps."""
+    model = create_model(arch, weights="none", num_classes=n_classes).model
+    states = states or []
+    if len(states) != steps - 1:
+        raise MedxferError(
+            f"{steps} pruning steps need {steps - 1} sets of weights, got {len(states)}"
+        )
+    return _replay(model, state, entry(arch).head, step_ratios(ratio, steps), states, size).eval()
 
 
 def save_structured(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
@@ -166,12 +206,31 @@ def _finetune_cfg(cfg: ExperimentConfig, epochs: int, lr_scale: float) -> Experi
     return out
 
 
-def _prepare(state: State, head: str, ratio: float, size: int) -> Callable[[nn.Module], None]:
+def _prepare(
+    state: State, head: str, ratios: list[float], states: list[State], size: int
+) -> Callable[[nn.Module], None]:
+    states = list(states)
+
     def prepare(model: nn.Module) -> None:
-        model.load_state_dict(state)
-        prune_channels(model, head, ratio, size)
+        _replay(model, state, head, ratios, states, size)
 
     return prepare
+
+
+def _step_epochs(total: int, steps: int) -> list[int]:
+    """``total`` fine-tuning epochs shared by ``steps`` steps, the remainder to the last."""
+    if total < steps:
+        raise MedxferError(
+            f"{steps} pruning steps need at least {steps} fine-tuning epochs, not {total}",
+            "raise --epochs or lower prune.structured_steps",
+        )
+    return [total // steps] * (steps - 1) + [total - total // steps * (steps - 1)]
+
+
+def _step_row(ratio: float, epochs: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    val = metrics.get("val", {})
+    return {"channels_gone": ratio, "epochs": epochs, "best_epoch": metrics.get("best_epoch"),
+            "val_balanced_accuracy": val.get("balanced_accuracy")}  # fmt: skip
 
 
 def _test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -228,14 +287,31 @@ def run_structured(
                                 "config": ft.to_dict()}  # fmt: skip
     if teacher is not None:  # the config's fingerprint leaves prune.* out
         settings["distill"] = {"weight": teacher.alpha, "temperature": teacher.temperature}
+    steps = p.structured_steps
+    if steps > 1:  # folders of one-step runs stay bound as before
+        settings["steps"] = steps
+    ratios, epochs = step_ratios(ratio, steps), _step_epochs(ft.train.epochs, steps)
     _bind(out, settings)
-    if is_complete(out):
-        metrics = json.loads((out / "metrics.json").read_text())
-    else:
-        prepare = _prepare(state, head, ratio, size)
-        metrics = fit(ft, out, resume=(out / "last.pt").exists(), prepare_model=prepare,
-                      teacher=teacher)  # fmt: skip
-    model = pruned_model(arch, state, n, ratio, size)
+    states: list[State] = []  # the chosen weights of each finished step
+    rows: list[dict[str, Any]] = []
+    for i in range(steps):  # steps 1..k-1 in out/step_<i>, the last one in out itself
+        run_dir = out if i == steps - 1 else out / f"step_{i + 1}"
+        step_cfg = copy.deepcopy(ft)
+        step_cfg.train.epochs = epochs[i]
+        if is_complete(run_dir):
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            if steps > 1:
+                console.print(f"structured step {i + 1}/{steps}: "
+                              f"{ratio * (i + 1) / steps:.0%} of the channels removed")  # fmt: skip
+            prepare = _prepare(state, head, ratios[: i + 1], states, size)
+            metrics = fit(step_cfg, run_dir, resume=(run_dir / "last.pt").exists(),
+                          prepare_model=prepare, teacher=teacher,
+                          evaluate_test=run_dir == out)  # fmt: skip
+        rows.append(_step_row(ratio * (i + 1) / steps, epochs[i], metrics))
+        if run_dir != out:
+            states.append(load_checkpoint(run_dir / "best.pt")["model"])
+    model = pruned_model(arch, state, n, ratio, size, steps=steps, states=states)
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
     save_structured(out / MODEL_FILE, model, best["meta"])
@@ -254,6 +330,9 @@ def run_structured(
                      "distill": p.structured_distill or None,
                      "temperature": p.structured_temperature if p.structured_distill else None},
     }  # fmt: skip
+    if steps > 1:
+        report["method"] += f", iteratively in {steps} steps, each fine-tuned before the next"
+        report["finetune"]["steps"] = rows
     if latency:
         models = {"dense": dense, "structured": model}
         report["latency"] = measure_latency(models, size, repeats=repeats)
