@@ -92,6 +92,7 @@ def main_() -> int:
             dirs.append(Path(folder))
     out = RESULTS / "paper-table.json"
     kept = json.loads(out.read_text()) if args.keep_committed else {}
+    kept_md = out.with_suffix(".md").read_text() if kept else ""
     rc = main(["paper-table", *map(str, dirs), "--out", str(out)])
     if rc:
         return rc
@@ -100,6 +101,7 @@ def main_() -> int:
         clash = given & set(kept["experiments"])
         if clash:  # its rows would be replaced by folders that may hold other runs
             out.write_text(json.dumps(kept, indent=2))
+            out.with_suffix(".md").write_text(kept_md)  # `paper-table` rewrote both
             sys.exit(f"experiment name(s) {sorted(clash)} already in the committed table: "
                      "copy the folder to a new name")  # fmt: skip
         rows = [r for r in kept["rows"] if r["experiment"] not in given]
