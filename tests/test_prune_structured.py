@@ -4,10 +4,12 @@ predictions, and bad input ends in one clear message."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +30,9 @@ from medxfer.prune.structured import (
     pruned_model,
     ratio_for_speedup,
     run_structured,
+    soft_ratios,
     step_ratios,
+    zero_channels,
 )
 from medxfer.train.checkpoint import load_checkpoint
 
@@ -268,3 +272,73 @@ def test_iterative_structured_pruning_steps_resume_and_rebuild(
         one_step = ["train.lr=0.01", "prune.structured_ratio=0.5", "prune.structured_epochs=3"]
         run_structured(dense_run, out, overrides=one_step, latency=False)
     assert main([*base, "--steps", "5", "--out", str(tmp_path / "x")]) == 2  # 3 epochs < 5 steps
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_soft_zeroing_computes_what_the_cut_computes(arch: str) -> None:
+    """Zeroed channels output nothing: the zeroed network (shapes kept) equals the network the
+    cut of the same ratio leaves, so soft pruning trains the very sub-network the cut keeps."""
+    torch.manual_seed(0)
+    head = entry(arch).head
+    model = create_model(arch, weights="none", num_classes=3).model
+    for m in model.modules():  # BatchNorm as a trained model has it: every channel matters
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    cut = prune_channels(copy.deepcopy(model), head, 0.5, 32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        dense_out = model(x)
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        zeroed = zero_channels(model, head, 0.5, 32)
+        assert {n: p.shape for n, p in model.named_parameters()} == shapes
+        assert zeroed > 0 and not model.training
+        assert torch.allclose(model(x), cut(x), atol=1e-4)
+        assert not torch.allclose(model(x), dense_out, atol=1e-2)
+    assert soft_ratios(0.4, 4) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_soft_pruning_phase_resumes_and_feeds_the_cut(
+    dense_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--soft 2``: a soft phase of its own (never tested) whose last weights the cut is made
+    on; a run killed inside it resumes to the same weights; the final network rebuilds."""
+    out = tmp_path / "soft"
+    args = ["prune-structured", str(dense_run), "train.lr=0.01", "--ratio", "0.5", "--epochs",
+            "1", "--soft", "2", "--out", str(out), "--no-latency"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "structured.json").read_text())
+    assert report["soft"]["epochs"] == 2 and len(report["soft"]["val_balanced_accuracy"]) == 2
+    assert "soft filter pruning" in report["method"]
+    assert json.loads((out / "soft" / "metrics.json").read_text()).get("test") is None
+    soft_last = load_checkpoint(out / "soft" / "last.pt")["model"]
+    dense = load_checkpoint(dense_run / "best.pt")["model"]
+    assert any(not torch.equal(soft_last[k], dense[k]) for k in dense)  # it trained
+    model, meta = load_structured(out)
+    rebuilt = pruned_model("resnet18", soft_last, len(meta["classes"]), 0.5, 32)
+    rebuilt.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+    # killed after the first soft epoch: the resumed phase ends where the uninterrupted one did
+    import medxfer.prune.structured as structured
+
+    real_fit = structured.fit
+
+    def kill(epoch: int, row: dict[str, Any]) -> None:
+        raise KeyboardInterrupt
+
+    def killed_after_one_epoch(cfg: Any, run_dir: Path, **kw: Any) -> dict[str, Any]:
+        return real_fit(cfg, run_dir, callbacks=(kill,), **kw)
+
+    again = [*args[:-3], "--out", str(tmp_path / "again"), "--no-latency"]
+    monkeypatch.setattr(structured, "fit", killed_after_one_epoch)
+    assert main(again) == 130  # interrupted
+    monkeypatch.setattr(structured, "fit", real_fit)
+    assert load_checkpoint(tmp_path / "again" / "soft" / "last.pt")["epoch"] == 0
+    assert main(again) == 0
+    resumed = load_checkpoint(tmp_path / "again" / "soft" / "last.pt")["model"]
+    assert all(torch.equal(resumed[k], soft_last[k]) for k in soft_last)
+    assert main([*again[:-3], "--soft", "-1", "--out", str(tmp_path / "x")]) == 2

@@ -413,6 +413,8 @@ def _add_prune_structured_parser(sub: argparse._SubParsersAction[argparse.Argume
     ps.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the run's)")
     ps.add_argument("--steps", type=int, help="reach the cut in this many pruning steps, "
                     "sharing the fine-tuning epochs (default 1: prune once)")  # fmt: skip
+    ps.add_argument("--soft", type=int, help="epochs of soft filter pruning on the whole "
+                    "network before the cut (default 0)")  # fmt: skip
     ps.add_argument("--out", help="fine-tune run folder (default: <run>-structured-<hash>)")
     ps.add_argument("--force", action="store_true", help="delete the output folder first")
     ps.add_argument("--no-latency", action="store_true", help="skip the CPU timing")
@@ -427,7 +429,7 @@ def _cmd_prune_structured(args: argparse.Namespace) -> int:
     from medxfer.prune.structured import run_structured
 
     flags = {"ratio": args.ratio, "speedup": args.speedup, "epochs": args.epochs,
-             "steps": args.steps}  # fmt: skip
+             "steps": args.steps, "soft": args.soft}  # fmt: skip
     overrides = [f"prune.structured_{k}={v}" for k, v in flags.items() if v is not None]
     overrides += list(args.overrides)
     run = Path(args.run)

@@ -160,6 +160,11 @@ class PruneConfig:
     # share of every group's channels gone after step i), each step fine-tuned for its share
     # of `structured_epochs` before the next one scores channels by L1 norm
     structured_steps: int = 1
+    # > 0: this many epochs of soft filter pruning on the whole network before the cut (He et
+    # al. 2018, SFP): at the start of each, the channels the cut would remove (L1 norm, a share
+    # ramped up to the ratio) are zeroed but keep training and may grow back; the cut then
+    # removes the channels that are smallest after them. Extra to `structured_epochs`.
+    structured_soft: int = 0
 
 
 @dataclass
@@ -231,6 +236,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
         "structured_distill",
         "structured_temperature",
         "structured_steps",
+        "structured_soft",
         "distill",
         "distill_temperature",
         "weights",
@@ -364,6 +370,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise MedxferError("prune.epochs must be >= 0 (0 = train.epochs)")
     if cfg.prune.structured_steps < 1:
         raise MedxferError("prune.structured_steps must be >= 1 (1 = prune once)")
+    if cfg.prune.structured_soft < 0:
+        raise MedxferError("prune.structured_soft must be >= 0 (0 = no soft pruning)")
     if not 0 <= cfg.data.val_fraction < 1 or not 0 <= cfg.data.test_fraction < 1:
         raise MedxferError("data.val_fraction and data.test_fraction must be in [0, 1)")
     if not 0 < cfg.data.train_subset <= 1:

@@ -7,6 +7,9 @@ the same fraction in every layer (Li et al. 2017), so dense CPU kernels do less 
 classification head keeps its outputs. The pruned network is fine-tuned with ``fit``.
 With ``prune.structured_steps = k > 1`` the cut is reached in k equal steps, each fine-tuned
 before the next one scores the channels (iterative pruning; steps 1..k-1 in ``step_<i>/``).
+With ``prune.structured_soft = s > 0`` the whole network first trains s epochs with the
+channels to cut zeroed at each epoch's start and free to grow back (soft filter pruning, in
+``soft/``); the cut is then made on its last weights.
 
     run_structured(Path("runs/brain-…"), Path("runs/brain-…-structured"), ratio=0.4)
 
@@ -106,6 +109,43 @@ def prune_channels(model: nn.Module, head: str, ratio: float, image_size: int) -
                 old.data = p.data  # same Parameter object, new (smaller) tensor
                 setattr(m, name, old)
     return model
+
+
+def zero_channels(model: nn.Module, head: str, ratio: float, image_size: int) -> int:
+    """In place: zero the channels ``prune_channels`` would remove (their filters, biases and
+    BatchNorm scale and shift, in every layer of each coupled group), shapes unchanged, so they
+    output nothing yet keep training (soft filter pruning). Returns the channels zeroed."""
+    tp = _tp()
+    check_ratio(ratio)
+    was_training = model.training
+    model.eval()
+    zeroed = 0
+    with warnings.catch_warnings(), torch.enable_grad():  # tracing needs autograd
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model, _example(model, image_size), importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=ratio, ignored_layers=[model.get_submodule(head)], round_to=8,
+        )  # fmt: skip
+        for group in pruner.step(interactive=True):
+            for i, (dep, idxs) in enumerate(group):
+                if not pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                    continue  # a consumer's input channels: they receive zeros
+                zeroed += len(idxs) if i == 0 else 0
+                for name in ("weight", "bias"):
+                    t = getattr(dep.target.module, name, None)
+                    if isinstance(t, torch.Tensor):
+                        with torch.no_grad():
+                            t[torch.as_tensor(idxs, dtype=torch.long, device=t.device)] = 0
+    del pruner
+    gc.collect()
+    model.train(was_training)
+    return zeroed
+
+
+def soft_ratios(ratio: float, epochs: int) -> list[float]:
+    """The share of channels zeroed at the start of each soft epoch: ramped linearly, the whole
+    ``ratio`` from the last one on (Torch-Pruning's linear schedule, on the dense widths)."""
+    return [ratio * (e + 1) / epochs for e in range(epochs)]
 
 
 def ratio_for_speedup(model: nn.Module, head: str, image_size: int, speedup: float) -> float:
@@ -227,6 +267,44 @@ def _step_epochs(total: int, steps: int) -> list[int]:
     return [total // steps] * (steps - 1) + [total - total // steps * (steps - 1)]
 
 
+def _soft_phase(
+    ft: ExperimentConfig,
+    run_dir: Path,
+    state: State,
+    head: str,
+    ratio: float,
+    size: int,
+    epochs: int,
+    teacher: Teacher | None,
+) -> tuple[State, dict[str, Any]]:
+    """Soft filter pruning of the whole network into ``run_dir`` (a resumable run that never
+    sees the test split); returns its last weights, which the cut is made on, and a summary."""
+    cfg = copy.deepcopy(ft)
+    cfg.train.epochs = epochs
+    schedule = soft_ratios(ratio, epochs)
+    if is_complete(run_dir):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        console.print(f"soft filter pruning: {epochs} epochs on the whole network, "
+                      f"{schedule[0]:.0%} to {ratio:.0%} of the channels zeroed")  # fmt: skip
+
+        def zero(model: nn.Module, epoch: int) -> None:
+            zero_channels(model, head, schedule[epoch], size)
+
+        def load(model: nn.Module) -> None:
+            model.load_state_dict(state)
+
+        metrics = fit(cfg, run_dir, resume=(run_dir / "last.pt").exists(),
+                      prepare_model=load, teacher=teacher,
+                      evaluate_test=False, epoch_start=zero)  # fmt: skip
+    last = load_checkpoint(run_dir / "last.pt")
+    history = last["history"]
+    summary = {"epochs": epochs, "zeroed_share": schedule, "lr": cfg.train.lr,
+               "val_balanced_accuracy": [h["val_balanced_accuracy"] for h in history],
+               "best_epoch": metrics.get("best_epoch")}  # fmt: skip
+    return last["model"], summary
+
+
 def _step_row(ratio: float, epochs: int, metrics: dict[str, Any]) -> dict[str, Any]:
     val = metrics.get("val", {})
     return {"channels_gone": ratio, "epochs": epochs, "best_epoch": metrics.get("best_epoch"),
@@ -290,8 +368,15 @@ def run_structured(
     steps = p.structured_steps
     if steps > 1:  # folders of one-step runs stay bound as before
         settings["steps"] = steps
+    soft = p.structured_soft
+    if soft:  # likewise
+        settings["soft_epochs"] = soft
     ratios, epochs = step_ratios(ratio, steps), _step_epochs(ft.train.epochs, steps)
     _bind(out, settings)
+    start = state  # the weights the cut is made on
+    soft_report: dict[str, Any] | None = None
+    if soft:
+        start, soft_report = _soft_phase(ft, out / "soft", state, head, ratio, size, soft, teacher)
     states: list[State] = []  # the chosen weights of each finished step
     rows: list[dict[str, Any]] = []
     for i in range(steps):  # steps 1..k-1 in out/step_<i>, the last one in out itself
@@ -304,14 +389,14 @@ def run_structured(
             if steps > 1:
                 console.print(f"structured step {i + 1}/{steps}: "
                               f"{ratio * (i + 1) / steps:.0%} of the channels removed")  # fmt: skip
-            prepare = _prepare(state, head, ratios[: i + 1], states, size)
+            prepare = _prepare(start, head, ratios[: i + 1], states, size)
             metrics = fit(step_cfg, run_dir, resume=(run_dir / "last.pt").exists(),
                           prepare_model=prepare, teacher=teacher,
                           evaluate_test=run_dir == out)  # fmt: skip
         rows.append(_step_row(ratio * (i + 1) / steps, epochs[i], metrics))
         if run_dir != out:
             states.append(load_checkpoint(run_dir / "best.pt")["model"])
-    model = pruned_model(arch, state, n, ratio, size, steps=steps, states=states)
+    model = pruned_model(arch, start, n, ratio, size, steps=steps, states=states)
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
     save_structured(out / MODEL_FILE, model, best["meta"])
@@ -333,6 +418,11 @@ def run_structured(
     if steps > 1:
         report["method"] += f", iteratively in {steps} steps, each fine-tuned before the next"
         report["finetune"]["steps"] = rows
+    if soft_report is not None:
+        report["method"] += (f", after {soft} epochs of soft filter pruning (the channels to cut "
+                             "zeroed at each epoch's start, ramped up to the ratio, free to grow "
+                             "back)")  # fmt: skip
+        report["soft"] = soft_report
     if latency:
         models = {"dense": dense, "structured": model}
         report["latency"] = measure_latency(models, size, repeats=repeats)

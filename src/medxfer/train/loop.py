@@ -38,6 +38,7 @@ from medxfer.train.epoch import loss_from_probs, predict_probs, train_one_epoch
 from medxfer.train.setup import Setup, build, frozen_modules, set_trainable
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
+EpochStart = Callable[[torch.nn.Module, int], None]
 console = Console(stderr=True)
 
 
@@ -118,6 +119,7 @@ def fit(
     start_epoch: int = 0,
     warn_shift: bool = True,
     teacher: Teacher | None = None,
+    epoch_start: EpochStart | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; return the final metrics (also in metrics.json).
 
@@ -131,6 +133,8 @@ def fit(
     ``warn_shift=False``: no console warning for classes that validation and test disagree on
     (a lottery prints one summary for all its runs instead).
     ``teacher``: distill from this trained model besides the labels (``DistillationLoss``).
+    ``epoch_start(model, epoch)`` is called on the bare network before each epoch trains (also
+    the first epoch after a resume): soft pruning zeroes channels there.
     """
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
@@ -178,6 +182,8 @@ def fit(
         set_trainable(s.built, head_only=head_only)
         torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout etc. replay after a resume
         s.train_loader.set_epoch(epoch)
+        if epoch_start is not None:
+            epoch_start(_bare(s.model), epoch)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": s.opt.param_groups[0]["lr"],
                                "threads": torch.get_num_threads()}  # fmt: skip
         t0 = time.perf_counter()
