@@ -18,12 +18,14 @@ from PIL import Image
 from torch import nn
 
 from medxfer.cli import main
+from medxfer.config import load_config
 from medxfer.errors import MedxferError
 from medxfer.evaluate.predict import load_trained
 from medxfer.models import create_model
 from medxfer.models.registry import entry
 from medxfer.prune.export import measure_latency, onnxruntime_latency
 from medxfer.prune.structured import (
+    _finetune_cfg,
     count,
     load_structured,
     prune_channels,
@@ -215,7 +217,6 @@ def test_a_newer_config_key_at_its_default_keeps_a_structured_folder(tmp_path: P
     """A folder bound before a later medxfer added config keys (here ``prune.image_size``,
     ``prune.epochs``, ``tune.image_size``, all at their defaults) is still "these settings";
     a changed training value still refuses it."""
-    from medxfer.config import load_config
     from medxfer.prune.structured import _bind
 
     new = load_config(None, ["train.epochs=8"]).to_dict()
@@ -342,3 +343,15 @@ def test_soft_pruning_phase_resumes_and_feeds_the_cut(
     resumed = load_checkpoint(tmp_path / "again" / "soft" / "last.pt")["model"]
     assert all(torch.equal(resumed[k], soft_last[k]) for k in soft_last)
     assert main([*again[:-3], "--soft", "-1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_structured_warmup_reaches_each_finetune() -> None:
+    """The fine-tune has no warm-up unless ``prune.structured_warmup`` asks for one (the dense
+    run's own warm-up is not inherited, as before the key existed)."""
+    dense = load_config(None, ["train.warmup_epochs=2", "train.lr=0.01"])
+    assert _finetune_cfg(dense, 3, 0.5).train.warmup_epochs == 0.0
+    warm = load_config(None, ["train.warmup_epochs=2", "prune.structured_warmup=0.5"])
+    ft = _finetune_cfg(warm, 3, 1.0)
+    assert ft.train.warmup_epochs == 0.5 and ft.train.epochs == 3
+    with pytest.raises(MedxferError, match="structured_warmup"):
+        load_config(None, ["prune.structured_warmup=-1"])

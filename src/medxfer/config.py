@@ -165,6 +165,9 @@ class PruneConfig:
     # ramped up to the ratio) are zeroed but keep training and may grow back; the cut then
     # removes the channels that are smallest after them. Extra to `structured_epochs`.
     structured_soft: int = 0
+    # learning-rate warm-up epochs of each structured fine-tune (the lottery's fine-tuning
+    # baseline has none; a dense run usually has train.warmup_epochs)
+    structured_warmup: float = 0.0
 
 
 @dataclass
@@ -237,6 +240,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
         "structured_temperature",
         "structured_steps",
         "structured_soft",
+        "structured_warmup",
         "distill",
         "distill_temperature",
         "weights",
@@ -370,6 +374,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise MedxferError("prune.epochs must be >= 0 (0 = train.epochs)")
     if cfg.prune.structured_steps < 1:
         raise MedxferError("prune.structured_steps must be >= 1 (1 = prune once)")
+    if cfg.prune.structured_warmup < 0:
+        raise MedxferError("prune.structured_warmup must be >= 0 (epochs of LR warm-up)")
     if cfg.prune.structured_soft < 0:
         raise MedxferError("prune.structured_soft must be >= 0 (0 = no soft pruning)")
     if not 0 <= cfg.data.val_fraction < 1 or not 0 <= cfg.data.test_fraction < 1:

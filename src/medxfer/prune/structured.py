@@ -239,9 +239,11 @@ def load_structured(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _finetune_cfg(cfg: ExperimentConfig, epochs: int, lr_scale: float) -> ExperimentConfig:
-    """Same data and recipe as the dense run, ``lr_scale`` x its LR, no freezing, no download."""
+    """Same data and recipe as the dense run, ``lr_scale`` x its LR, ``prune.structured_warmup``
+    epochs of warm-up, no freezing, no download."""
     out = finetune_config(cfg, lr_scale)
     out.train.epochs = epochs or cfg.train.epochs
+    out.train.warmup_epochs = cfg.prune.structured_warmup
     out.model.weights, out.model.freeze = "none", "none"  # prepare loads the dense weights
     return out
 
