@@ -308,11 +308,13 @@ def test_soft_pruning_phase_resumes_and_feeds_the_cut(
     on; a run killed inside it resumes to the same weights; the final network rebuilds."""
     out = tmp_path / "soft"
     args = ["prune-structured", str(dense_run), "train.lr=0.01", "--ratio", "0.5", "--epochs",
-            "1", "--soft", "2", "--out", str(out), "--no-latency"]  # fmt: skip
+            "1", "--soft", "2", "prune.structured_warmup=0.5", "--out", str(out),
+            "--no-latency"]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "structured.json").read_text())
     assert report["soft"]["epochs"] == 2 and len(report["soft"]["val_balanced_accuracy"]) == 2
     assert "soft filter pruning" in report["method"]
+    assert report["finetune"]["warmup_epochs"] == 0.5
     assert json.loads((out / "soft" / "metrics.json").read_text()).get("test") is None
     soft_last = load_checkpoint(out / "soft" / "last.pt")["model"]
     dense = load_checkpoint(dense_run / "best.pt")["model"]

@@ -420,6 +420,8 @@ def run_structured(
     if steps > 1:
         report["method"] += f", iteratively in {steps} steps, each fine-tuned before the next"
         report["finetune"]["steps"] = rows
+    if ft.train.warmup_epochs:
+        report["finetune"]["warmup_epochs"] = ft.train.warmup_epochs
     if soft_report is not None:
         report["method"] += (f", after {soft} epochs of soft filter pruning (the channels to cut "
                              "zeroed at each epoch's start, ramped up to the ratio, free to grow "
