@@ -31,7 +31,7 @@ from inference_layout import LAYOUTS, ONNX, load, time_rows
 from medxfer.errors import MedxferError
 
 INFO_KEYS = ("method", "ratio", "target_macs_speedup", "macs_speedup", "params_fraction",
-             "finetune")  # fmt: skip
+             "finetune", "soft", "command")  # fmt: skip
 
 
 def _structured_info(run: Path, dense: Path) -> dict[str, Any]:

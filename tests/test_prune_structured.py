@@ -315,6 +315,7 @@ def test_soft_pruning_phase_resumes_and_feeds_the_cut(
     assert report["soft"]["epochs"] == 2 and len(report["soft"]["val_balanced_accuracy"]) == 2
     assert "soft filter pruning" in report["method"]
     assert report["finetune"]["warmup_epochs"] == 0.5
+    assert report["command"] == ["medxfer", *args]
     assert json.loads((out / "soft" / "metrics.json").read_text()).get("test") is None
     soft_last = load_checkpoint(out / "soft" / "last.pt")["model"]
     dense = load_checkpoint(dense_run / "best.pt")["model"]

@@ -437,7 +437,8 @@ def _cmd_prune_structured(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run.with_name(f"{run.name}-structured-{tag}")
     if args.force and out.exists():
         shutil.rmtree(out)
-    report = run_structured(run, out, overrides=overrides, latency=not args.no_latency)
+    report = run_structured(run, out, overrides=overrides, latency=not args.no_latency,
+                            command=["medxfer", *args.argv])  # fmt: skip
     keys = ("ratio", "macs_speedup", "params_fraction", "dense", "pruned", "latency")
     console.print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
     print(out / "structured.json")
@@ -534,6 +535,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by some reports
     try:
         return int(args.func(args))
     except MedxferError as err:

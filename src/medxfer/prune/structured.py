@@ -340,8 +340,10 @@ def run_structured(
     overrides: list[str] | None = None,
     latency: bool = True,
     repeats: int = 20,
+    command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Prune ``source``'s best weights by channels, fine-tune into ``out``, report (resumable).
+    ``command``: the command line, recorded in the report (that of the call that wrote it).
 
     ``prune.structured_ratio`` (> 0) fixes the ratio; otherwise the smallest ratio that cuts
     MACs by ``prune.structured_speedup`` is used. Returns (and writes) ``structured.json``.
@@ -420,6 +422,8 @@ def run_structured(
     if steps > 1:
         report["method"] += f", iteratively in {steps} steps, each fine-tuned before the next"
         report["finetune"]["steps"] = rows
+    if command is not None:
+        report["command"] = command
     if ft.train.warmup_epochs:
         report["finetune"]["warmup_epochs"] = ft.train.warmup_epochs
     if soft_report is not None:
