@@ -34,6 +34,7 @@ GAN = [
     "gan.checkpoint_every=2",
     "gan.width=8",
     "gan.z_dim=16",
+    "gan.quality_size=64",
 ]
 
 

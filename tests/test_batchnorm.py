@@ -22,6 +22,7 @@ from medxfer.train.batchnorm import batchnorm_layers, recompute_batchnorm
 FAST = [
     "model.arch=resnet18", "model.weights=none", "data.image_size=48", "train.epochs=2",
     "train.batch_size=16", "eval.n_bootstrap=20", "train.eval_batch_size=64",
+    "train.steps_per_epoch=6",
 ]  # fmt: skip
 
 

@@ -43,3 +43,16 @@ def test_unreadable_reported_not_cached_as_image(tmp_path: Path) -> None:
     bad.write_bytes(b"garbage")
     arr, err = cache.load_images([*paths, str(bad)], 16, cache_dir=tmp_path / "c", workers=1)
     assert list(err) == [str(bad)] and arr.shape[0] == 3
+
+
+def test_worker_processes_decode_like_one_process(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Over 64 images two worker threads decode them (relative paths) into exactly what one
+    thread decodes, in order, errors included."""
+    for i in range(70):
+        Image.fromarray(np.full((20, 30), i * 3, np.uint8)).save(tmp_path / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    relative = [f"{i}.png" for i in range(70)] + ["missing.png"]
+    two, err2 = cache.load_images(relative, 16, cache_dir=tmp_path / "c2", workers=2)
+    one, err1 = cache.load_images(relative, 16, cache_dir=tmp_path / "c1", workers=1)
+    assert np.array_equal(one, two) and err1 == err2 and list(err2) == ["missing.png"]
+    assert [int(two[i, 8, 8]) for i in range(70)] == [3 * i for i in range(70)]  # in order

@@ -114,6 +114,9 @@ def test_demo_end_to_end(demo: Path) -> None:
     assert {s: log["stages"][s]["status"] for s in on} == dict.fromkeys(on, "done")
     if not gan_available():
         assert log["stages"]["gan"]["status"] == "off"
+    else:
+        quality = json.loads((demo / "stages" / "gan.json").read_text())["outputs"]["quality"]
+        assert quality["fid"]["extractor"].endswith("64 px input")  # gan.quality_size=64
     for stage in on:
         marker = json.loads((demo / "stages" / f"{stage}.json").read_text())
         assert (
@@ -269,3 +272,19 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
     assert names["prune.distill=0.7"][1] != "9b08eee9ff"  # the stage itself reruns
     assert names["prune.weights=last"] == names[0]  # the default, as before the key existed
     assert "9b08eee9ff" not in names["prune.weights=best"][0]  # another lottery, its own folder
+
+
+def test_gan_folder_name_survives_the_quality_size_key() -> None:
+    """``gan.quality_size`` (added later) at its default leaves the gan stage's fingerprint, so
+    a finished experiment's GAN is not trained again after an upgrade. Pinned: the value the
+    code gave before the key existed, for ``configs/cpu-pneumonia.yaml``."""
+    import copy
+
+    from medxfer.experiment.stages import Context, fingerprint
+
+    prints = {}
+    for extra in ([], ["gan.quality_size=64"]):
+        exp = load_experiment(REPO / "configs" / "cpu-pneumonia.yaml", extra)
+        cell = exp.cells()[0]
+        prints[len(extra)] = fingerprint("gan", Context(exp, cell, copy.deepcopy(cell.cfg), "x"))
+    assert prints[0] == "7cc16df51d" and prints[1] != prints[0]

@@ -132,6 +132,7 @@ def test_bad_input_is_one_clear_message() -> None:
 FAST = [
     "model.arch=resnet18", "model.weights=none", "data.image_size=48", "train.epochs=2",
     "train.batch_size=16", "eval.n_bootstrap=20", "train.eval_batch_size=64",
+    "train.steps_per_epoch=6",
 ]  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from medxfer.train.loop import fit
 FAST = [
     "model.arch=resnet18", "model.weights=none", "data.image_size=48", "train.epochs=2",
     "train.batch_size=16", "eval.n_bootstrap=50", "train.eval_batch_size=64",
+    "train.steps_per_epoch=6",
 ]  # fmt: skip
 
 
@@ -101,7 +102,7 @@ class _Stop(Exception):
 
 
 def test_resume_equals_uninterrupted(synth_root: Path, tmp_path: Path) -> None:
-    cfg = _cfg(synth_root, tmp_path, "train.epochs=3")
+    cfg = _cfg(synth_root, tmp_path, "train.epochs=3", "train.steps_per_epoch=4")
     fit(cfg, tmp_path / "straight")
 
     def kill_after_first(epoch: int, row: dict[str, object]) -> None:
@@ -143,7 +144,7 @@ def test_resume_with_other_thread_count_warns(
 def test_sigkill_then_resume(synth_root: Path, tmp_path: Path) -> None:
     """A real kill -9 in the middle of training, then `--resume`."""
     base = [sys.executable, "-m", "medxfer", "train", "--data", str(synth_root), *FAST,
-            "train.epochs=3"]  # fmt: skip
+            "train.epochs=3", "train.steps_per_epoch=4"]  # fmt: skip
     subprocess.run([*base, "--run-dir", str(tmp_path / "a")], check=True, capture_output=True)
     proc = subprocess.Popen([*base, "--run-dir", str(tmp_path / "b")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

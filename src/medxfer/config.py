@@ -193,6 +193,7 @@ class GanConfig:
     checkpoint_every: int = 100  # generator steps between resumable checkpoints
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    quality_size: int = 224  # px the quality check's Lite0 sees (FID/KID, TSTR); less = quicker
 
 
 @dataclass
@@ -245,6 +246,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
         "distill_temperature",
         "weights",
     ),
+    "gan": ("quality_size",),
 }
 
 

@@ -12,7 +12,6 @@ Pairs that are exact duplicates are reported only as exact.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -30,6 +29,7 @@ from rich.table import Table
 from medxfer.data.io import is_dicom, pad_to_square, read_dicom, read_pil
 from medxfer.data.sources import SPLITS, Sample, patient_summary
 from medxfer.errors import MedxferError
+from medxfer.parallel import process_map
 
 TRANSFORMS = ("identity", "hflip", "vflip", "rot180")
 SPLIT_PAIRS = (("train", "test"), ("train", "val"), ("val", "test"))
@@ -79,8 +79,7 @@ def _decode_all(paths: list[str], thumb: int, workers: int, show: bool) -> list[
         if workers <= 1 or len(paths) < SERIAL_BELOW:
             results: Iterable[Decoded] = map(fn, paths)
         else:
-            pool = stack.enter_context(mp.get_context().Pool(workers))
-            results = pool.imap(fn, paths, chunksize=32)
+            results = process_map(fn, paths, workers, preload=(__name__,), what="audit")
         progress = stack.enter_context(Progress(*_COLUMNS, transient=True, disable=not show))
         task = progress.add_task("auditing images", total=len(paths))
         for r in results:

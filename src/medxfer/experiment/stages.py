@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import ExperimentConfig, lottery_key
+from medxfer.config import ExperimentConfig, drop_later_defaults, lottery_key
 from medxfer.errors import MedxferError
 from medxfer.experiment.spec import Cell, Experiment
 from medxfer.train.checkpoint import atomic_write_json
@@ -54,7 +54,7 @@ def fingerprint(stage: str, ctx: Context) -> str:
         by_patient = (cfg.data.patient_regex,) if cfg.data.patient_regex else ()
         return digest(cfg.data.root, cfg.data.leak_threshold, *by_patient)
     if stage == "gan":
-        return digest(cfg.fingerprint(), asdict(cfg.gan))
+        return digest(cfg.fingerprint(), drop_later_defaults({"gan": asdict(cfg.gan)})["gan"])
     if stage == "tune":
         from medxfer.tune.study import study_fingerprint
 

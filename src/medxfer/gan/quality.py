@@ -1,12 +1,12 @@
 """How good are the synthetic images? FID/KID per class, a two-sample test, TSTR.
 
 Features: EfficientNet-Lite0 with its offline ImageNet weights, global-average-pooled (1280-d),
-the images upsampled to 224 px. Not Inception-v3, so the numbers are not comparable with
-published FIDs; they are comparable with the real-versus-real value beside them: two random
-halves of the real training images of a class, and synthetic images (as many as one half)
-against the first half, so both FIDs share sample sizes (FID is biased by sample size).
-Inception-v3 FID/KID through torch-fidelity is added when that package and its weights are
-already present (no download).
+the images resized to ``gan.quality_size`` px (224 by default). Not Inception-v3, so the numbers
+are not comparable with published FIDs; they are comparable with the real-versus-real value
+beside them: two random halves of the real training images of a class, and synthetic images
+(as many as one half) against the first half, so both FIDs share sample sizes (FID is biased
+by sample size). Inception-v3 FID/KID through torch-fidelity is added when that package and
+its weights are already present (no download).
 """
 
 from __future__ import annotations
@@ -28,14 +28,20 @@ from medxfer.gan.distances import fid, fit_score, kid, two_sample_accuracy
 from medxfer.gan.synthesize import generate, load_generator
 from medxfer.train.checkpoint import atomic_write_json
 
-FEATURE_SIZE = 224
-EXTRACTOR = f"efficientnet_lite0 (ImageNet, offline), pooled 1280-d, {FEATURE_SIZE} px input"
+FEATURE_SIZE = 224  # the default of gan.quality_size
+
+
+def extractor(size: int = FEATURE_SIZE) -> str:
+    return f"efficientnet_lite0 (ImageNet, offline), pooled 1280-d, {size} px input"
+
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 @torch.no_grad()
-def lite0_features(images: torch.Tensor, batch: int = 64) -> np.ndarray:
-    """uint8 (N, S, S[, 3]) -> float64 (N, 1280) pooled features (eval mode, CPU/GPU auto)."""
+def lite0_features(images: torch.Tensor, batch: int = 64, size: int = FEATURE_SIZE) -> np.ndarray:
+    """uint8 (N, S, S[, 3]) -> float64 (N, 1280) pooled features of the images resized to
+    ``size`` px (eval mode, CPU/GPU auto)."""
     from medxfer.models import create_model
 
     built = create_model("efficientnet_lite0", weights="imagenet", num_classes=2)
@@ -47,9 +53,7 @@ def lite0_features(images: torch.Tensor, batch: int = 64) -> np.ndarray:
     for start in range(0, len(images), batch):
         x = images[start : start + batch].to(device)
         x = (x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)).float() / 255.0
-        x = F.interpolate(
-            x.expand(-1, 3, -1, -1), size=FEATURE_SIZE, mode="bilinear", align_corners=False
-        )
+        x = F.interpolate(x.expand(-1, 3, -1, -1), size=size, mode="bilinear", align_corners=False)
         feats = model.forward_head(model.forward_features((x - mean) / std), pre_logits=True)
         out.append(feats.float().cpu().numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 1280))
@@ -137,7 +141,8 @@ def _tstr(
     if len(classes) < 2:
         return {"skipped": f"the GAN models {len(classes)} class(es); TSTR needs two or more"}
     n = {c: min(cap, len(feats[c])) for c in classes}
-    synth = {c: lite0_features(generate(payload, c, n[c], seed + 1)) for c in classes}
+    px = cfg.gan.quality_size
+    synth = {c: lite0_features(generate(payload, c, n[c], seed + 1), size=px) for c in classes}
     y_syn = np.concatenate([np.full(n[c], i) for i, c in enumerate(classes)])
     y_test = np.concatenate([np.full(len(test[c]), i) for i, c in enumerate(classes)])
     x_test = np.concatenate([test[c] for c in classes])
@@ -178,10 +183,13 @@ def gan_quality(cfg: ExperimentConfig, manifest: Path, out_dir: Path) -> dict[st
         idx = prep.split_index[split]
         lab = prep.labels[idx]
         by_split[split] = {c: prep.images[idx[lab == i]] for i, c in enumerate(prep.classes)}
-    real_feats = {c: lite0_features(x) for c, x in by_split["train"].items()}
-    test_feats = {c: lite0_features(x) for c, x in by_split["test"].items() if len(x)}
+    px = cfg.gan.quality_size
+    real_feats = {c: lite0_features(x, size=px) for c, x in by_split["train"].items()}
+    test_feats = {c: lite0_features(x, size=px) for c, x in by_split["test"].items() if len(x)}
     seed = cfg.train.seed
-    per_class = {c: _per_class(real_feats[c], lite0_features(x), seed) for c, x in synth.items()}
+    per_class = {
+        c: _per_class(real_feats[c], lite0_features(x, size=px), seed) for c, x in synth.items()
+    }
     tstr = _tstr(cfg, manifest, real_feats, test_feats, seed)
 
     def mean(key: str) -> float | None:
@@ -195,12 +203,12 @@ def gan_quality(cfg: ExperimentConfig, manifest: Path, out_dir: Path) -> dict[st
         "fid": {
             "synthetic_vs_real": mean("fid_synthetic_vs_real"),
             "real_vs_real": mean("fid_real_vs_real"),
-            "extractor": EXTRACTOR,
+            "extractor": extractor(px),
         },
         "kid": {
             "synthetic_vs_real": mean("kid_synthetic_vs_real"),
             "real_vs_real": mean("kid_real_vs_real"),
-            "extractor": EXTRACTOR,
+            "extractor": extractor(px),
         },
         "two_sample_accuracy": mean("two_sample_accuracy"),
         "tstr_accuracy": tstr.get("tstr", {}).get("accuracy"),

@@ -12,7 +12,6 @@ numbered saw the other ``n`` when it started, and was not run.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from medxfer.config import ExperimentConfig, TuneConfig
+from medxfer.parallel import fresh_context
 from medxfer.tune.objective import Objective
 from medxfer.tune.search_space import Param
 from medxfer.tune.storage import open_storage, worker_id
@@ -171,22 +171,12 @@ def default_threads(n_workers: int) -> int:
     return 0 if n_workers <= 1 else max(1, (os.cpu_count() or 1) // n_workers)
 
 
-def _context() -> mp.context.SpawnContext | mp.context.ForkServerContext:
-    """Fresh worker processes, never a fork of this one (its torch threads may be running):
-    a fork server that imports medxfer once where there is one, else spawn."""
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
 def run(job: Job, n_workers: int) -> list[int]:
     """Run ``n_workers`` workers (in this process when 1); return their exit codes."""
     if n_workers == 1:
         work(job)
         return [0]
-    ctx = _context()
+    ctx = fresh_context(__name__)  # never a fork of this process: its torch threads may run
     threads = default_threads(n_workers)
     env = (os.getcwd(), dict(os.environ))
     procs = [
