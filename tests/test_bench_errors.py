@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
+
+from subproc import run as run_diagnosed
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def test_bench_bad_input_is_one_clear_message(tmp_path: Path) -> None:
     cmd = [sys.executable, "inference_layout.py", "--runs", str(tmp_path / "no-run")]
-    r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
+    r = run_diagnosed(cmd, cwd=BENCH, timeout=300)
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: no checkpoint at {tmp_path / 'no-run'}")
     assert "fix: pass a run folder" in r.stderr and "Traceback" not in r.stderr
@@ -19,7 +20,7 @@ def test_bench_bad_input_is_one_clear_message(tmp_path: Path) -> None:
 
 def test_audit_check_without_its_reference_list(tmp_path: Path) -> None:
     cmd = [sys.executable, "audit_check.py", "--data", str(tmp_path)]
-    r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
+    r = run_diagnosed(cmd, cwd=BENCH, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith(f"error: {tmp_path} has no train_test_near_duplicates.csv")
 
@@ -33,7 +34,7 @@ def test_ort_spin_bench_runs_and_records_every_block(tmp_path: Path) -> None:
     env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(tmp_path)}
     cmd = [sys.executable, "ort_spin.py", "--size", "32", "--threads", "1", "--blocks", "2",
            "--repeats", "1"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300, env=env)
+    r = run_diagnosed(cmd, cwd=BENCH, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "ort-spin.json").read_text())
     keys = {"torch_alone", "ort_spinning", "torch_after_ort_spinning", "ort_no_spin",

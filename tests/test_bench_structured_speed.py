@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from subproc import run as run_diagnosed
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -117,7 +117,7 @@ def test_wrong_dense_run_is_one_clear_message(tmp_path: Path) -> None:
     s = tmp_path / "structured"
     s.mkdir()
     (s / "structured.json").write_text('{"source_run": "/somewhere/else"}')
-    r = subprocess.run([sys.executable, "structured_speed.py", str(tmp_path / "d"), str(s)],
-                       cwd=BENCH, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = run_diagnosed([sys.executable, "structured_speed.py", str(tmp_path / "d"), str(s)],
+                       cwd=BENCH, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith(f"error: {s} was pruned from /somewhere/else")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from subproc import run as run_diagnosed
 from torch import nn
 
 from medxfer.cli import main
@@ -123,7 +123,7 @@ def test_prune_structured_distills(
     cmd = [sys.executable, "structured_speed.py", str(dense), str(tmp_path / "plain"),
            str(tmp_path / "distilled"), "--sizes", "32", "--batches", "1", "2", "--threads", "1",
            "--blocks", "2", "--repeats", "2", "--out", "t"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=600,
+    r = run_diagnosed(cmd, cwd=BENCH, timeout=600,
                        env={**os.environ, "MEDXFER_BENCH_RESULTS": str(results)})  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((results / "t.json").read_text())
@@ -137,7 +137,7 @@ def test_prune_structured_distills(
     assert (results / "t.png").is_file()
     (tmp_path / "other").mkdir()
     bad = [sys.executable, "structured_speed.py", str(dense), str(tmp_path / "other")]
-    r = subprocess.run(bad, cwd=BENCH, capture_output=True, text=True, timeout=300)
+    r = run_diagnosed(bad, cwd=BENCH, timeout=300)
     assert r.returncode == 2 and "has no structured.json" in r.stderr
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from subproc import run as run_diagnosed
 from torch import nn
 
 from medxfer.cli import main
@@ -427,7 +427,7 @@ def test_checkpoint_scores_bench(lottery: Path, tmp_path: Path) -> None:
     every run of the lottery beside the best and the final dense checkpoint."""
     env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(tmp_path)}
     cmd = [sys.executable, "checkpoint_scores.py", str(lottery), "--out", "t"]
-    r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=600, env=env)
+    r = run_diagnosed(cmd, cwd=BENCH, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "t.json").read_text())
     dense = json.loads((run_dir(lottery, 0, "dense") / "metrics.json").read_text())
@@ -437,8 +437,8 @@ def test_checkpoint_scores_bench(lottery: Path, tmp_path: Path) -> None:
                                 "level_1/random_mask"}  # fmt: skip
     assert out["runs"]["level_0/dense"]["test_agreement_with_dense_best"] == 1.0
     assert out["pruned_weights"] == "last" and "dense_final (last.pt)" in out["note"]
-    r = subprocess.run([sys.executable, "checkpoint_scores.py", str(tmp_path)], cwd=BENCH,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = run_diagnosed([sys.executable, "checkpoint_scores.py", str(tmp_path)], cwd=BENCH,
+                       timeout=300)  # fmt: skip
     assert r.returncode == 2 and "holds no finished dense level 0" in r.stderr
 
 
