@@ -71,6 +71,18 @@ def mean_recall(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, flo
     }
 
 
+def combined(
+    path: Path, protocol: list[str], lottery: str, seeds: list[int]
+) -> list[dict[str, Any]]:
+    """The per-seed rows of an earlier result of the same protocol, less the seeds to run now."""
+    old = json.loads(path.read_text())
+    if old["protocol"] != {"overrides": protocol, "lottery": lottery}:
+        raise SystemExit(
+            f"{path} used another protocol: {old['protocol']} (now {protocol}, {lottery})"
+        )
+    return [r for r in old["runs"] if r["seed"] not in seeds]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", choices=sorted(PROTOCOLS))
@@ -81,12 +93,22 @@ def main() -> None:
     p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench" / "ticket-seeds")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     p.add_argument("--name-suffix", default="", help="added to the result and run folder names")
+    p.add_argument(
+        "--combine",
+        type=abspath,
+        help="an earlier result JSON of the same protocol: its seeds join these (its run "
+        "folders need not exist any more)",
+    )
     args = p.parse_args()
-    if len(args.seeds) < 2:
-        p.error("give at least two seeds: one pair has no scatter")
     data = args.data_root / args.dataset
     protocol = [*COMMON_UNSEEDED, *PROTOCOLS[args.dataset], *args.extra]
     tag = f"{args.levels}levels-rewind-{args.rewind.replace(':', '')}{args.name_suffix}"
+    lottery = (
+        f"{args.levels} levels to 80% sparsity, rewind {args.rewind}, no controls, head not pruned"
+    )
+    earlier = combined(args.combine, protocol, lottery, args.seeds) if args.combine else []
+    if len(args.seeds) + len(earlier) < 2:
+        p.error("give at least two seeds: one pair has no scatter")
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         out = args.out_dir / args.dataset / tag / f"seed{seed}"
@@ -127,17 +149,18 @@ def main() -> None:
         dense, ticket, points = (r[k] for k in ("dense_test_accuracy", "ticket_test_accuracy",
                                                 "difference_points"))  # fmt: skip
         print(f"seed {seed}: dense {dense:.4f}, ticket {ticket:.4f} ({points:+.1f} pt)")
+    rows = sorted([*earlier, *rows], key=lambda r: r["seed"])
     diff = paired([r["ticket_test_accuracy"] - r["dense_test_accuracy"] for r in rows])
     diff_val = paired([r["ticket_val_accuracy"] - r["dense_val_accuracy"] for r in rows])
     within = diff["mean"] >= -0.01
     out_json = {
         "dataset": args.dataset,
         "data": str(data),
-        "protocol": {
-            "overrides": protocol,
-            "lottery": f"{args.levels} levels to 80% sparsity, rewind {args.rewind}, "
-            "no controls, head not pruned",
-        },
+        "protocol": {"overrides": protocol, "lottery": lottery},
+        # seeds read from an earlier result (--combine) rather than trained by this call
+        "combined_from": (
+            {"path": str(args.combine), "seeds": [r["seed"] for r in earlier]} if earlier else None
+        ),
         "runs": rows,
         "dense_test_accuracy": summary([r["dense_test_accuracy"] for r in rows]),
         "ticket_test_accuracy": summary([r["ticket_test_accuracy"] for r in rows]),
