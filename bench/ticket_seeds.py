@@ -71,12 +71,20 @@ def mean_recall(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, flo
     }
 
 
+# settings medxfer gained after a result was made, each at the value that reproduces that
+# result's behaviour (checked bit for bit on a dense run before seeds were combined, see the
+# README): --extra may carry them when --combine reads a result made before they existed
+ADDED_SINCE = frozenset({"train.bn_recalibrate=false"})
+
+
 def combined(
     path: Path, protocol: list[str], lottery: str, seeds: list[int]
 ) -> list[dict[str, Any]]:
     """The per-seed rows of an earlier result of the same protocol, less the seeds to run now."""
     old = json.loads(path.read_text())
-    if old["protocol"] != {"overrides": protocol, "lottery": lottery}:
+    restored = [o for o in protocol if o in ADDED_SINCE and o not in old["protocol"]["overrides"]]
+    same = [o for o in protocol if o not in restored]
+    if old["protocol"] != {"overrides": same, "lottery": lottery}:
         raise SystemExit(
             f"{path} used another protocol: {old['protocol']} (now {protocol}, {lottery})"
         )
@@ -159,7 +167,13 @@ def main() -> None:
         "protocol": {"overrides": protocol, "lottery": lottery},
         # seeds read from an earlier result (--combine) rather than trained by this call
         "combined_from": (
-            {"path": str(args.combine), "seeds": [r["seed"] for r in earlier]} if earlier else None
+            {
+                "path": str(args.combine),
+                "seeds": [r["seed"] for r in earlier],
+                "settings_added_since": [o for o in protocol if o in ADDED_SINCE],
+            }
+            if earlier
+            else None
         ),
         "runs": rows,
         "dense_test_accuracy": summary([r["dense_test_accuracy"] for r in rows]),
