@@ -28,6 +28,7 @@ from pruning import COMMON_UNSEEDED, PROTOCOLS
 from scipy import stats
 from seeds import summary
 
+from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import split_shift
 
 
@@ -79,16 +80,23 @@ ADDED_SINCE = frozenset({"train.bn_recalibrate=false"})
 
 def combined(
     path: Path, protocol: list[str], lottery: str, seeds: list[int]
-) -> list[dict[str, Any]]:
-    """The per-seed rows of an earlier result of the same protocol, less the seeds to run now."""
-    old = json.loads(path.read_text())
-    restored = [o for o in protocol if o in ADDED_SINCE and o not in old["protocol"]["overrides"]]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The per-seed rows of an earlier result of the same protocol, less the seeds to run now,
+    and the overrides of ``ADDED_SINCE`` that this call adds to that protocol."""
+    try:
+        old = json.loads(path.read_text())
+        old_protocol, old_runs = old["protocol"], old["runs"]
+    except (OSError, ValueError, KeyError) as err:
+        raise MedxferError(f"cannot read a ticket-seeds result from {path}: {err!r}",
+                           fix="pass a bench/results/ticket-seeds-*.json") from None  # fmt: skip
+    restored = [o for o in protocol if o in ADDED_SINCE and o not in old_protocol["overrides"]]
     same = [o for o in protocol if o not in restored]
-    if old["protocol"] != {"overrides": same, "lottery": lottery}:
-        raise SystemExit(
-            f"{path} used another protocol: {old['protocol']} (now {protocol}, {lottery})"
+    if old_protocol != {"overrides": same, "lottery": lottery}:
+        raise MedxferError(
+            f"{path} used another protocol: {old_protocol} (now {protocol}, {lottery})",
+            fix="give the same --levels, --rewind and --extra as that result",
         )
-    return [r for r in old["runs"] if r["seed"] not in seeds]
+    return [r for r in old_runs if r["seed"] not in seeds], restored
 
 
 def main() -> None:
@@ -114,7 +122,9 @@ def main() -> None:
     lottery = (
         f"{args.levels} levels to 80% sparsity, rewind {args.rewind}, no controls, head not pruned"
     )
-    earlier = combined(args.combine, protocol, lottery, args.seeds) if args.combine else []
+    earlier, restored = (
+        combined(args.combine, protocol, lottery, args.seeds) if args.combine else ([], [])
+    )
     if len(args.seeds) + len(earlier) < 2:
         p.error("give at least two seeds: one pair has no scatter")
     rows: list[dict[str, Any]] = []
@@ -170,7 +180,7 @@ def main() -> None:
             {
                 "path": str(args.combine),
                 "seeds": [r["seed"] for r in earlier],
-                "settings_added_since": [o for o in protocol if o in ADDED_SINCE],
+                "settings_added_since": restored,
             }
             if earlier
             else None

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import importlib
 import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -23,6 +28,17 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from medxfer.data.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("synth") / "set", size=64, seed=0)
+
+
+@pytest.fixture
+def bench_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleType]]:
+    """Imports a module of bench/ by name, without keeping what bench/_common.py installs
+    process-wide (its excepthook and SIGTERM handler) past the test."""
+    hook, term = sys.excepthook, signal.getsignal(signal.SIGTERM)
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    yield importlib.import_module
+    sys.excepthook = hook
+    signal.signal(signal.SIGTERM, term)
 
 
 def shared_dataset(name: str) -> Path:

@@ -3,10 +3,8 @@ rows it builds on (bench/inference_layout.py, with onnxruntime)."""
 
 from __future__ import annotations
 
-import importlib
-import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -18,14 +16,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleType]]:
-    """The bench modules, imported without keeping what _common installs process-wide."""
-    hook, term = sys.excepthook, signal.getsignal(signal.SIGTERM)
-    monkeypatch.syspath_prepend(str(BENCH))
-    mods = {n: importlib.import_module(n) for n in ("structured_speed", "inference_layout")}
-    yield mods
-    sys.excepthook = hook
-    signal.signal(signal.SIGTERM, term)
+def bench(bench_module: Callable[[str], ModuleType]) -> dict[str, ModuleType]:
+    """The bench modules (conftest's bench_module undoes what _common installs)."""
+    return {n: bench_module(n) for n in ("structured_speed", "inference_layout")}
 
 
 def _predictions(path: Path, labels: np.ndarray, pred: np.ndarray) -> None:
