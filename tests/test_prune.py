@@ -378,6 +378,45 @@ def test_distillation_baseline_is_added_and_bound_to_its_settings(
             run_lottery(cfg, out, **kw | other)  # type: ignore[arg-type]
 
 
+def test_distilled_lottery_teaches_ticket_and_controls_alike(
+    lottery: Path, synth_root: Path, tmp_path: Path
+) -> None:
+    """``prune.ticket_distill``: the ticket and both controls retrain with the dense level-0
+    model as teacher (the same teacher and schedule for all three); the same start and mask as
+    the plain lottery's, another loss; the zeros survive; the folder is bound to the weight and
+    the temperature, and the weight is checked."""
+    out = tmp_path / "lth"
+    shutil.copytree(lottery, out, ignore=shutil.ignore_patterns("level_1", "lottery.json",
+                                                                "settings.json"))  # fmt: skip
+    cfg = load_config(None, [f"data.root={synth_root}", *FAST])
+    kw = {"levels": 1, "fraction": 0.2, "rewind": "epoch:1"}
+    summary = run_lottery(cfg, out, ticket_distill=0.7, distill_temperature=2.0, **kw)  # type: ignore[arg-type]
+    assert set(summary["levels"][1]["runs"]) == {"ticket", "random_reinit", "random_mask"}
+    taught = {"weight": 0.7, "temperature": 2.0}
+    for kind in ("ticket", "random_reinit", "random_mask"):
+        assert summary["levels"][1]["runs"][kind]["distilled"] == taught
+        run, plain = run_dir(out, 1, kind), run_dir(lottery, 1, kind)
+        info = json.loads((run / "prune.json").read_text())
+        assert info["distill"] == {"weight": 0.7, "temperature": 2.0,
+                                   "teacher": str(run_dir(out, 0, "dense"))}  # fmt: skip
+        mask = Mask.load(run / "mask.pt")
+        assert all(torch.equal(m, Mask.load(plain / "mask.pt")[k]) for k, m in mask.items())
+        state = torch.load(run / "best.pt", weights_only=False)["model"]
+        assert not any(k.startswith("teacher") for k in state)
+        assert all(not state[k][~m].any() for k, m in mask.items())
+        history = json.loads((run / "history.json").read_text())
+        before = json.loads((plain / "history.json").read_text())
+        assert [h["epoch"] for h in history] == [2, 3]
+        assert history[0]["train_loss"] != pytest.approx(before[0]["train_loss"])
+    assert "distill" not in json.loads((run_dir(lottery, 1, "ticket") / "prune.json").read_text())
+    assert "distilled" not in summary["levels"][0]["runs"]["dense"]
+    for other in ({}, {"ticket_distill": 0.5}, {"ticket_distill": 0.7}):  # T 4, not 2
+        with pytest.raises(MedxferError, match="other settings"):
+            run_lottery(cfg, out, **kw | other)  # type: ignore[arg-type]
+    with pytest.raises(MedxferError, match=r"outside \(0, 1\]"):
+        _settings(ticket_distill=1.5)
+
+
 def test_lottery_can_prune_the_epoch_validation_chose(
     lottery: Path, synth_root: Path, tmp_path: Path
 ) -> None:
@@ -511,10 +550,13 @@ def test_cli_lottery_folder_is_named_without_the_added_baselines(
     seen: list[Path] = []
     monkeypatch.setattr(lottery_mod, "run_lottery", lambda _cfg, out, **_kw: seen.append(out))
     base = ["prune", *LOTTERY, *FAST, f"out_dir={tmp_path}"]
-    for extra in ([], ["--finetune"], ["--distill", "0.5"], ["--weights", "best"]):
+    for extra in ([], ["--finetune"], ["--distill", "0.5"], ["--weights", "best"],
+                  ["--ticket-distill", "0.7"], ["--ticket-distill", "0.7",
+                                                "prune.distill_temperature=2"]):  # fmt: skip
         assert main([*base, *extra]) == 0
-    plain, finetune, distill, best = seen
+    plain, finetune, distill, best, taught, taught_t2 = seen
     assert plain == finetune == distill and best != plain and plain.parent == tmp_path
+    assert len({plain, best, taught, taught_t2}) == 4  # a distilled lottery is another one
     cfg = load_config(None, [*FAST, "prune.levels=1", "prune.fraction=0.2",
                              "prune.rewind=epoch:1", "prune.finetune=true"])  # fmt: skip
     bound = lottery_key(cfg.prune) | {"target_sparsity": None}

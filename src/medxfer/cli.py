@@ -241,6 +241,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         overrides.append(f"prune.distill={args.distill}")
     if args.weights is not None:
         overrides.append(f"prune.weights={args.weights}")
+    if args.ticket_distill is not None:
+        overrides.append(f"prune.ticket_distill={args.ticket_distill}")
     cfg = load_config(args.config, overrides)
     p = cfg.prune
     target = args.target_sparsity if args.target_sparsity is not None else p.target_sparsity or None
@@ -268,6 +270,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         target_sparsity=target, rewind=p.rewind, controls=p.controls,
         include_head=p.include_head, finetune=p.finetune, finetune_lr_scale=p.finetune_lr_scale,
         distill=p.distill, distill_temperature=p.distill_temperature, weights=p.weights,
+        ticket_distill=p.ticket_distill,
     )  # fmt: skip
     print(out)
     return 0
@@ -388,6 +391,12 @@ def _add_prune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=float,
         metavar="W",
         help="add that fine-tune distilled from the dense model, weight W in (0, 1]",
+    )
+    pr.add_argument(
+        "--ticket-distill",
+        type=float,
+        metavar="W",
+        help="retrain the ticket and its controls distilled from the dense model, weight W",
     )
     pr.add_argument(
         "--weights",

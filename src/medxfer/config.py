@@ -138,6 +138,10 @@ class PruneConfig:
     # soft term, 1 - it on the labels); 0 = none
     distill: float = 0.0
     distill_temperature: float = 4.0  # softmax temperature of that distillation term
+    # > 0: the ticket and both controls retrain with the dense level-0 model as their teacher
+    # (this weight on the soft term, 1 - it on the labels, temperature `distill_temperature`):
+    # a distilled lottery, whose pruned runs keep closer to the dense model's answers; 0 = labels
+    ticket_distill: float = 0.0
     # which weights of a finished run are pruned (their magnitudes choose the mask), rewound to
     # by `lr`, fine-tuned by `finetune` / `distill` and teach `distill`: last = the final epoch
     # (open_lth's and Frankle & Carbin's choice); best = best.pt, the epoch validation chose,
@@ -245,6 +249,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
         "distill",
         "distill_temperature",
         "weights",
+        "ticket_distill",
     ),
     "gan": ("quality_size",),
 }

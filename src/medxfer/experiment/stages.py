@@ -187,6 +187,7 @@ def run_prune(ctx: Context) -> dict[str, Any]:
         distill=p.distill,
         distill_temperature=p.distill_temperature,
         weights=p.weights,
+        ticket_distill=p.ticket_distill,
         dense_run=Path(ctx.outputs["train"]["run_dir"]) if "train" in ctx.outputs else None,
     )
     selected = select(summary, finetune=p.finetune, distill=bool(p.distill))

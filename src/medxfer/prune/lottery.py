@@ -7,7 +7,10 @@ previous ticket's final weights (global magnitude; or the epoch validation chose
 the mask. Controls that tell whether the ticket is special: the same mask with randomly
 re-initialised weights, and a random mask with the same per-layer sparsity on the rewound
 weights; optionally the classic baseline: keep the pruned trained weights and fine-tune, and
-the same fine-tune with the dense level-0 model as a distillation teacher (``distill``).
+the same fine-tune with the dense level-0 model as a distillation teacher (``distill``). With
+``ticket_distill`` the ticket and its controls retrain with that teacher too (a distilled
+lottery: still one schedule and one teacher for all three, so they differ only in weights or
+mask).
 Ticket and controls share one schedule (with ``epoch:K`` all retrain epochs K..E-1 from the
 LR at epoch K), so they differ only in their weights or their mask.
 
@@ -286,9 +289,11 @@ def _train_pruned(
         "sparsity": mask.sparsity, "kept": mask.kept, "total": mask.total,
         "pruned_from": source_dir(out_dir, level), "weights": s.weights,
     }  # fmt: skip
-    if kind == "distill":
-        info["distill"] = distill | {"teacher": run_dir(out_dir, 0, "dense")}
-        teacher = dense_teacher(cfg, out_dir, s)
+    weight = s.distill if kind == "distill" else s.ticket_distill
+    if kind in ("distill", "ticket", "random_reinit", "random_mask") and weight:
+        info["distill"] = {"weight": weight, "temperature": s.distill_temperature,
+                           "teacher": run_dir(out_dir, 0, "dense")}  # fmt: skip
+        teacher = dense_teacher(cfg, out_dir, s, weight)
     atomic_write_json(info, run / "prune.json")
     console.print(f"level {level} {kind}: sparsity {mask.sparsity:.4f}")
     _train(run_cfg, run, make_prepare(mask, state), callbacks, start, teacher)
@@ -308,13 +313,14 @@ def check_run(run: Path, distill: dict[str, Any]) -> None:
         )
 
 
-def dense_teacher(cfg: ExperimentConfig, out_dir: Path, s: Settings) -> Teacher:
+def dense_teacher(cfg: ExperimentConfig, out_dir: Path, s: Settings, weight: float) -> Teacher:
     """The dense level-0 model (final or best weights, as ``s.weights``) as the teacher of every
-    level's distill run."""
+    level's distill run (and, with ``ticket_distill``, of its ticket and controls), its soft
+    term weighted ``weight``."""
     state = trained_state(run_dir(out_dir, 0, "dense"), s.weights)
     model = blank_model(cfg.model.arch, state)
     model.load_state_dict(state)
-    return Teacher(model.eval(), s.distill, s.distill_temperature)
+    return Teacher(model.eval(), weight, s.distill_temperature)
 
 
 def finetune_config(cfg: ExperimentConfig, lr_scale: float) -> ExperimentConfig:
@@ -340,6 +346,7 @@ def run_lottery(
     distill: float = 0.0,
     distill_temperature: float = 4.0,
     weights: str = "last",
+    ticket_distill: float = 0.0,
     callbacks: tuple[EpochCallback, ...] = (),
     dense_run: Path | None = None,
 ) -> dict[str, Any]:
@@ -355,7 +362,7 @@ def run_lottery(
         cfg, levels=levels, fraction=fraction, target_sparsity=target_sparsity, rewind=rewind,
         controls=controls, include_head=include_head, finetune=finetune,
         finetune_lr_scale=finetune_lr_scale, distill=distill,
-        distill_temperature=distill_temperature, weights=weights,
+        distill_temperature=distill_temperature, weights=weights, ticket_distill=ticket_distill,
     )  # fmt: skip
     bind_folder(out_dir, s)
     if dense_run is None or not adopt_dense(cfg, out_dir, s, dense_run):

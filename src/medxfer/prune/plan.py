@@ -31,6 +31,7 @@ class Settings:
     distill: float = 0.0
     distill_temperature: float = 4.0
     weights: str = "last"  # last.pt or best.pt of each finished run is what the next level uses
+    ticket_distill: float = 0.0  # > 0: ticket and controls learn from the dense model too
 
     @property
     def rewind_epoch(self) -> int:
@@ -46,6 +47,8 @@ class Settings:
             d.pop("levels")
         for k in ADDITIVE:
             d.pop(k)
+        if self.ticket_distill:  # then the temperature shapes every pruned run
+            d["distill_temperature"] = self.distill_temperature
         return d
 
 
@@ -59,7 +62,8 @@ def folder_key(p: PruneConfig) -> dict[str, Any]:
     only add runs (``ADDITIVE``) at their defaults, so switching one on for a finished lottery
     finds its folder and trains just the added runs."""
     defaults = asdict(PruneConfig())
-    return lottery_key(replace(p, **{k: defaults[k] for k in ADDITIVE}))
+    additive = [k for k in ADDITIVE if not (p.ticket_distill and k == "distill_temperature")]
+    return lottery_key(replace(p, **{k: defaults[k] for k in additive}))
 
 
 def lottery_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -83,10 +87,11 @@ def make_settings(cfg: ExperimentConfig, **kw: Any) -> Settings:
         )
     if s.finetune_lr_scale <= 0:
         raise MedxferError("prune.finetune_lr_scale must be positive", "e.g. 0.1")
-    if s.distill:
-        from medxfer.train.distill import check
+    from medxfer.train.distill import check
 
-        check(s.distill, s.distill_temperature)
+    for weight in (s.distill, s.ticket_distill):
+        if weight:
+            check(weight, s.distill_temperature)
     if s.weights not in ("last", "best"):
         raise MedxferError(f"prune.weights={s.weights!r} is not understood", "use last or best")
     if not 0.0 < s.fraction < 1.0:

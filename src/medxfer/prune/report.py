@@ -31,6 +31,9 @@ def _run_summary(run: Path) -> dict[str, Any]:
     metrics = json.loads((run / "metrics.json").read_text())
     mask = Mask.load(run / "mask.pt")
     out: dict[str, Any] = {"run_dir": str(run), "sparsity": mask.sparsity, "kept": mask.kept}
+    info = run / "prune.json"  # the teacher of a distilled run (weight, temperature); else none
+    if info.exists() and "distill" in (taught := json.loads(info.read_text())):
+        out["distilled"] = {k: taught["distill"][k] for k in ("weight", "temperature")}
     for split in ("val", "test"):
         if split in metrics:
             m = metrics[split]
