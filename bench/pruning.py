@@ -142,11 +142,18 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--repeats", type=int, default=20, help="latency: timed forwards per model")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
+    p.add_argument(
+        "--lottery-dir", type=abspath,
+        help="the lottery folder (default: under --out-dir); e.g. a seed-0 folder of "
+        "bench/ticket_seeds.py with the same protocol: its finished runs are kept and the "
+        "controls added",
+    )  # fmt: skip
+    p.add_argument("--name-suffix", default="", help="appended to the result's name")
     args = p.parse_args()
     data = args.data_root / args.dataset
     protocol = [*COMMON, *PROTOCOLS.get(args.dataset, []), *args.extra]
-    folder = args.out_dir / f"pruning-{args.dataset}"
-    lottery = folder / "lottery"
+    folder = args.out_dir / f"pruning-{args.dataset}{args.name_suffix}"
+    lottery = args.lottery_dir or folder / "lottery"
     folder.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     cmd = [*medxfer_cmd(), "prune", "--data", str(data), "--out", str(lottery),
@@ -174,7 +181,7 @@ def main() -> None:
         "compressed_bytes": sizes["compact"]["raw_bytes"], "sizes": sizes,
         "lottery_training_seconds": training_seconds(lottery),
     }  # fmt: skip
-    name = f"pruning-{args.dataset}{suffix}"
+    name = f"pruning-{args.dataset}{suffix}{args.name_suffix}"
     if args.lottery_only:
         lottery_only = {"targets": targets(dense, rows, sizes, None)}
         save(

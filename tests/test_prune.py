@@ -307,6 +307,15 @@ def test_resumed_level_equals_uninterrupted(
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
     with pytest.raises(MedxferError, match="other settings"):
         run_lottery(cfg, out, levels=1, rewind="init", controls=False)
+    # the controls only add runs: switched on later, the finished ticket is kept
+    before = (ticket / "metrics.json").stat().st_mtime_ns
+    summary = run_lottery(cfg, out, **kw | {"controls": True})  # type: ignore[arg-type]
+    assert set(summary["levels"][1]["runs"]) == {"ticket", "random_reinit", "random_mask"}
+    assert (ticket / "metrics.json").stat().st_mtime_ns == before
+    for kind in ("random_reinit", "random_mask"):
+        mine = json.loads((run_dir(out, 1, kind) / "metrics.json").read_text())["test"]
+        theirs = json.loads((run_dir(lottery, 1, kind) / "metrics.json").read_text())["test"]
+        assert mine["confusion_matrix"] == theirs["confusion_matrix"]  # as if on from the start
 
 
 def test_finetune_baseline_is_added_to_a_finished_lottery(

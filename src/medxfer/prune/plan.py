@@ -41,11 +41,12 @@ class Settings:
     def key(self) -> dict[str, Any]:
         """The settings a folder is bound to. Levels may grow when each round prunes a fraction;
         the fine-tuning baseline only adds runs beside the others (``ADDITIVE``), so switching
-        it on for a finished lottery trains just those runs."""
+        it on for a finished lottery trains just those runs; so do the controls: a lottery run
+        without them may have them added later (into its folder, given by ``--out``)."""
         d = asdict(self)
         if self.target_sparsity is None:
             d.pop("levels")
-        for k in ADDITIVE:
+        for k in (*ADDITIVE, "controls"):
             d.pop(k)
         if self.ticket_distill:  # then the temperature shapes every pruned run
             d["distill_temperature"] = self.distill_temperature
@@ -53,7 +54,9 @@ class Settings:
 
 
 # Settings that add runs to a lottery folder without changing any run already in it (the
-# distillation baseline's own run is bound to its weight and temperature: ``check_run``).
+# distillation baseline's own run is bound to its weight and temperature: ``check_run``). The
+# controls add runs too, but a folder's name keeps them (``folder_key``): folders made without
+# them were named so, and renaming would lose them.
 ADDITIVE = ("finetune", "distill", "distill_temperature")
 
 
