@@ -228,6 +228,12 @@ def test_select_reports_the_pruned_model_best_on_validation() -> None:
     best = select(s, finetune=True, distill=True)
     assert (best["kind"], best["level"]) == ("distill", 2)
     assert "pruned + distilled from the dense model" in best["rule"]
+    assert "distilled" not in best and "retrained distilled" not in select(s)["rule"]
+    for level in s["levels"][1:]:  # a distilled lottery (prune.ticket_distill) says so
+        level["runs"]["ticket"]["distilled"] = {"weight": 0.7, "temperature": 4.0}
+    taught = select(s)
+    assert taught["distilled"] == {"weight": 0.7, "temperature": 4.0}
+    assert "lottery ticket (retrained distilled from the dense model)" in taught["rule"]
 
 
 def test_finetune_baseline_keeps_the_lottery_folder(tmp_path: Path) -> None:

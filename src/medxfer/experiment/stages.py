@@ -223,11 +223,15 @@ def select(
                         "kind": kind,
                         "run_dir": run["run_dir"],
                         "val_balanced_accuracy": run["val"]["balanced_accuracy"],
+                        **({"distilled": run["distilled"]} if "distilled" in run else {}),
                     },
                 )
     if not chosen:
         raise MedxferError("pruning finished without a ticket to report", "check the prune logs")
-    among = " or ".join(REPORTABLE[k] for k in kinds)
+    labels = dict(REPORTABLE)
+    if chosen.get("distilled") and chosen["kind"] == "ticket":  # prune.ticket_distill
+        labels["ticket"] += " (retrained distilled from the dense model)"
+    among = " or ".join(labels[k] for k in kinds)
     chosen["rule"] = f"pruned model ({among}) with the best val balanced accuracy, any level"
     return chosen
 
