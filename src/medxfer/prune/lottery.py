@@ -274,7 +274,9 @@ def _train_pruned(
     callbacks: tuple[EpochCallback, ...],
 ) -> None:
     run = run_dir(out_dir, level, kind)
-    distill = {"weight": s.distill, "temperature": s.distill_temperature}
+    # the dense model teaches the distill baseline and, in a distilled lottery, every other run
+    weight = {"distill": s.distill, "finetune": 0.0}.get(kind, s.ticket_distill)
+    distill = {"weight": weight, "temperature": s.distill_temperature}
     if kind == "distill":  # finished or not, a run distilled otherwise is not reused
         check_run(run, distill)
     if is_complete(run):
@@ -289,10 +291,8 @@ def _train_pruned(
         "sparsity": mask.sparsity, "kept": mask.kept, "total": mask.total,
         "pruned_from": source_dir(out_dir, level), "weights": s.weights,
     }  # fmt: skip
-    weight = s.distill if kind == "distill" else s.ticket_distill
-    if kind in ("distill", "ticket", "random_reinit", "random_mask") and weight:
-        info["distill"] = {"weight": weight, "temperature": s.distill_temperature,
-                           "teacher": run_dir(out_dir, 0, "dense")}  # fmt: skip
+    if weight:
+        info["distill"] = distill | {"teacher": run_dir(out_dir, 0, "dense")}
         teacher = dense_teacher(cfg, out_dir, s, weight)
     atomic_write_json(info, run / "prune.json")
     console.print(f"level {level} {kind}: sparsity {mask.sparsity:.4f}")
