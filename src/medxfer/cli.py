@@ -9,6 +9,7 @@ medxfer prune --export RUN_DIR [--no-latency] [--no-onnx]
 medxfer predict RUN_OR_CHECKPOINT INPUT [--out preds.csv]
 medxfer shift RUN_OR_CHECKPOINT INPUT [--out shift.json] [--alpha 0.05]
 medxfer adapt RUN_OR_CHECKPOINT INPUT [--out DIR] [--batch-size 64] [--seed 0] [--folds 2]
+medxfer convert RUN_OR_FILE [--trust-pickle]
 medxfer data audit PATH [--out audit.json]
 medxfer data synth OUT
 medxfer models
@@ -17,6 +18,7 @@ medxfer models
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -94,7 +96,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medxfer.evaluate.metrics import format_summary, shift_warnings
     from medxfer.evaluate.rerun import evaluate_run
 
-    out, results = evaluate_run(Path(args.run_dir), list(args.overrides), args.out, args.checkpoint)
+    data = Path(args.data) if args.data else None
+    out, results = evaluate_run(
+        Path(args.run_dir), list(args.overrides), args.out, args.checkpoint, data=data
+    )
     console.print(f"{results['checkpoint']}.pt (epoch {results['epoch']})")
     for split in ("val", "test"):
         if split in results:
@@ -322,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="best",
         help="best.pt (the epoch validation chose) or last.pt (the last epoch)",
     )
+    ev.add_argument("--data", help="the run's dataset, where it is now (default: as trained)")
     ev.set_defaults(func=_cmd_evaluate)
     pr = sub.add_parser("predict", help="class probabilities for an image, folder or DICOM")
     pr.add_argument("checkpoint", help="a run folder or its best.pt")
@@ -372,7 +378,34 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the registered architectures")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_cmd_models)
+    cv = sub.add_parser("convert", help="rewrite a run's model files made by an older medxfer "
+                        "into the weights-only format (needs --trust-pickle)")  # fmt: skip
+    cv.add_argument("target", help="a run folder (searched recursively) or one model file")
+    cv.set_defaults(func=_cmd_convert)
+    for name in ("train", "evaluate", "predict", "shift", "adapt", "prune", "prune-structured",
+                 "run", "convert"):  # fmt: skip
+        _add_trust_pickle(sub.choices[name])
     return p
+
+
+def _add_trust_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="also load model files that need unpickling (they can run any code: "
+                   "only files from someone you trust)")  # fmt: skip
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from medxfer.evaluate.convert import convert
+
+    done = convert(Path(args.target))
+    console.print(
+        f"{len(done)} file(s) rewritten in the weights-only format"
+        if done
+        else "nothing to convert: every model file already loads weights-only"
+    )
+    for path in done:
+        print(path)
+    return 0
 
 
 def _add_prune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -462,6 +495,7 @@ def _add_gan_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         p.add_argument("--config", help="experiment YAML; its gan: section sets the GAN")
         p.add_argument("--data", help="dataset folder or CSV manifest (= data.root=...)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. gan.steps=2000")
+        _add_trust_pickle(p)
 
     t = gs.add_parser("train", help="train a WGAN-GP on the training split (resumable)")
     common(t)
@@ -471,6 +505,7 @@ def _add_gan_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     t.add_argument("--force", action="store_true", help="delete the GAN folder first")
     s = gs.add_parser("sample", help="write synthetic PNGs + a manifest for data.synthetic")
     s.add_argument("checkpoint", help="generator.pt (or its folder) from `gan train`")
+    _add_trust_pickle(s)
     s.add_argument("--out", help="folder for the images (default: <checkpoint dir>/synthetic)")
     s.add_argument("--n", nargs="+", metavar="CLASS:N", help="images per class, e.g. viral:500")
     s.add_argument(
@@ -542,15 +577,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+_FS_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by some reports
+    from medxfer.train.checkpoint import trusting_pickle
+
     try:
-        return int(args.func(args))
+        with trusting_pickle(bool(getattr(args, "trust_pickle", False))):
+            return int(args.func(args))
     except MedxferError as err:
         console.print(f"[bold red]error:[/] {err.message}")
         if err.fix:
             console.print(f"  [bold]fix:[/] {err.fix}")
+        return 2
+    except OSError as err:  # the file system refused a write medxfer does not wrap itself
+        if err.errno not in _FS_ERRORS:
+            raise
+        console.print(f"[bold red]error:[/] {err.strerror}: {err.filename}")
+        console.print("  [bold]fix:[/] free disk space or make the output folder writable")
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; `--resume` continues from the last completed epoch")

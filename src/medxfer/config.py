@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -311,7 +312,13 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 raise ValueError(value)
             return int(value)
         if typ is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise MedxferError(
+                    f"config key {key!r}: {value!r} is not a finite number",
+                    f"give {key} a finite value",
+                )
+            return number
         if typ is str:
             return "" if value is None else str(value)
     except (TypeError, ValueError):
@@ -394,8 +401,8 @@ def validate(cfg: ExperimentConfig) -> None:
     parse_class_fraction(cfg.data.class_fraction)
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
         raise MedxferError("train.epochs and train.batch_size must be positive")
-    if cfg.train.lr <= 0:
-        raise MedxferError("train.lr must be positive", "e.g. train.lr=1e-3")
+    if not (math.isfinite(cfg.train.lr) and cfg.train.lr > 0):
+        raise MedxferError("train.lr must be a positive finite number", "e.g. train.lr=1e-3")
 
 
 def parse_class_fraction(spec: str) -> dict[str, float]:
@@ -446,5 +453,10 @@ def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+def config_text(cfg: ExperimentConfig) -> str:
+    """The YAML that ``save_config`` writes."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(config_text(cfg))

@@ -145,6 +145,7 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
             )
         samples = [s for s in samples if s.path not in errors]
     info: dict[str, Any] = {"root": str(root), "synthetic": synthetic}
+    info["root_absolute"] = str(root.resolve())  # `evaluate` from another working directory
     if errors:
         info["skipped_unreadable"] = sorted(errors)
     if cfg.drop_leaks:

@@ -168,7 +168,8 @@ def adapt_run(
         read_arrays,
     )
     from medxfer.prune.structured import FORMAT as STRUCTURED_FORMAT
-    from medxfer.train.checkpoint import atomic_save, atomic_write_json
+    from medxfer.prune.structured import save_structured
+    from medxfer.train.checkpoint import atomic_save, atomic_write_json, ensure_dir
 
     if batch_size < 2 or folds < 2:
         raise MedxferError(
@@ -215,12 +216,12 @@ def adapt_run(
         "labelled_images": 0 if labels is None else len(labels),
         "labelled_check": check,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     provenance = ("source_model", "images", "n_images", "seed")
     new_meta = dict(meta) | {"adapted": {k: record[k] for k in provenance}}
     if fmt == STRUCTURED_FORMAT:
         path = out_dir / "model.pt"
-        atomic_save({"format": STRUCTURED_FORMAT, "module": adapted, "meta": new_meta}, path)
+        save_structured(path, adapted, new_meta)  # weights + the recipe of the cut
     else:  # dense, a pruned level (mask folded in) or the compact export: a plain state dict
         path = out_dir / "best.pt"
         atomic_save({"model": adapted.state_dict(), "meta": new_meta}, path)

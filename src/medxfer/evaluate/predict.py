@@ -9,12 +9,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from medxfer.data.io import IMAGE_SUFFIXES, read_image, resize
 from medxfer.data.loader import to_float
 from medxfer.errors import MedxferError
 from medxfer.models import create_model
 from medxfer.models.registry import Preprocess
+
+console = Console(stderr=True)
 
 # The model files medxfer writes, in the order a run folder is searched for them.
 MODEL_FILES = ("model.pt", "best.pt", "export/model.sparse.pt")
@@ -46,7 +49,9 @@ def load_trained_with_format(
     """``load_trained`` plus the file's ``format`` tag (structured, sparse, or None for a state
     dict), for a caller that writes the model back in its own kind of file."""
     from medxfer.prune.export import FORMAT as SPARSE_FORMAT  # bit mask + surviving values
-    from medxfer.prune.structured import FORMAT as STRUCTURED_FORMAT  # a thinner module
+    from medxfer.prune.structured import FORMAT as STRUCTURED_FORMAT  # weights + recipe
+    from medxfer.prune.structured import LEGACY_FORMAT, from_payload
+    from medxfer.train.checkpoint import load_checkpoint
 
     path = model_file(checkpoint)
     if not path.exists():
@@ -54,14 +59,11 @@ def load_trained_with_format(
             f"no checkpoint at {path}",
             "pass a run folder of `medxfer train`, `prune` or `prune-structured`, or a model file",
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise MedxferError(f"cannot load checkpoint {path}: {err}") from None
+    obj = load_checkpoint(path)  # weights only, unless the user trusts the file
     fmt = obj.get("format") if isinstance(obj, dict) else None
-    if fmt == STRUCTURED_FORMAT:  # channels physically removed: the module itself is stored
-        module: torch.nn.Module = obj["module"]
-        return _inference_layout(module), obj["meta"], fmt
+    if fmt in (STRUCTURED_FORMAT, LEGACY_FORMAT):  # channels physically removed
+        module, meta = from_payload(obj, path)
+        return _inference_layout(module), meta, STRUCTURED_FORMAT
     if fmt == SPARSE_FORMAT:
         from medxfer.prune.export import expand
 
@@ -170,6 +172,9 @@ def predict_files(
     """Write ``path,predicted,p_<class>...`` rows; unreadable files get an ``error`` column.
     BatchNorm is folded into the convolutions first (same predictions, less time)."""
     model, meta = load_trained(checkpoint)
+    unfinished = unfinished_run(model_file(checkpoint))
+    if unfinished is not None:
+        console.print(f"[yellow]warning:[/] {unfinished}")
     model, _ = folded_for_inference(model, meta)
     classes: list[str] = list(meta["classes"])
     files = collect_inputs(target)
@@ -184,4 +189,22 @@ def predict_files(
         w = csv.writer(fh)
         w.writerow(["path", "predicted", *[f"p_{c}" for c in classes], "error"])
         w.writerows(rows)
+    failed = [r for r in rows if r[-1]]
+    if len(failed) == len(rows):
+        raise MedxferError(
+            f"none of the {len(rows)} file(s) could be read, e.g. {failed[0][0]}: {failed[0][-1]}",
+            f"every reason is in the error column of {out_csv}",
+        )
     return out_csv, len(files)
+
+
+def unfinished_run(path: Path) -> str | None:
+    """Why the model file's run has not finished (training still running or interrupted: a
+    ``last.pt`` and no ``metrics.json``), or None."""
+    run = path.parent
+    if (run / "last.pt").exists() and not (run / "metrics.json").exists():
+        return (
+            f"{run} has not finished training (no metrics.json): its best.pt is the best epoch "
+            "so far, never evaluated on the test split"
+        )
+    return None

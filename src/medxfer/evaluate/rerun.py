@@ -11,10 +11,11 @@ test-time flips, never replacing one.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import load_config
+from medxfer.config import ExperimentConfig, load_config
 from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import compute_metrics
 from medxfer.evaluate.unlabelled import STORED
@@ -28,10 +29,15 @@ CHECKPOINTS = ("best", "last")
 
 
 def evaluate_run(
-    run_dir: Path, overrides: list[str], out_name: str, checkpoint: str = "best"
+    run_dir: Path,
+    overrides: list[str],
+    out_name: str,
+    checkpoint: str = "best",
+    data: Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluate ``run_dir``'s ``<checkpoint>.pt`` on its validation and test splits into
-    ``run_dir/out_name``; returns that path and the results."""
+    ``run_dir/out_name``; returns that path and the results. ``data``: where the run's dataset
+    is now (default: where it was when the run trained)."""
     from medxfer.prune.magnitude import fold_reparam
 
     if checkpoint not in CHECKPOINTS:
@@ -44,6 +50,7 @@ def evaluate_run(
     if bad:
         raise MedxferError(f"only eval.* settings can change here, not {bad}", "train a new run")
     cfg = load_config(run_dir / "config.yaml", overrides)
+    locate_data(cfg, run_dir, data)
     c = compute_mod.resolve(cfg.train)
     s = build(cfg, c)
     ckpt = load_checkpoint(run_dir / f"{checkpoint}.pt")
@@ -67,3 +74,26 @@ def evaluate_run(
                 save_predictions(stored, probs, labels, cfg, c)
     atomic_write_json(results, out)
     return out, results
+
+
+def locate_data(cfg: ExperimentConfig, run_dir: Path, data: Path | None) -> None:
+    """Point ``cfg.data.root`` at the run's dataset: ``data`` when given, else the root as
+    written if it exists from here, else the absolute path the run recorded in data.json (a
+    relative root was relative to where training ran)."""
+    if data is not None:
+        if not data.exists():
+            raise MedxferError(f"--data {data} does not exist", "pass the run's dataset folder")
+        cfg.data.root = str(data.resolve())
+        return
+    root = cfg.data.root
+    if not root or Path(root).expanduser().exists():
+        return
+    info = run_dir / "data.json"
+    recorded = json.loads(info.read_text()).get("root_absolute") if info.exists() else None
+    if recorded and Path(recorded).exists():
+        cfg.data.root = recorded
+        return
+    raise MedxferError(
+        f"the run's dataset {root} is not found from {Path.cwd()}",
+        "pass --data with the dataset folder (or CSV manifest) it was trained on",
+    )

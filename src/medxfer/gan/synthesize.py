@@ -36,10 +36,7 @@ def load_generator(checkpoint: Path) -> dict[str, Any]:
             f"GAN checkpoint {checkpoint} does not exist",
             "train one with `medxfer gan train` (it writes <out>/generator.pt)",
         )
-    try:
-        payload = load_checkpoint(checkpoint)
-    except Exception as err:
-        raise MedxferError(f"cannot read GAN checkpoint {checkpoint}: {err}") from None
+    payload = load_checkpoint(checkpoint)  # weights only; one message for anything else
     if not isinstance(payload, dict) or payload.get("kind") != "medxfer-wgan-gp":
         raise MedxferError(
             f"{checkpoint} is not a medxfer GAN checkpoint",

@@ -80,7 +80,7 @@ def save_compact(path: Path, state: State, mask: Mask, meta: dict[str, Any]) -> 
 
 def load_compact(path: Path) -> tuple[State, dict[str, Any]]:
     """(dense state dict, meta): ``meta`` is what ``predict`` needs (arch, classes, size...)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_checkpoint(path)
     return expand(obj), obj.get("meta", {})
 
 

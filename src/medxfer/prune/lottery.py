@@ -121,7 +121,7 @@ def adopt_dense(cfg: ExperimentConfig, out_dir: Path, s: Settings, dense: Path) 
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(dense, tmp)
-    init: State = torch.load(dense / "init.pt", map_location="cpu", weights_only=True)
+    init: State = load_checkpoint(dense / "init.pt")
     exclude = [] if s.include_head else [entry(cfg.model.arch).head]
     Mask.dense(blank_model(cfg.model.arch, init), exclude).save(tmp / "mask.pt")  # shapes only
     atomic_write_json({"adopted_from": str(dense)}, tmp / "adopted.json")
@@ -174,7 +174,7 @@ def rewind_state(out_dir: Path, level: int, s: Settings) -> State:
     if s.rewind == "lr":
         return trained_state(source_dir(out_dir, level), s.weights)
     name = "init.pt" if s.rewind == "init" else f"rewind_epoch{s.rewind_epoch}.pt"
-    state: State = torch.load(out_dir / name, map_location="cpu", weights_only=True)
+    state: State = load_checkpoint(out_dir / name)
     return state
 
 

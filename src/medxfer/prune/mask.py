@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from medxfer.errors import MedxferError
-from medxfer.train.checkpoint import atomic_save
+from medxfer.train.checkpoint import atomic_save, load_checkpoint
 
 FORMAT = "medxfer-mask-v1"
 
@@ -80,10 +80,7 @@ class Mask(dict[str, torch.Tensor]):
     def load(cls, path: Path) -> Mask:
         if not path.exists():
             raise MedxferError(f"no mask at {path}", "run `medxfer prune` to create it")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise MedxferError(f"cannot read mask {path}: {err}") from None
+        obj = load_checkpoint(path)  # weights only; one message for anything else
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise MedxferError(f"{path} is not a medxfer mask file")
         masks = obj["masks"]

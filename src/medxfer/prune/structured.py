@@ -14,8 +14,9 @@ channels to cut zeroed at each epoch's start and free to grow back (soft filter 
     run_structured(Path("runs/brain-…"), Path("runs/brain-…-structured"), ratio=0.4)
 
 The fine-tune run folder is a normal run (config, checkpoints, metrics.json); ``model.pt`` holds
-the whole pruned module (its shapes are no longer the registered architecture's) and reloads
-with ``load_structured``; ``structured.json`` compares params, MACs, latency and accuracy.
+the pruned weights and, in its meta, the recipe (ratio, steps) that rebuilds the thinner network
+from the registered architecture; it reloads with ``load_structured``; ``structured.json``
+compares params, MACs, latency and accuracy.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from medxfer.train.loop import fit
 State = dict[str, torch.Tensor]
 console = Console(stderr=True)
 MODEL_FILE = "model.pt"
-FORMAT = "medxfer-structured-v1"
+FORMAT = "medxfer-structured-v2"  # weights + the recipe of the cut
+LEGACY_FORMAT = "medxfer-structured-v1"  # a pickled module (older medxfer)
 
 
 def _tp() -> Any:
@@ -222,8 +224,53 @@ def pruned_model(
     return _replay(model, state, entry(arch).head, step_ratios(ratio, steps), states, size).eval()
 
 
+def structure_meta(meta: dict[str, Any], ratio: float, steps: int) -> dict[str, Any]:
+    """``meta`` plus the recipe that rebuilds the thinner network: the cut's ratio and steps.
+    The shapes it produces depend on the ratios only (the same share of every layer group,
+    rounded to 8), not on the weights, so replaying it on any weights of the architecture
+    gives the network the stored weights fit."""
+    return dict(meta) | {"structure": {"ratio": float(ratio), "steps": int(steps)}}
+
+
 def save_structured(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    atomic_save({"format": FORMAT, "module": model.cpu().eval(), "meta": meta}, path)
+    """Weights and meta (with its ``structure`` recipe) only: no pickled module."""
+    if "structure" not in meta:
+        raise MedxferError(
+            "this structured model has no pruning recipe (an older file, read with --trust-pickle)",
+            "rewrite its run folder first with `medxfer convert RUN --trust-pickle`",
+        )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save({"format": FORMAT, "model": state, "meta": meta}, path)
+
+
+def skeleton(meta: dict[str, Any]) -> nn.Module:
+    """The thinner network of a structured ``meta`` (untrained weights): the registered
+    architecture with the recipe's cut replayed."""
+    recipe = meta.get("structure")
+    if not isinstance(recipe, dict) or not {"ratio", "steps"} <= set(recipe):
+        raise MedxferError("a structured model file without its pruning recipe (meta.structure)")
+    arch, size = meta["arch"], int(meta["image_size"])
+    model = create_model(arch, weights="none", num_classes=len(meta["classes"])).model
+    for r in step_ratios(float(recipe["ratio"]), int(recipe["steps"])):
+        prune_channels(model, entry(arch).head, r, size)
+    return model.eval()
+
+
+def from_payload(obj: dict[str, Any], path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(eval-mode pruned module, meta) of a loaded structured file. An older file's pickled
+    module is only reachable when the user trusted it (``--trust-pickle``)."""
+    meta: dict[str, Any] = obj["meta"]
+    if obj.get("format") == LEGACY_FORMAT:
+        module: nn.Module = obj["module"]
+        return module.eval(), meta
+    model = skeleton(meta)
+    try:
+        model.load_state_dict(obj["model"])
+    except (RuntimeError, KeyError) as err:
+        raise MedxferError(
+            f"{path}: its weights do not fit the network its recipe rebuilds ({str(err)[:200]})"
+        ) from None
+    return model.eval(), meta
 
 
 def load_structured(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -231,11 +278,10 @@ def load_structured(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     path = path / MODEL_FILE if path.is_dir() else path
     if not path.exists():
         raise MedxferError(f"no pruned model at {path}", "run `medxfer prune-structured` first")
-    obj = torch.load(path, map_location="cpu", weights_only=False)  # a whole module: our file
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+    obj = load_checkpoint(path)
+    if not isinstance(obj, dict) or obj.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise MedxferError(f"{path} is not a medxfer structured-pruned model")
-    model: nn.Module = obj["module"]
-    return model.eval(), obj["meta"]
+    return from_payload(obj, path)
 
 
 def _finetune_cfg(cfg: ExperimentConfig, epochs: int, lr_scale: float) -> ExperimentConfig:
@@ -403,7 +449,7 @@ def run_structured(
     model = pruned_model(arch, start, n, ratio, size, steps=steps, states=states)
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["model"])
-    save_structured(out / MODEL_FILE, model, best["meta"])
+    save_structured(out / MODEL_FILE, model, structure_meta(best["meta"], ratio, steps))
     before, after = count(dense, size), count(model, size)
     dense_metrics = json.loads((source / "metrics.json").read_text())
     report: dict[str, Any] = {

@@ -7,8 +7,10 @@ import base64
 import html
 import os
 import re
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 from medxfer.report.blocks import Image, Note, Section, Table, Text
 
@@ -80,28 +82,62 @@ def to_html(title: str, sections: list[Section], subtitle: str = "") -> str:
     return "\n".join(parts) + "\n"
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")  # emphasis, links, tables, strike-through
+_MD_LINE_START = re.compile(r"^([ \t]*)([#+\-=>]|\d+(?=[.)]))", re.MULTILINE)  # headings, lists
+
+
+def md_escape(text: str, *, table: bool = False) -> str:
+    """User text (class names, labels, paths) as literal Markdown: HTML tags and entities
+    escaped, as in the HTML report, Markdown's emphasis, link and table punctuation and line
+    starts backslash-escaped. `code` spans are kept (the HTML report renders them too); their
+    content is literal already, only a ``|`` in a table cell is escaped."""
+    parts = re.split(r"(`[^`]+`)", text)
+    out = []
+    for i, p in enumerate(parts):
+        if i % 2:
+            out.append(p.replace("|", "\\|") if table else p)
+        else:
+            p = _MD_SPECIAL.sub(r"\\\1", html.escape(p, quote=False))
+            out.append(_MD_LINE_START.sub(_line_start(i == 0), p))
+    return "".join(out)
+
+
+def _line_start(at_start: bool) -> Callable[[re.Match[str]], str]:
+    """Escape a heading or list marker; after a code span, the part's start is no line start."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.start() == 0 and not at_start:
+            return m.group(0)
+        lead, mark = m.group(1), m.group(2)
+        return f"{lead}{mark}\\" if mark[0].isdigit() else f"{lead}\\{mark}"
+
+    return sub
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return md_escape(text, table=True).replace("\n", " ")
 
 
 def to_markdown(title: str, sections: list[Section], base: Path, subtitle: str = "") -> str:
-    """Markdown with images linked relative to ``base`` (the folder the file is written to)."""
-    out = [f"# {title}", "", f"_medxfer experiment report{' · ' + subtitle if subtitle else ''}_"]
+    """Markdown with images linked relative to ``base`` (the folder the file is written to).
+    Every text is escaped (``md_escape``): a class named ``<img onerror=...>`` stays text."""
+    sub = " · " + md_escape(subtitle) if subtitle else ""
+    out = [f"# {md_escape(title)}", "", f"_medxfer experiment report{sub}_"]
     for s in sections:
-        out += ["", f"## {s.title}", ""]
+        out += ["", f"## {md_escape(s.title)}", ""]
         for b in s.blocks:
             if isinstance(b, Text):
-                out += [b.text, ""]
+                out += [md_escape(b.text), ""]
             elif isinstance(b, Note):
-                out += [f"> **Note:** {b.text}", ""]
+                out += [f"> **Note:** {md_escape(b.text)}", ""]
             elif isinstance(b, Table):
                 if b.caption:
-                    out += [f"**{b.caption}**", ""]
+                    out += [f"**{md_escape(b.caption)}**", ""]
                 out.append("| " + " | ".join(map(_md_cell, b.header)) + " |")
                 out.append("|" + "---|" * len(b.header))
                 out += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in b.rows]
                 out.append("")
             else:
                 rel = Path(os.path.relpath(b.path.resolve(), base.resolve())).as_posix()
-                out += [f"![{b.caption}]({rel})", ""]
+                out += [f"![{md_escape(b.caption)}](<{quote(rel)}>)", ""]
     return "\n".join(out).rstrip() + "\n"

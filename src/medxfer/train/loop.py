@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -23,14 +24,16 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from medxfer.config import ExperimentConfig, save_config
+from medxfer.config import ExperimentConfig, config_text
 from medxfer.data.loader import BatchLoader
+from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import compute_metrics, format_summary, shift_warnings
 from medxfer.train import compute as compute_mod
 from medxfer.train.checkpoint import (
     atomic_save,
     atomic_write_json,
     atomic_write_text,
+    ensure_dir,
     load_checkpoint,
 )
 from medxfer.train.distill import DistillationLoss, Teacher
@@ -146,8 +149,8 @@ def fit(
     if teacher is not None:
         s.loss_fn = DistillationLoss(s.loss_fn, teacher, c.device, c.channels_last)
     if c.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        ensure_dir(run_dir)
+        atomic_write_text(config_text(cfg), run_dir / "config.yaml")
         atomic_write_json(s.data.info, run_dir / "data.json")
     history: list[dict[str, Any]] = []
     best, stale, start = -1.0, 0, 0
@@ -194,6 +197,7 @@ def fit(
         )  # fmt: skip
         row["train_seconds"] = time.perf_counter() - t0
         row |= _validate(s, c, cfg)
+        _check_finite(row, run_dir)  # before anything of this epoch is saved
         history.append(row)
         improved = row["val_balanced_accuracy"] > best
         if improved:
@@ -224,6 +228,19 @@ def fit(
     return finish(
         cfg, run_dir, s, c, history, seconds, evaluate_test=evaluate_test, warn_shift=warn_shift
     )
+
+
+def _check_finite(row: dict[str, Any], run_dir: Path) -> None:
+    """A non-finite loss means the weights diverged: stop before the epoch is saved (as last
+    or as best), so the run folder keeps the epochs before it."""
+    bad = {k: row[k] for k in ("train_loss", "val_loss") if not math.isfinite(float(row[k]))}
+    if bad:
+        what = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise MedxferError(
+            f"training diverged at epoch {row['epoch']}: {what}; nothing of this epoch was saved "
+            f"in {run_dir}",
+            "lower train.lr (or use train.precision=fp32), then train into a new run folder",
+        )
 
 
 def _skip_schedule(s: Setup, epochs: int, cap: int) -> None:
