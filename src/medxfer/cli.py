@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("target", help="a run folder (searched recursively) or one model file")
     cv.set_defaults(func=_cmd_convert)
     for name in ("train", "evaluate", "predict", "shift", "adapt", "prune", "prune-structured",
-                 "run", "convert"):  # fmt: skip
+                 "convert"):  # fmt: skip
         _add_trust_pickle(sub.choices[name])
     return p
 
