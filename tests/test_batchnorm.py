@@ -119,7 +119,7 @@ def test_folder_labels(tmp_path: Path) -> None:
 
 
 def _bn_state(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     return {k: v for k, v in state.items() if "running" in k}
 
 
@@ -135,7 +135,7 @@ def test_training_recalibrates_keeps_by_validation_and_resumes(
     n_train = sum(m["data"]["counts"]["train"].values())
     assert r["images"] == n_train // 64 * 64 > 0  # full batches: never one of a single image
     assert r["kept"] == (r["val_balanced_accuracy_after"] >= r["val_balanced_accuracy_before"])
-    assert torch.load(run / "best.pt", weights_only=False)["bn_recalibration"] == r
+    assert torch.load(run / "best.pt", weights_only=True)["bn_recalibration"] == r
     if r["kept"]:  # the evaluation is that of the recalibrated model
         assert m["val"]["balanced_accuracy"] == pytest.approx(r["val_balanced_accuracy_after"])
 

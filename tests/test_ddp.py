@@ -36,7 +36,7 @@ def test_torchrun_two_cpu_processes(synth_root: Path, tmp_path: Path) -> None:
     from medxfer.train.loop import state_checksum
 
     model = create_model("resnet18", weights="none", num_classes=4).model
-    model.load_state_dict(torch.load(run / "last.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(run / "last.pt", weights_only=True)["model"])
     assert state_checksum(model) == ddp["state_checksums"][0]  # the saved file is that model
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["compute"]["world_size"] == 2

@@ -116,7 +116,7 @@ def test_training_writes_checkpoint_grids_and_history(trained: Path) -> None:
     folder = trained.parent
     for name in ("state.pt", "history.json", "gan.json", "samples/step_000002.png"):
         assert (folder / name).exists(), name
-    payload = torch.load(trained, weights_only=False)
+    payload = torch.load(trained, weights_only=True)
     assert payload["modelled"] == payload["classes"]  # conditional: every class
     assert payload["runs"]["*"]["steps"] == 4
 
@@ -126,7 +126,7 @@ def test_sampling_deterministic_and_balanced(trained: Path, tmp_path: Path) -> N
     b = sample_gan(trained, tmp_path / "b", balance=1.0, seed=3)
     c = sample_gan(trained, tmp_path / "c", n_per_class={"cross": 5}, seed=4)
     rows_a = list(csv.DictReader(a.open()))
-    counts = torch.load(trained, weights_only=False)["train_counts"]
+    counts = torch.load(trained, weights_only=True)["train_counts"]
     per_class = {k: sum(r["label"] == k for r in rows_a) for k in counts}
     top = max(counts.values())
     assert all(per_class[k] == top - n for k, n in counts.items())  # balanced to the majority
@@ -188,17 +188,17 @@ def test_interrupted_training_resumes_to_the_same_result(synth_root: Path, tmp_p
         train_gan(cfg, tmp_path / "parts", on_step=kill)
     assert not (tmp_path / "parts" / "generator.pt").exists()
     resumed = train_gan(cfg, tmp_path / "parts")
-    ga = torch.load(whole, weights_only=False)["generators"]["*"]
-    gb = torch.load(resumed, weights_only=False)["generators"]["*"]
+    ga = torch.load(whole, weights_only=True)["generators"]["*"]
+    gb = torch.load(resumed, weights_only=True)["generators"]["*"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
-    da = torch.load(tmp_path / "whole" / "state.pt", weights_only=False)["d"]
-    db = torch.load(tmp_path / "parts" / "state.pt", weights_only=False)["d"]
+    da = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)["d"]
+    db = torch.load(tmp_path / "parts" / "state.pt", weights_only=True)["d"]
     assert all(torch.equal(da[k], db[k]) for k in da)
 
 
 def test_per_class_mode_trains_minority_classes_only(synth_root: Path, tmp_path: Path) -> None:
     ckpt = train_gan(_cfg(synth_root, "gan.conditional=false", "gan.steps=1"), tmp_path / "pc")
-    payload = torch.load(ckpt, weights_only=False)
+    payload = torch.load(ckpt, weights_only=True)
     counts = payload["train_counts"]
     assert set(payload["modelled"]) == {
         c for c, n in counts.items() if n < 0.8 * max(counts.values())

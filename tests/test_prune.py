@@ -227,7 +227,7 @@ def test_lottery_end_to_end(lottery: Path) -> None:
         run = run_dir(lottery, 1, kind)
         mask = Mask.load(run / "mask.pt")
         assert mask.kept_per_layer() == ticket.kept_per_layer()  # same per-layer sparsity
-        state = torch.load(run / "best.pt", weights_only=False)["model"]
+        state = torch.load(run / "best.pt", weights_only=True)["model"]
         assert all(not state[k][~m].any() for k, m in mask.items())  # zeros survived training
         history = json.loads((run / "history.json").read_text())
         assert [h["epoch"] for h in history] == [2, 3]  # epoch:1 rewinding retrains epochs 2-3
@@ -298,8 +298,8 @@ def test_resumed_level_equals_uninterrupted(
     ticket = run_dir(out, 1, "ticket")
     assert (ticket / "last.pt").exists() and not (ticket / "metrics.json").exists()
     run_lottery(cfg, out, **kw)  # type: ignore[arg-type]
-    a = torch.load(run_dir(lottery, 1, "ticket") / "last.pt", weights_only=False)
-    b = torch.load(ticket / "last.pt", weights_only=False)
+    a = torch.load(run_dir(lottery, 1, "ticket") / "last.pt", weights_only=True)
+    b = torch.load(ticket / "last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     ma = json.loads((run_dir(lottery, 1, "ticket") / "metrics.json").read_text())["test"]
@@ -372,7 +372,7 @@ def test_distillation_baseline_is_added_and_bound_to_its_settings(
     mask = Mask.load(run / "mask.pt")
     assert all(torch.equal(m, Mask.load(run_dir(out, 1, "ticket") / "mask.pt")[k])
                for k, m in mask.items())  # fmt: skip
-    best = torch.load(run / "best.pt", weights_only=False)["model"]
+    best = torch.load(run / "best.pt", weights_only=True)["model"]
     assert not any(k.startswith("teacher") for k in best)  # only the student is saved
     assert all(not best[k][~m].any() for k, m in mask.items())  # zeros survived distillation
     history = json.loads((run / "history.json").read_text())
@@ -410,7 +410,7 @@ def test_distilled_lottery_teaches_ticket_and_controls_alike(
                                    "teacher": str(run_dir(out, 0, "dense"))}  # fmt: skip
         mask = Mask.load(run / "mask.pt")
         assert all(torch.equal(m, Mask.load(plain / "mask.pt")[k]) for k, m in mask.items())
-        state = torch.load(run / "best.pt", weights_only=False)["model"]
+        state = torch.load(run / "best.pt", weights_only=True)["model"]
         assert not any(k.startswith("teacher") for k in state)
         assert all(not state[k][~m].any() for k, m in mask.items())
         history = json.loads((run / "history.json").read_text())
@@ -436,7 +436,7 @@ def test_lottery_can_prune_the_epoch_validation_chose(
     shutil.copytree(lottery, out, ignore=shutil.ignore_patterns("level_1", "lottery.json",
                                                                 "settings.json"))  # fmt: skip
     dense = run_dir(out, 0, "dense")
-    best = torch.load(dense / "best.pt", weights_only=False)
+    best = torch.load(dense / "best.pt", weights_only=True)
     torch.manual_seed(3)  # a best epoch whose magnitudes surely rank otherwise than the last's
     best["model"] = {k: torch.randn_like(v) if k.endswith(("weight", "weight_orig")) else v
                      for k, v in best["model"].items()}  # fmt: skip
@@ -496,7 +496,7 @@ def test_export_round_trip(lottery: Path) -> None:
     sizes = report["sizes"]
     assert sizes["compact"]["raw_bytes"] < sizes["dense"]["raw_bytes"]
     assert sizes["kept_weights"] == Mask.load(run / "mask.pt").kept
-    best = torch.load(run / "best.pt", weights_only=False)
+    best = torch.load(run / "best.pt", weights_only=True)
     restored, meta = load_compact_model(run / "export" / "model.sparse.pt")
     state = restored.state_dict()
     assert all(torch.equal(state[k], v) for k, v in best["model"].items())

@@ -386,8 +386,8 @@ def validate(cfg: ExperimentConfig) -> None:
             raise MedxferError(f"{key} must be 0 (= data.image_size) or at least 32")
     if cfg.prune.epochs < 0:
         raise MedxferError("prune.epochs must be >= 0 (0 = train.epochs)")
-    if cfg.prune.structured_steps < 1:
-        raise MedxferError("prune.structured_steps must be >= 1 (1 = prune once)")
+    if not 1 <= cfg.prune.structured_steps <= 64:  # a model file replays each step on load
+        raise MedxferError("prune.structured_steps must be in 1..64 (1 = prune once)")
     if cfg.prune.structured_warmup < 0:
         raise MedxferError("prune.structured_warmup must be >= 0 (epochs of LR warm-up)")
     if cfg.prune.structured_soft < 0:

@@ -249,9 +249,13 @@ def skeleton(meta: dict[str, Any]) -> nn.Module:
     recipe = meta.get("structure")
     if not isinstance(recipe, dict) or not {"ratio", "steps"} <= set(recipe):
         raise MedxferError("a structured model file without its pruning recipe (meta.structure)")
+    ratio, steps = float(recipe["ratio"]), int(recipe["steps"])
+    check_ratio(ratio)
+    if not 1 <= steps <= 64:
+        raise MedxferError(f"a structured model file with {steps} pruning steps (1 to 64 made)")
     arch, size = meta["arch"], int(meta["image_size"])
     model = create_model(arch, weights="none", num_classes=len(meta["classes"])).model
-    for r in step_ratios(float(recipe["ratio"]), int(recipe["steps"])):
+    for r in step_ratios(ratio, steps):
         prune_channels(model, entry(arch).head, r, size)
     return model.eval()
 

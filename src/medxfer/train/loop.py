@@ -197,7 +197,7 @@ def fit(
         )  # fmt: skip
         row["train_seconds"] = time.perf_counter() - t0
         row |= _validate(s, c, cfg)
-        _check_finite(row, run_dir)  # before anything of this epoch is saved
+        _check_finite(row, run_dir, has_val=len(s.val_loader.indices) > 0)  # before any save
         history.append(row)
         improved = row["val_balanced_accuracy"] > best
         if improved:
@@ -230,10 +230,12 @@ def fit(
     )
 
 
-def _check_finite(row: dict[str, Any], run_dir: Path) -> None:
+def _check_finite(row: dict[str, Any], run_dir: Path, *, has_val: bool) -> None:
     """A non-finite loss means the weights diverged: stop before the epoch is saved (as last
-    or as best), so the run folder keeps the epochs before it."""
-    bad = {k: row[k] for k in ("train_loss", "val_loss") if not math.isfinite(float(row[k]))}
+    or as best), so the run folder keeps the epochs before it. (Without a validation split
+    its loss is NaN by definition.)"""
+    keys = ("train_loss", "val_loss") if has_val else ("train_loss",)
+    bad = {k: row[k] for k in keys if not math.isfinite(float(row[k]))}
     if bad:
         what = ", ".join(f"{k} {v}" for k, v in bad.items())
         raise MedxferError(
