@@ -87,17 +87,18 @@ _MD_LINE_START = re.compile(r"^([ \t]*)([#+\-=>]|\d+(?=[.)]))", re.MULTILINE)  #
 
 
 def md_escape(text: str, *, table: bool = False) -> str:
-    """User text (class names, labels, paths) as literal Markdown: HTML tags and entities
-    escaped, as in the HTML report, Markdown's emphasis, link and table punctuation and line
-    starts backslash-escaped. `code` spans are kept (the HTML report renders them too); their
-    content is literal already, only a ``|`` in a table cell is escaped."""
+    """User text (class names, labels, paths) as literal Markdown: ``<`` and ``&`` escaped
+    (no HTML tag or entity can start), as in the HTML report; Markdown's emphasis, link and
+    table punctuation and line starts backslash-escaped. `code` spans are kept (the HTML report
+    renders them too); their content is literal already, only a ``|`` in a table cell is
+    escaped."""
     parts = re.split(r"(`[^`]+`)", text)
     out = []
     for i, p in enumerate(parts):
         if i % 2:
             out.append(p.replace("|", "\\|") if table else p)
         else:
-            p = _MD_SPECIAL.sub(r"\\\1", html.escape(p, quote=False))
+            p = _MD_SPECIAL.sub(r"\\\1", p.replace("&", "&amp;").replace("<", "&lt;"))
             out.append(_MD_LINE_START.sub(_line_start(i == 0), p))
     return "".join(out)
 
@@ -139,5 +140,5 @@ def to_markdown(title: str, sections: list[Section], base: Path, subtitle: str =
                 out.append("")
             else:
                 rel = Path(os.path.relpath(b.path.resolve(), base.resolve())).as_posix()
-                out += [f"![{md_escape(b.caption)}](<{quote(rel)}>)", ""]
+                out += [f"![{md_escape(b.caption)}]({quote(rel)})", ""]
     return "\n".join(out).rstrip() + "\n"
