@@ -16,16 +16,7 @@ import torch
 from PIL import Image
 
 from medxfer.cli import main
-from medxfer.prune.structured import (
-    LEGACY_FORMAT,
-    load_structured,
-    prune_channels,
-    pruned_model,
-    save_structured,
-    step_ratios,
-    structure_meta,
-)
-from medxfer.train.checkpoint import load_checkpoint
+from medxfer.prune import structured as st  # the names of the format are looked up late
 
 FAST = [
     "model.arch=resnet18", "model.weights=none", "data.image_size=32", "train.epochs=1",
@@ -138,14 +129,14 @@ def test_trust_pickle_loads_the_file(
 
 
 def _pruned(trained: Path, steps: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    best = load_checkpoint(trained / "best.pt")
+    best = torch.load(trained / "best.pt", weights_only=True)
     meta, n = best["meta"], len(best["meta"]["classes"])
     states = []
     if steps > 1:  # the weights step 1's fine-tune chose: any of its shapes will do
-        first = pruned_model("resnet18", best["model"], n, step_ratios(0.5, 2)[0], 32)
+        first = st.pruned_model("resnet18", best["model"], n, st.step_ratios(0.5, 2)[0], 32)
         states = [{k: v + 0.01 if v.is_floating_point() else v
                    for k, v in first.state_dict().items()}]  # fmt: skip
-    model = pruned_model("resnet18", best["model"], n, 0.5, 32, steps=steps, states=states)
+    model = st.pruned_model("resnet18", best["model"], n, 0.5, 32, steps=steps, states=states)
     return model, meta
 
 
@@ -154,10 +145,10 @@ def test_structured_model_round_trips_without_pickle(
     trained: Path, tmp_path: Path, steps: int
 ) -> None:
     model, meta = _pruned(trained, steps)
-    save_structured(tmp_path / "model.pt", model, structure_meta(meta, 0.5, steps))
+    st.save_structured(tmp_path / "model.pt", model, st.structure_meta(meta, 0.5, steps))
     raw = torch.load(tmp_path / "model.pt", weights_only=True)  # tensors and plain values
     assert raw["meta"]["structure"] == {"ratio": 0.5, "steps": steps}
-    loaded, loaded_meta = load_structured(tmp_path)
+    loaded, loaded_meta = st.load_structured(tmp_path)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -171,7 +162,7 @@ def test_old_structured_run_is_refused_then_converted(
     out = tmp_path / "structured"
     out.mkdir()
     (out / "structured_settings.json").write_text(json.dumps({"ratio": 0.5}))
-    torch.save({"format": LEGACY_FORMAT, "module": model, "meta": meta}, out / "model.pt")
+    torch.save({"format": st.LEGACY_FORMAT, "module": model, "meta": meta}, out / "model.pt")
     csv_out = str(tmp_path / "p.csv")
     assert main(["predict", str(out), str(images), "--out", csv_out]) == 2
     assert "medxfer convert" in " ".join(capsys.readouterr().err.split())
@@ -181,7 +172,7 @@ def test_old_structured_run_is_refused_then_converted(
     assert capsys.readouterr().out.strip() == str(out / "model.pt")
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     torch.load(out / "model.pt", weights_only=True)
-    loaded, _ = load_structured(out)
+    loaded, _ = st.load_structured(out)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -203,7 +194,7 @@ def test_the_recipe_rebuilds_shapes_whatever_the_weights() -> None:
     def shapes(seed: int) -> dict[str, tuple[int, ...]]:
         torch.manual_seed(seed)
         m = create_model("resnet18", weights="none", num_classes=3).model
-        prune_channels(m, "fc", 0.4, 32)
+        st.prune_channels(m, "fc", 0.4, 32)
         return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
     assert shapes(0) == shapes(1)
