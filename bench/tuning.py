@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run_timed, save
+
+from medxfer.runs import make_run_dir, remove_run_dir
 
 PROTOCOL = [
     "model.arch=efficientnet_lite0",
@@ -164,8 +165,9 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="delete earlier studies first")
     args = p.parse_args()
     data = args.data_root / args.dataset
-    if args.fresh and args.out_dir.exists():
-        shutil.rmtree(args.out_dir)
+    if args.fresh:  # only a folder this benchmark made (it carries medxfer's run marker)
+        remove_run_dir(args.out_dir)
+    make_run_dir(args.out_dir, "bench-tuning")
     warm = round(warm_cache(data), 1)
     out: dict[str, Any] = {"data": str(data), "arch": "efficientnet_lite0",
                            "protocol": PROTOCOL, "warm_cache_seconds": warm}  # fmt: skip

@@ -33,8 +33,9 @@ console = Console(stderr=True)
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from medxfer.config import load_config
-    from medxfer.runs import is_complete, prepare_run_dir, run_dir_for
+    from medxfer.runs import config_inputs, is_complete, prepare_run_dir, run_dir_for
     from medxfer.train.loop import fit
+    from medxfer.train.record import check_reuse
 
     overrides = list(args.overrides)
     if args.data:
@@ -44,8 +45,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else run_dir_for(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    resume = prepare_run_dir(run_dir, resume=args.resume, force=args.force and is_main)
+    force = args.force and is_main
+    resume = prepare_run_dir(run_dir, resume=args.resume, force=force, inputs=config_inputs(cfg))
     if is_complete(run_dir) and not args.force:
+        check_reuse(cfg, run_dir)
         console.print(f"already complete: {run_dir} (use --force to train again)")
         print(run_dir)
         return 0
@@ -216,10 +219,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     import hashlib
     import json
-    import shutil
 
     from medxfer.config import load_config, lottery_key
     from medxfer.prune.plan import folder_key
+    from medxfer.runs import config_inputs, replace_output_dir
 
     if args.export:
         from medxfer.prune.export import export_run
@@ -266,8 +269,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         out = Path(args.out)
     elif not out.exists() and older.exists():
         out = older
-    if args.force and out.exists():
-        shutil.rmtree(out)
+    replace_output_dir(out, force=args.force, inputs=config_inputs(cfg))
     if not cfg.data.root:
         console.print("[bold yellow]data: the embedded SYNTHETIC demo set (not medical images)")
     run_lottery(
@@ -466,9 +468,9 @@ def _add_prune_structured_parser(sub: argparse._SubParsersAction[argparse.Argume
 
 def _cmd_prune_structured(args: argparse.Namespace) -> int:
     import hashlib
-    import shutil
 
     from medxfer.prune.structured import run_structured
+    from medxfer.runs import replace_output_dir, run_inputs
 
     flags = {"ratio": args.ratio, "speedup": args.speedup, "epochs": args.epochs,
              "steps": args.steps, "soft": args.soft}  # fmt: skip
@@ -477,8 +479,7 @@ def _cmd_prune_structured(args: argparse.Namespace) -> int:
     run = Path(args.run)
     tag = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
     out = Path(args.out) if args.out else run.with_name(f"{run.name}-structured-{tag}")
-    if args.force and out.exists():
-        shutil.rmtree(out)
+    replace_output_dir(out, force=args.force, inputs=run_inputs(run))
     report = run_structured(run, out, overrides=overrides, latency=not args.no_latency,
                             command=["medxfer", *args.argv])  # fmt: skip
     keys = ("ratio", "macs_speedup", "params_fraction", "dense", "pruned", "latency")

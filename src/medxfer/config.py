@@ -42,6 +42,12 @@ class DataConfig:
     # regular expression giving the patient ID from a file name (first group, else the match):
     # val is then carved by patient, e.g. '^(person\d+|NORMAL2-IM-\d+|IM-\d+)' for chest X-ray
     patient_regex: str = ""
+    # an image a CSV manifest lists with two labels or in two splits stops training with the
+    # rows named; true: leave every such image out (they are recorded in data.json)
+    drop_conflicts: bool = False
+    # manifest paths that leave the manifest's folder ("../", absolute elsewhere) stop training;
+    # true: accept them
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -239,7 +245,14 @@ class ExperimentConfig:
 # each out while it is at its default, so run folders and studies made before it existed keep
 # their names; set away from the default, it changes the result and is hashed.
 LATER_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("class_fraction", "synthetic", "synthetic_ratio", "patient_regex"),
+    "data": (
+        "class_fraction",
+        "synthetic",
+        "synthetic_ratio",
+        "patient_regex",
+        "drop_conflicts",
+        "allow_outside_root",
+    ),
     "tune": ("image_size",),
     "prune": (
         "structured_distill",

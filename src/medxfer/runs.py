@@ -1,12 +1,25 @@
-"""Run folders: ``<out_dir>/<name>-<config fingerprint>``; complete when metrics.json exists."""
+"""Run folders: ``<out_dir>/<name>-<config fingerprint>``; complete when metrics.json exists.
+
+A folder medxfer creates for a run or an output carries ``.medxfer-run`` (a small JSON: kind,
+creation time, version). ``--force`` replaces a folder only through ``remove_run_dir``, which
+refuses anything without that marker and anything that is, or holds, what the command reads
+(data, a source run), the current directory, the home folder or a file-system root: nothing
+medxfer did not make is ever deleted.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from medxfer.config import ExperimentConfig
 from medxfer.errors import MedxferError
+
+MARKER = ".medxfer-run"
 
 
 def run_dir_for(cfg: ExperimentConfig) -> Path:
@@ -17,12 +30,115 @@ def is_complete(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").exists()
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> bool:
+def make_run_dir(path: Path, kind: str) -> Path:
+    """Create ``path`` (with its parents) as medxfer's own: the marker is written when the
+    folder is new or empty. A folder that already holds files is used but never marked, so it
+    is never deleted by ``--force``."""
+    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    path.mkdir(parents=True, exist_ok=True)
+    if fresh and not is_run_dir(path):
+        from medxfer import __version__
+
+        record = {"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "version": __version__}  # fmt: skip
+        (path / MARKER).write_text(json.dumps(record) + "\n")
+    return path
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` carries medxfer's run marker."""
+    return (path / MARKER).is_file()
+
+
+def _absolute(path: str | Path) -> Path:
+    """``path`` made absolute and normalised without following links."""
+    return Path(os.path.normpath(os.path.abspath(Path(path).expanduser())))
+
+
+def _holds(folder: Path, other: Path) -> bool:
+    """Whether ``other`` is ``folder`` or lies below it."""
+    return other == folder or folder in other.parents
+
+
+def config_inputs(cfg: ExperimentConfig) -> list[Path]:
+    """What a training of ``cfg`` reads: the data (folder or manifest), the synthetic manifest,
+    a weights file, and the embedded demo set's location."""
+    from medxfer.data.synthetic import default_synthetic_root
+
+    out = [Path(cfg.data.root) if cfg.data.root else default_synthetic_root()]
+    if cfg.data.synthetic:
+        out.append(Path(cfg.data.synthetic))
+    if cfg.model.weights not in ("imagenet", "none", ""):
+        out.append(Path(cfg.model.weights))
+    return out
+
+
+def check_output_dir(path: Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output folder that is, or holds, something the command reads."""
+    out = _absolute(path)
+    for item in inputs:
+        if _holds(out, _absolute(item)):
+            raise MedxferError(
+                f"the output folder {path} is or holds the input {item}; writing there would "
+                "mix results into it (and --force would delete it)",
+                "choose an output folder outside the data (e.g. --run-dir runs/NAME or --out)",
+            )
+
+
+def remove_run_dir(path: Path, *, inputs: Iterable[str | Path] = ()) -> None:
+    """Delete the run folder ``path`` (for ``--force``), only when medxfer made it and it is not,
+    nor holds, an input, the current directory, the home folder or a root; else one error."""
+    if not path.exists() and not path.is_symlink():
+        return
+    fix = "delete it yourself if you are sure, or choose a new folder"
+    if path.is_symlink() or not path.is_dir():
+        raise MedxferError(f"{path} is not a plain folder, so --force does not delete it", fix)
+    target = _absolute(path)
+    if target == Path(target.anchor) or target.resolve() == Path(target.anchor):
+        raise MedxferError(f"{path} is a file-system root; --force never deletes it", fix)
+    guarded = {"the current directory": Path.cwd(), "your home folder": Path.home()}
+    for what, where in guarded.items():
+        if _holds(target, _absolute(where)) or _holds(target, where.resolve()):
+            raise MedxferError(f"{path} is or holds {what}; --force never deletes it", fix)
+    if (path / "SYNTHETIC").is_file():  # medxfer.data.synthetic.MARKER: a data set
+        raise MedxferError(f"{path} is a data set; --force never deletes it", fix)
+    check_output_dir(path, inputs)
+    if not is_run_dir(path):
+        raise MedxferError(
+            f"{path} was not made by medxfer (it has no {MARKER} marker), so --force does not "
+            "delete it; run folders made by medxfer before the marker existed have none either",
+            f"{fix} (another --run-dir / --out)",
+        )
+    shutil.rmtree(path)
+
+
+def run_inputs(run: Path) -> list[Path]:
+    """What a command reading the run folder ``run`` reads: the run and its training inputs."""
+    from medxfer.config import load_config
+
+    config = run / "config.yaml"
+    return [run, *(config_inputs(load_config(config)) if config.is_file() else [])]
+
+
+def replace_output_dir(path: Path, *, force: bool, inputs: Iterable[str | Path]) -> None:
+    """An output folder's checks before a command writes there: never an input's folder; with
+    ``force``, delete it first (``remove_run_dir``)."""
+    inputs = list(inputs)
+    check_output_dir(path, inputs)
+    if force:
+        remove_run_dir(path, inputs=inputs)
+
+
+def prepare_run_dir(
+    run_dir: Path, *, resume: bool, force: bool, inputs: Iterable[str | Path] = ()
+) -> bool:
     """Decide what to do with an existing folder. Returns True when training should resume."""
+    inputs = list(inputs)
+    check_output_dir(run_dir, inputs)
     if not run_dir.exists():
         return False
     if force:
-        shutil.rmtree(run_dir)
+        remove_run_dir(run_dir, inputs=inputs)
         return False
     if is_complete(run_dir):
         return True  # resume of a complete run only re-reads its results

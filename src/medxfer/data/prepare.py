@@ -32,6 +32,9 @@ class Prepared:
     labels: torch.Tensor  # int64 (N,)
     split_index: dict[str, torch.Tensor]  # split -> indices into images
     info: dict[str, Any] = field(default_factory=dict)
+    # every image the dataset lists (after the consistency rules), with its given split: what
+    # the run's fingerprint compares when a run is resumed or reused
+    listing: list[Sample] = field(default_factory=list)
 
     def counts(self, split: str) -> dict[str, int]:
         c = Counter(self.labels[self.split_index[split]].tolist())
@@ -45,6 +48,20 @@ def resolve_root(cfg: DataConfig) -> tuple[Path, bool]:
     from medxfer.data.synthetic import ensure_synthetic
 
     return ensure_synthetic(), True
+
+
+def list_samples(cfg: DataConfig) -> tuple[list[Sample], Path, bool, list[str]]:
+    """The dataset's images with their given splits and patient IDs, checked by
+    ``medxfer.data.consistency`` (no image is decoded): samples, root, whether it is the
+    embedded synthetic set, and the images ``data.drop_conflicts`` left out."""
+    from medxfer.data.consistency import check_samples
+
+    root, synthetic = resolve_root(cfg)
+    samples = with_patient_ids(discover(root), cfg.patient_regex)
+    samples, dropped = check_samples(
+        samples, root, drop_conflicts=cfg.drop_conflicts, allow_outside_root=cfg.allow_outside_root
+    )
+    return samples, root, synthetic, dropped
 
 
 def _drop_leaks(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], list[str]]:
@@ -127,8 +144,8 @@ def _add_generated(prepared: Prepared, cfg: DataConfig, workers: int) -> Prepare
 
 
 def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
-    root, synthetic = resolve_root(cfg)
-    samples = with_patient_ids(discover(root), cfg.patient_regex)
+    samples, root, synthetic, conflicting = list_samples(cfg)
+    listing = samples
     synthetic = synthetic or (root / "SYNTHETIC").exists()
     # Decode in discovery order: the cache key then depends on the files and the size only, not
     # on split fractions, seeds or leak filtering, so every run on this dataset shares one cache.
@@ -146,6 +163,8 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
         samples = [s for s in samples if s.path not in errors]
     info: dict[str, Any] = {"root": str(root), "synthetic": synthetic}
     info["root_absolute"] = str(root.resolve())  # `evaluate` from another working directory
+    if conflicting:
+        info["dropped_conflicts"] = conflicting
     if errors:
         info["skipped_unreadable"] = sorted(errors)
     if cfg.drop_leaks:
@@ -181,7 +200,7 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
         sp: torch.tensor([i for i, s in enumerate(samples) if s.split == sp], dtype=torch.long)
         for sp in ("train", "val", "test")
     }
-    prepared = Prepared(samples, classes, images, labels, split_index, info)
+    prepared = Prepared(samples, classes, images, labels, split_index, info, listing)
     if cfg.synthetic:
         prepared = _add_generated(prepared, cfg, workers)
     info["counts"] = {sp: prepared.counts(sp) for sp in split_index}

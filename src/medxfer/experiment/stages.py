@@ -138,9 +138,11 @@ def run_train(ctx: Context) -> dict[str, Any]:
     from medxfer.prune.lottery import save_init
     from medxfer.runs import is_complete, prepare_run_dir
     from medxfer.train.loop import fit
+    from medxfer.train.record import check_reuse
 
     run_dir = ctx.cell.dir / f"train-{ctx.cfg.fingerprint()}"
     if is_complete(run_dir):
+        check_reuse(ctx.cfg, run_dir)
         metrics = json.loads((run_dir / "metrics.json").read_text())
     else:
         resume = prepare_run_dir(run_dir, resume=True, force=False)

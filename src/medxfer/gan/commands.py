@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -45,12 +44,12 @@ def _n_per_class(items: list[str] | None) -> dict[str, int] | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from medxfer.gan.trainer import train_gan
+    from medxfer.runs import config_inputs, replace_output_dir
 
     extra = [f"gan.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []
     cfg = _config(args, extra)
     out = Path(args.out) if args.out else _default_out(cfg, "")
-    if args.force and out.exists():
-        shutil.rmtree(out)
+    replace_output_dir(out, force=args.force, inputs=config_inputs(cfg))
     print(train_gan(cfg, out, resume=not args.no_resume))
     return 0
 

@@ -151,6 +151,7 @@ def compare_strategies(
     """Train each strategy into ``out_dir/<strategy>``; write and return the comparison."""
     from medxfer.gan.quality import gan_quality
     from medxfer.train.loop import fit
+    from medxfer.train.record import check_reuse
 
     names = strategies or list(STRATEGIES)
     for name in names:
@@ -162,8 +163,11 @@ def compare_strategies(
     runs: dict[str, Path] = {}
     for name in names:
         run_dir = out_dir / name
-        if not (run_dir / "metrics.json").exists():
-            fit(strategy_config(cfg, name, str(synth or ""), gan_ratio), run_dir, resume=True)
+        run_cfg = strategy_config(cfg, name, str(synth or ""), gan_ratio)
+        if (run_dir / "metrics.json").exists():
+            check_reuse(run_cfg, run_dir)
+        else:
+            fit(run_cfg, run_dir, resume=True)
         runs[name] = run_dir
     first = json.loads((runs[names[0]] / "metrics.json").read_text())["data"]
     real_counts = (first.get("synthetic_images") or {}).get("real_train_counts") or first["counts"][

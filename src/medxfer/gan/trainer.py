@@ -31,6 +31,7 @@ from medxfer.errors import MedxferError
 from medxfer.gan.data import GanData, classes_to_model, load_train_split, resolve_device
 from medxfer.gan.loop import GanLoop, step_generator
 from medxfer.gan.networks import Generator, check_image_size
+from medxfer.runs import make_run_dir
 from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -173,7 +174,7 @@ def train_gan(
         return final
     data = load_train_split(cfg, cfg.gan.image_size)
     targets = classes_to_model(data, conditional=cfg.gan.conditional, min_images=cfg.gan.min_images)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir, "gan")
     gens: dict[str, dict[str, torch.Tensor]] = {}
     runs: dict[str, Any] = {}
     if cfg.gan.conditional:

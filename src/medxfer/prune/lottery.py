@@ -49,6 +49,7 @@ from medxfer.runs import is_complete
 from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
 from medxfer.train.distill import Teacher
 from medxfer.train.loop import EpochCallback, fit
+from medxfer.train.record import check_reuse
 
 console = Console(stderr=True)
 State = dict[str, torch.Tensor]
@@ -77,6 +78,7 @@ def _train(
     teacher: Teacher | None = None,
 ) -> None:
     if is_complete(run):
+        check_reuse(cfg, run)
         console.print(f"already complete: {run}")
         return
     fit(cfg, run, resume=(run / "last.pt").exists(), prepare_model=prepare,

@@ -12,6 +12,7 @@ from typing import Any
 
 from medxfer.config import ExperimentConfig, PruneConfig, lottery_key
 from medxfer.errors import MedxferError
+from medxfer.runs import make_run_dir
 from medxfer.train.checkpoint import atomic_write_json
 
 
@@ -136,5 +137,5 @@ def bind_folder(out_dir: Path, s: Settings) -> None:
                 f"{out_dir} holds a lottery run with other settings ({old})",
                 "use another --out folder, or --force to start again",
             )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(out_dir, "lottery")
     atomic_write_json(asdict(s), path)

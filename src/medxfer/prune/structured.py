@@ -41,10 +41,11 @@ from medxfer.models.registry import entry
 from medxfer.prune.export import measure_latency, onnxruntime_latency
 from medxfer.prune.lottery import finetune_config
 from medxfer.prune.magnitude import fold_reparam
-from medxfer.runs import is_complete
+from medxfer.runs import is_complete, make_run_dir
 from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
 from medxfer.train.distill import Teacher
 from medxfer.train.loop import fit
+from medxfer.train.record import check_reuse
 
 State = dict[str, torch.Tensor]
 console = Console(stderr=True)
@@ -335,6 +336,7 @@ def _soft_phase(
     cfg.train.epochs = epochs
     schedule = soft_ratios(ratio, epochs)
     if is_complete(run_dir):
+        check_reuse(cfg, run_dir)
         metrics = json.loads((run_dir / "metrics.json").read_text())
     else:
         console.print(f"soft filter pruning: {epochs} epochs on the whole network, "
@@ -379,7 +381,7 @@ def _bind(out: Path, settings: dict[str, Any]) -> None:
     if path.exists() and _binding(json.loads(path.read_text())) != _binding(settings):
         raise MedxferError(f"{out} holds a structured run with other settings",
                            "use another --out folder, or --force to start again")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    make_run_dir(out, "prune-structured")
     atomic_write_json(settings, path)
 
 
@@ -438,6 +440,7 @@ def run_structured(
         step_cfg = copy.deepcopy(ft)
         step_cfg.train.epochs = epochs[i]
         if is_complete(run_dir):
+            check_reuse(step_cfg, run_dir)
             metrics = json.loads((run_dir / "metrics.json").read_text())
         else:
             if steps > 1:

@@ -28,6 +28,7 @@ from medxfer.config import ExperimentConfig, config_text
 from medxfer.data.loader import BatchLoader
 from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import compute_metrics, format_summary, shift_warnings
+from medxfer.runs import make_run_dir
 from medxfer.train import compute as compute_mod
 from medxfer.train.checkpoint import (
     atomic_save,
@@ -38,6 +39,7 @@ from medxfer.train.checkpoint import (
 )
 from medxfer.train.distill import DistillationLoss, Teacher
 from medxfer.train.epoch import loss_from_probs, predict_probs, train_one_epoch
+from medxfer.train.record import check_resume, record
 from medxfer.train.setup import Setup, build, frozen_modules, set_trainable
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
@@ -144,21 +146,28 @@ def fit(
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     s = build(cfg, c)
+    last = run_dir / "last.pt"
+    resuming = resume and last.exists()
+    if resuming:  # the same config, image list and splits as the epochs so far, or stop
+        check_resume(cfg, s.data, run_dir)
+    if c.is_main:
+        ensure_dir(run_dir.parent)  # one message when the file system refuses
+        make_run_dir(run_dir, "train")
     if prepare_model is not None:
         prepare_model(_bare(s.model))
     if teacher is not None:
         s.loss_fn = DistillationLoss(s.loss_fn, teacher, c.device, c.channels_last)
     if c.is_main:
-        ensure_dir(run_dir)
         atomic_write_text(config_text(cfg), run_dir / "config.yaml")
         atomic_write_json(s.data.info, run_dir / "data.json")
+        if not resuming:
+            record(cfg, s.data, run_dir)
     history: list[dict[str, Any]] = []
     best, stale, start = -1.0, 0, 0
     if start_epoch:
         start = start_epoch
         _skip_schedule(s, start_epoch, cfg.train.steps_per_epoch)
-    last = run_dir / "last.pt"
-    if resume and last.exists():
+    if resuming:
         st = load_checkpoint(last)
         _bare(s.model).load_state_dict(st["model"])
         s.opt.load_state_dict(st["opt"])

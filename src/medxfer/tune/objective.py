@@ -11,7 +11,6 @@ the objective value is the best validation metric over the epochs.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ import optuna
 
 from medxfer.config import ExperimentConfig
 from medxfer.errors import MedxferError
+from medxfer.runs import config_inputs, remove_run_dir
 from medxfer.train.loop import EpochCallback, fit
 from medxfer.tune.search_space import Param, apply_params, suggest
 
@@ -93,7 +93,7 @@ class Objective:
             cfg.train.threads = self.threads
         run_dir = self.study_dir / "trials" / str(trial.number)
         if run_dir.exists():  # a leftover of an earlier attempt under this number: start fresh
-            shutil.rmtree(run_dir)
+            remove_run_dir(run_dir, inputs=config_inputs(cfg))
         trial.set_user_attr("trial_dir", str(run_dir))
         seen: list[float] = []
 

@@ -126,13 +126,16 @@ def retrain(cfg: ExperimentConfig, best: dict[str, Any], study_dir: Path) -> dic
     One folder per best trial (``retrain-<number>``): a study extended later may find another."""
     from medxfer.runs import is_complete, prepare_run_dir
     from medxfer.train.loop import fit
+    from medxfer.train.record import check_reuse
 
     run_dir = study_dir / f"retrain-{best['number']}"
+    run_cfg = best_config(cfg, best["params"])
     if is_complete(run_dir):
+        check_reuse(run_cfg, run_dir)
         results: dict[str, Any] = json.loads((run_dir / "metrics.json").read_text())
     else:
         resume = prepare_run_dir(run_dir, resume=True, force=False)
-        results = fit(best_config(cfg, best["params"]), run_dir, resume=resume)
+        results = fit(run_cfg, run_dir, resume=resume)
     return {"run_dir": str(run_dir), "test": results.get("test"), "val": results.get("val")}
 
 
