@@ -53,6 +53,7 @@ class AugmentConfig:
     translate: float = 0.05  # fraction of the image size
     brightness: float = 0.15
     contrast: float = 0.15
+    policy: str = "standard"  # standard | robust (adds appearance ops: docs/augmentation.md)
 
 
 @dataclass
@@ -239,6 +240,7 @@ class ExperimentConfig:
 # their names; set away from the default, it changes the result and is hashed.
 LATER_KEYS: dict[str, tuple[str, ...]] = {
     "data": ("class_fraction", "synthetic", "synthetic_ratio", "patient_regex"),
+    "augment": ("policy",),
     "tune": ("image_size",),
     "prune": (
         "structured_distill",
@@ -362,6 +364,7 @@ def validate(cfg: ExperimentConfig) -> None:
     choices = {
         "data.color": (cfg.data.color, {"gray", "rgb"}),
         "data.resize": (cfg.data.resize, {"pad", "squash"}),
+        "augment.policy": (cfg.augment.policy, {"standard", "robust"}),
         "model.freeze": (cfg.model.freeze, {"none", "head", "unfreeze_after"}),
         "train.optimizer": (cfg.train.optimizer, {"adamw", "sgd"}),
         "train.channels_last": (cfg.train.channels_last, {"auto", "true", "false"}),
