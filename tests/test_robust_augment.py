@@ -109,7 +109,7 @@ def test_every_op_is_reached_through_the_policy(monkeypatch: pytest.MonkeyPatch)
 
 def test_config_key_validated_and_default_keeps_fingerprints() -> None:
     assert ExperimentConfig().augment.policy == "standard"
-    with pytest.raises(MedxferError, match="augment.policy"):
+    with pytest.raises(MedxferError, match=r"augment\.policy"):
         load_config(None, ["augment.policy=strong"])
     plain, robust_cfg = load_config(None, []), load_config(None, ["augment.policy=robust"])
     assert plain.fingerprint() != robust_cfg.fingerprint()

@@ -72,7 +72,7 @@ def resolution(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     for i, f in enumerate(FACTORS):
         rows = torch.nonzero(which == i).flatten().to(x.device)
         if len(rows):
-            low = [max(int(round(s / f)), 4) for s in size]
+            low = [max(round(s / f), 4) for s in size]
             small = F.interpolate(x[rows], size=low, mode="area")
             out[rows] = F.interpolate(small, size=size, mode="bilinear", align_corners=False)
     return out
