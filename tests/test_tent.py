@@ -50,8 +50,9 @@ def test_tent_updates_only_batchnorm_scale_and_shift() -> None:
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     affine = {f"{i}.{p}" for i in (1, 4) for p in ("weight", "bias")}
     assert affine <= changed  # every scale and shift moved
-    assert changed - affine <= {f"{i}.{s}" for i in (1, 4)
-                                for s in ("running_mean", "running_var", "num_batches_tracked")}
+    assert changed - affine <= {
+        f"{i}.{s}" for i in (1, 4) for s in ("running_mean", "running_var", "num_batches_tracked")
+    }
     assert not adapted.training and not any(p.requires_grad for p in adapted.parameters())
     assert all(p.requires_grad for p in model.parameters())  # the original's flags are its own
 
@@ -131,8 +132,8 @@ def test_adapt_command_with_tent(
     changed = {k for k, v in model.state_dict().items()
                if not torch.equal(v, original.state_dict()[k])}  # fmt: skip
     assert any(k.endswith("bn1.weight") for k in changed)
-    assert all(k.split(".")[-1] in {"weight", "bias", "running_mean", "running_var",
-                                    "num_batches_tracked"} and "bn" in k or "downsample.1" in k
+    bn_names = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert all(k.split(".")[-1] in bn_names and ("bn" in k or "downsample.1" in k)
                for k in changed)  # fmt: skip
     assert main(["predict", str(out), str(site), "--out", str(tmp_path / "p.csv")]) == 0
     # one class only: the guard compares with validation's mix and fires, said as a warning
@@ -140,7 +141,8 @@ def test_adapt_command_with_tent(
     cls = max(site.iterdir(), key=lambda p: len(list(p.glob("*.png"))))
     shutil.copytree(cls, one / cls.name)
     capsys.readouterr()
-    assert main(["adapt", str(run), str(one), "--method", "tent", "--out", str(tmp_path / "o")]) == 0
+    assert main(["adapt", str(run), str(one), "--method", "tent", "--out", str(tmp_path / "o")]
+                ) == 0  # fmt: skip
     g1 = json.loads((tmp_path / "o" / "adapt.json").read_text())["label_shift_guard"]
     err = " ".join(capsys.readouterr().err.split())
     assert ("class mix collapsed" in err) == g1["fired"]
