@@ -98,7 +98,7 @@ def tent_adapt(
             idx = batches(len(images), batch_size, seed + step // per_pass)[step % per_pass]
             loss = entropy(adapted(preprocess_arrays(meta, images[np.sort(idx)]))).mean()
             if trace is not None:
-                trace.append(float(loss))
+                trace.append(float(loss.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
