@@ -18,7 +18,14 @@ from medxfer.cli import main
 from medxfer.errors import MedxferError
 from medxfer.evaluate.adapt import adapt_batchnorm
 from medxfer.evaluate.predict import probs_of_arrays
-from medxfer.evaluate.tent import COLLAPSE_RATIO, guard, label_shift_guard, mean_entropy, tent_adapt
+from medxfer.evaluate.tent import (
+    COLLAPSE_RATIO,
+    MIN_STEPS,
+    guard,
+    label_shift_guard,
+    mean_entropy,
+    tent_adapt,
+)
 
 META = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "classes": ["a", "b", "c"]}
 FAST = [
@@ -66,10 +73,12 @@ def test_entropy_on_the_target_decreases() -> None:
     e_tent = mean_entropy(probs_of_arrays(tent, META, site))
     e_adabn = mean_entropy(probs_of_arrays(adabn, META, site))
     assert e_tent < e_adabn - 0.01
-    # steps=0: one pass over the images, one step per batch of near-equal size
-    one_pass: list[float] = []
-    tent_adapt(model, META, site, batch_size=32, trace=one_pass)
-    assert len(one_pass) == 3
+    # steps=0: one pass over the images, one step per batch, at least MIN_STEPS
+    default: list[float] = []
+    tent_adapt(model, META, site, batch_size=32, trace=default)
+    assert len(default) == MIN_STEPS
+    tent_adapt(model, META, _site(32 * (MIN_STEPS + 5)), batch_size=32, trace=default)
+    assert len(default) == MIN_STEPS + MIN_STEPS + 5
 
 
 def test_tent_refuses_what_it_cannot_adapt() -> None:

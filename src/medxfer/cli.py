@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--method", choices=["adabn", "tent"], default="adabn",
                     help="adabn: re-estimate the statistics; tent: also minimize the prediction "
                     "entropy over the BatchNorm scale and shift (docs/adapt.md)")  # fmt: skip
-    ad.add_argument("--steps", type=int, default=0, help="TENT steps (0 = one pass)")
+    ad.add_argument("--steps", type=int, default=0, help="TENT steps (0 = one pass, at least 20)")
     ad.add_argument("--lr", type=float, default=1e-3, help="TENT's Adam learning rate")
     ad.set_defaults(func=_cmd_adapt)
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)

@@ -8,8 +8,9 @@ changing only the BatchNorm scale and shift (every other weight frozen). Here:
 - the model is copied; dropout and stochastic depth stay off (eval mode), only the BatchNorm
   layers run in training mode;
 - ``steps`` steps of Adam (``lr``, TENT's optimiser for small batches) over shuffled,
-  near-equal batches of the unlabelled images (a fresh shuffle per pass; 0 steps = one pass,
-  TENT's online setting);
+  near-equal batches of the unlabelled images (a fresh shuffle per pass; 0 = one pass, TENT's
+  online setting, but at least ``MIN_STEPS``: a site of a few hundred images is only a few
+  batches, and three steps of 1e-3 leave the model where AdaBN puts it);
 - afterwards the running statistics are re-estimated on the same images (AdaBN) through the
   updated layers, so the saved model predicts one image at a time as it did in its batches.
 
@@ -35,7 +36,8 @@ from medxfer.errors import MedxferError
 from medxfer.train.batchnorm import batchnorm_layers, recompute_batchnorm
 
 Adapter = Callable[[nn.Module, dict[str, Any], np.ndarray], nn.Module]
-STEPS = 0  # 0 = one pass over the images, one step per batch
+STEPS = 0  # 0 = one pass over the images, one step per batch, at least MIN_STEPS
+MIN_STEPS = 20
 LR = 1e-3
 # the guard fires when the adapted predictions' effective number of classes (exp of the entropy
 # of the predicted class mix) falls below this share of the reference mix's (validation's
@@ -90,7 +92,7 @@ def tent_adapt(
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     per_pass = len(batches(len(images), batch_size, seed))
-    total = steps or per_pass
+    total = steps or max(per_pass, MIN_STEPS)
     for m in layers:
         m.train()  # normalize with each batch's own statistics
     with torch.enable_grad():
