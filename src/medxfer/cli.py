@@ -9,6 +9,7 @@ medxfer prune --export RUN_DIR [--no-latency] [--no-onnx]
 medxfer predict RUN_OR_CHECKPOINT INPUT [--out preds.csv]
 medxfer shift RUN_OR_CHECKPOINT INPUT [--out shift.json] [--alpha 0.05]
 medxfer adapt RUN_OR_CHECKPOINT INPUT [--out DIR] [--batch-size 64] [--seed 0] [--folds 2]
+              [--method adabn|tent] [--steps 0] [--lr 1e-3]
 medxfer convert RUN_OR_FILE [--trust-pickle]
 medxfer data audit PATH [--out audit.json]
 medxfer data synth OUT
@@ -170,9 +171,11 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (
         model_file(Path(args.checkpoint)).parent / f"adapted-{target.resolve().name}"
     )  # fmt: skip
-    console.print(f"adapting to {target} (BatchNorm statistics only; no labels needed)")
+    what = "BatchNorm statistics only" if args.method == "adabn" else "TENT: BatchNorm only"
+    console.print(f"adapting to {target} ({what}; no labels needed)")
     record = adapt_run(Path(args.checkpoint), target, out, batch_size=args.batch_size,
-                       seed=args.seed, folds=args.folds, log=console.print)  # fmt: skip
+                       seed=args.seed, folds=args.folds, method=args.method, steps=args.steps,
+                       lr=args.lr, log=console.print)  # fmt: skip
     for line in summary_lines(record):
         console.print(line)
     if record["unreadable"]:
@@ -355,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--batch-size", type=int, default=64)
     ad.add_argument("--seed", type=int, default=0, help="shuffling of the images into batches")
     ad.add_argument("--folds", type=int, default=2, help="folds of the labelled check")
+    ad.add_argument("--method", choices=["adabn", "tent"], default="adabn",
+                    help="adabn: re-estimate the statistics; tent: also minimize the prediction "
+                    "entropy over the BatchNorm scale and shift (docs/adapt.md)")  # fmt: skip
+    ad.add_argument("--steps", type=int, default=0, help="TENT steps (0 = one pass, at least 20)")
+    ad.add_argument("--lr", type=float, default=1e-3, help="TENT's Adam learning rate")
     ad.set_defaults(func=_cmd_adapt)
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
     a = d.add_parser("audit", help="counts, unreadable files, duplicates and leaks across splits")

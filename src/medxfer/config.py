@@ -60,6 +60,7 @@ class AugmentConfig:
     translate: float = 0.05  # fraction of the image size
     brightness: float = 0.15
     contrast: float = 0.15
+    policy: str = "standard"  # standard | robust (adds appearance ops: docs/augmentation.md)
 
 
 @dataclass
@@ -253,6 +254,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
         "drop_conflicts",
         "allow_outside_root",
     ),
+    "augment": ("policy",),
     "tune": ("image_size",),
     "prune": (
         "structured_distill",
@@ -382,6 +384,7 @@ def validate(cfg: ExperimentConfig) -> None:
     choices = {
         "data.color": (cfg.data.color, {"gray", "rgb"}),
         "data.resize": (cfg.data.resize, {"pad", "squash"}),
+        "augment.policy": (cfg.augment.policy, {"standard", "robust"}),
         "model.freeze": (cfg.model.freeze, {"none", "head", "unfreeze_after"}),
         "train.optimizer": (cfg.train.optimizer, {"adamw", "sgd"}),
         "train.channels_last": (cfg.train.channels_last, {"auto", "true", "false"}),

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from medxfer.config import AugmentConfig
+from medxfer.data.robust import robust_augment
 from medxfer.models.registry import Preprocess
 
 
@@ -52,7 +53,8 @@ def to_float(batch: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Small affine (rotation, zoom, shift, flips) and brightness/contrast, per image."""
+    """Small affine (rotation, zoom, shift, flips) and brightness/contrast, per image; with
+    ``cfg.policy == "robust"`` then the appearance ops of ``medxfer.data.robust``."""
     b = x.shape[0]
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -75,7 +77,8 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     contrast = uniform(1 - cfg.contrast, 1 + cfg.contrast).to(x.device).view(b, 1, 1, 1)
     bright = uniform(-cfg.brightness, cfg.brightness).to(x.device).view(b, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean + bright).clamp_(0.0, 1.0)
+    x = ((x - mean) * contrast + mean + bright).clamp_(0.0, 1.0)
+    return robust_augment(x, g) if cfg.policy == "robust" else x
 
 
 _END = object()

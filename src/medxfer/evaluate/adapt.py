@@ -27,6 +27,11 @@ Done here as it must be for the estimate to mean anything:
 Where it can hurt: with few images (the statistics are noisy), with a batch of images that
 mixes sites, or where the new site's class mix alone differs (the statistics then follow the mix,
 not the site). It was measured on both datasets' official test splits (bench/adapt_check.py).
+
+``method="tent"`` adapts by TENT instead (``medxfer.evaluate.tent``: entropy minimization of
+the BatchNorm scale and shift, then the same re-estimate); the labelled check cross-fits
+whichever method was chosen, and a guard flags a collapse of the predicted class mix (both
+methods).
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ from torch import nn
 
 from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import paired_bootstrap_difference
+from medxfer.evaluate.tent import Adapter, guard, make_adapter, mean_entropy
 from medxfer.train.batchnorm import batchnorm_layers, recompute_batchnorm
 
 MIN_IMAGES = 100  # fewer than this: the statistics are noisy, said in the output
+METHODS = ("adabn", "tent")
 
 
 def batches(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
@@ -90,11 +97,13 @@ def cross_fitted_check(
     n_bootstrap: int = 2000,
     log: Callable[[str], None] = lambda line: None,
     before: np.ndarray | None = None,
+    adapter: Adapter | None = None,
 ) -> dict[str, Any]:
     """What adaptation does to accuracy on labelled images, no image scored by a model whose
     statistics it shaped: stratified ``folds``, each scored after adapting on the others, against
     the unadapted model on the same images (``before``: its probabilities, if already computed);
-    a paired percentile bootstrap of the differences."""
+    a paired percentile bootstrap of the differences. ``adapter(model, meta, images)``: the
+    adaptation (default AdaBN with ``batch_size`` and ``seed``)."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     from medxfer.evaluate.predict import probs_of_arrays
@@ -110,7 +119,11 @@ def cross_fitted_check(
     after = np.zeros_like(before)
     for fold, (fit_idx, score_idx) in enumerate(splitter.split(images, labels)):
         log(f"labelled check: fold {fold + 1} of {folds}")
-        adapted = adapt_batchnorm(model, meta, images[fit_idx], batch_size=batch_size, seed=seed)
+        if adapter is None:
+            adapted = adapt_batchnorm(model, meta, images[fit_idx], batch_size=batch_size,
+                                      seed=seed)  # fmt: skip
+        else:
+            adapted = adapter(model, meta, images[fit_idx])
         after[score_idx] = probs_of_arrays(adapted, meta, images[score_idx], batch_size=batch_size)
     p0, p1 = before.argmax(1), after.argmax(1)
 
@@ -155,11 +168,15 @@ def adapt_run(
     batch_size: int = 64,
     seed: int = 0,
     folds: int = 2,
+    method: str = "adabn",
+    steps: int = 0,
+    lr: float = 1e-3,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """``medxfer adapt``: the model of ``checkpoint`` (a run folder or model file) adapted to the
-    images under ``target``, written to ``out_dir`` in a form every medxfer command loads
-    (``best.pt``, or ``model.pt`` for a structured-pruned model), with ``adapt.json``."""
+    images under ``target`` by ``method`` (adabn, or tent with ``steps`` and ``lr``), written to
+    ``out_dir`` in a form every medxfer command loads (``best.pt``, or ``model.pt`` for a
+    structured-pruned model), with ``adapt.json``."""
     from medxfer.evaluate.predict import (
         collect_inputs,
         load_trained_with_format,
@@ -176,6 +193,12 @@ def adapt_run(
             f"batch size and folds must be at least 2, got {batch_size} and {folds}",
             "BatchNorm statistics need batches of 2 or more; cross-fitting needs 2 or more folds",
         )
+    if method not in METHODS:
+        raise MedxferError(f"unknown adaptation method {method!r}", f"use one of {list(METHODS)}")
+    if method == "tent" and (steps < 0 or not lr > 0):
+        raise MedxferError(f"TENT needs steps >= 0 and lr > 0, got {steps} and {lr}",
+                           "e.g. --steps 0 (one pass) --lr 1e-3")  # fmt: skip
+    adapter, trace = make_adapter(method, batch_size=batch_size, seed=seed, steps=steps, lr=lr)
     model, meta, fmt = load_trained_with_format(checkpoint)
     source = model_file(checkpoint)
     files = collect_inputs(target)
@@ -186,25 +209,34 @@ def adapt_run(
         raise MedxferError(f"{target} has fewer than 2 readable images", "adaptation needs a set")
     images = np.stack(arrays)
     classes = list(meta["classes"])
-    log(f"re-estimating the BatchNorm statistics on {len(images)} images")
-    adapted = adapt_batchnorm(model, meta, images, batch_size=batch_size, seed=seed)
+    log(f"adapting ({method}) on {len(images)} images")
+    adapted = adapter(model, meta, images)
     probs0 = probs_of_arrays(model, meta, images, batch_size=batch_size)
-    p0 = probs0.argmax(1)
-    p1 = probs_of_arrays(adapted, meta, images, batch_size=batch_size).argmax(1)
+    probs1 = probs_of_arrays(adapted, meta, images, batch_size=batch_size)
+    p0, p1 = probs0.argmax(1), probs1.argmax(1)
     labels = folder_labels(target, readable, classes)
     check = None
     if labels is not None and len(labels) >= 2 * folds:
         check = cross_fitted_check(model, meta, images, np.asarray(labels), folds=folds,
                                    batch_size=batch_size, seed=seed, log=log,
-                                   before=probs0)  # fmt: skip
+                                   before=probs0, adapter=adapter)  # fmt: skip
     record: dict[str, Any] = {
         "source_model": str(source),
         "images": str(target),
         "n_images": len(images),
         "unreadable": {str(f): e for f, e in errors.items()},
+        "method": method,
         "batchnorm_layers": len(batchnorm_layers(adapted)),
         "batch_size": batch_size,
         "seed": seed,
+        "tent": (
+            {"steps": len(trace), "lr": lr, "optimizer": "adam", "step_entropy": trace}
+            if method == "tent"
+            else None
+        ),
+        "mean_entropy_unadapted": mean_entropy(probs0),
+        "mean_entropy_adapted": mean_entropy(probs1),
+        "label_shift_guard": guard(source.parent, p0, p1, len(classes)),
         "predicted_share_unadapted": dict(
             zip(classes, (np.bincount(p0, minlength=len(classes)) / len(p0)).tolist(), strict=True)
         ),
@@ -217,7 +249,7 @@ def adapt_run(
         "labelled_check": check,
     }
     ensure_dir(out_dir)
-    provenance = ("source_model", "images", "n_images", "seed")
+    provenance = ("source_model", "images", "n_images", "seed", "method")
     new_meta = dict(meta) | {"adapted": {k: record[k] for k in provenance}}
     if fmt == STRUCTURED_FORMAT:
         path = out_dir / "model.pt"
@@ -232,11 +264,25 @@ def adapt_run(
 
 def summary_lines(record: dict[str, Any]) -> list[str]:
     """What ``medxfer adapt`` prints."""
+    what = (
+        f"re-estimated {record['batchnorm_layers']} BatchNorm layers"
+        if record.get("method", "adabn") == "adabn"
+        else f"TENT: {record['tent']['steps']} steps on the scale and shift of "
+        f"{record['batchnorm_layers']} BatchNorm layers, statistics re-estimated,"
+    )
     lines = [
-        f"re-estimated {record['batchnorm_layers']} BatchNorm layers from {record['n_images']} "
-        f"images of {record['images']}; {100 * record['predictions_changed']:.1f}% of their "
-        "predictions changed"
+        f"{what} from {record['n_images']} images of {record['images']}; "
+        f"{100 * record['predictions_changed']:.1f}% of their predictions changed"
     ]
+    g = record.get("label_shift_guard")
+    if g and g["fired"]:
+        lines.append(
+            f"[yellow]warning:[/] the predicted class mix collapsed: "
+            f"{g['effective_classes_adapted']:.2f} effective classes after adaptation against "
+            f"{g['effective_classes_reference']:.2f} in the {g['reference']} (guard: below "
+            f"{g['threshold']:.2f} x); a label shift or a collapse; keep the original model "
+            "unless labelled images of this site show a gain"
+        )
     if record["few_images"]:
         lines.append(
             f"[yellow]warning:[/] fewer than {MIN_IMAGES} images: the statistics are noisy and "
