@@ -115,7 +115,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                       html=html, html_limit=args.html_limit)  # fmt: skip
     if note:
         console.print(f"[yellow]note:[/] {note}")
-    console.print(f"wrote probabilities for {n} file(s)" + (f"; review page {html}" if html else ""))
+    console.print(
+        f"wrote probabilities for {n} file(s)" + (f"; review page {html}" if html else "")
+    )
     print(out)
     return 0
 

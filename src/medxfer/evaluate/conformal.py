@@ -54,9 +54,11 @@ def thresholds(
     class when class-conditional): the ceil((n + 1) coverage)-th smallest calibration score,
     inf when there are too few calibration images for that coverage. For reading only: the
     sets themselves come from crepes."""
-    groups = [cal_scores[cal_labels == c] for c in range(n_classes)] if class_conditional else [
-        cal_scores
-    ]
+    groups = (
+        [cal_scores[cal_labels == c] for c in range(n_classes)]
+        if class_conditional
+        else [cal_scores]
+    )
     out = []
     for g in groups:
         rank = math.ceil((len(g) + 1) * coverage)

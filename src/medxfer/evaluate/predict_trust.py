@@ -30,8 +30,10 @@ def trust_for(checkpoint: Path) -> tuple[TrustModel | None, str]:
 
     run = run_folder_of(checkpoint)
     if run is None:
-        return None, (f"{checkpoint} is not inside a run folder: no flags or sets (predict on "
-                      "the run folder, whose trust statistics `medxfer trust RUN` writes)")  # fmt: skip
+        return None, (
+            f"{checkpoint} is not inside a run folder: no flags or sets (predict on the run "
+            "folder, whose trust statistics `medxfer trust RUN` writes)"
+        )
     if (run / TRUST_JSON).is_file():
         return load_trust(run), ""
     try:
@@ -80,8 +82,10 @@ def predict_with_trust(
         arrays, errors = read_arrays(meta, chunk)
         batch = np.stack(arrays) if arrays else np.zeros((0,))
         ts = trust.score(fast, meta, batch, batch_size) if trust and arrays else None
-        probs = ts.probs if ts is not None else (probs_of_arrays(fast, meta, batch, batch_size)
-                                                 if arrays else np.zeros((0, len(classes))))  # fmt: skip
+        if ts is not None:
+            probs = ts.probs
+        elif arrays:
+            probs = probs_of_arrays(fast, meta, batch, batch_size)
         i = 0
         for f in chunk:
             if f in errors:
@@ -106,8 +110,8 @@ def predict_with_trust(
 
 def _record(path: Path, array: np.ndarray, probs: np.ndarray, ts: TrustScores | None, i: int,
             classes: list[str]) -> dict[str, Any]:  # fmt: skip
-    rec: dict[str, Any] = {"path": str(path), "array": array, "probs": probs,
-                           "pred": int(probs.argmax()), "flag": "", "set": [], "failure": 0.0}  # fmt: skip
+    rec: dict[str, Any] = {"path": str(path), "array": array, "probs": probs, "flag": "",
+                           "pred": int(probs.argmax()), "set": [], "failure": 0.0}  # fmt: skip
     if ts is not None:
         rec |= {"flag": str(ts.flag[i]), "failure": float(ts.failure_score[i]),
                 "ood": float(ts.ood_score[i]),

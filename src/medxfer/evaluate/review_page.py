@@ -52,8 +52,8 @@ def gradcam_overlays(
     with GradCAM(model=model, target_layers=[target_layer(model, str(meta["arch"]))]) as cam:
         for start in range(0, len(arrays), 16):
             part = arrays[start : start + 16]
-            maps = cam(input_tensor=preprocess_arrays(meta, part),
-                       targets=[ClassifierOutputTarget(t) for t in targets[start : start + 16]])  # fmt: skip
+            chosen = [ClassifierOutputTarget(t) for t in targets[start : start + 16]]
+            maps = cam(input_tensor=preprocess_arrays(meta, part), targets=chosen)
             out += [show_cam_on_image(_rgb(a).astype(np.float32) / 255, m, use_rgb=True)
                     for a, m in zip(part, maps, strict=True)]  # fmt: skip
     return out
@@ -96,7 +96,8 @@ def write_review_page(
         f"{len(records)} readable image(s): {counts['unfamiliar']} unfamiliar (unlike the "
         f"training images), {counts['review']} to review (in distribution but likely wrong), "
         f"{counts['ok']} ok."
-        if trust is not None else f"No flags: {note}."
+        if trust is not None
+        else f"No flags: {note}."
     )
     if trust is not None:
         r = trust.record

@@ -159,7 +159,7 @@ def fit_from_scores(
         "conformal": {"score": "LAC (1 - p)", "library": "crepes", "thresholds":
                       conformal.thresholds(cal, val_labels, len(classes), coverage,
                                            class_conditional)},
-        "fitted_on": {"train_images": n_train, "validation_images": int(len(val_labels))},
+        "fitted_on": {"train_images": n_train, "validation_images": len(val_labels)},
         "validation": {
             "detectors_vs_proxy_shifts": table, "failure_score": measured,
             "flags": {f: float((flag == f).mean()) for f in FLAGS},

@@ -87,7 +87,7 @@ class Detectors:
 
     def scores(self, features: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
         """Every detector's score per image (higher = more unusual)."""
-        from pytorch_ood.detector import KNN, ViM, EnergyBased, Mahalanobis, MaxSoftmax
+        from pytorch_ood.detector import KNN, EnergyBased, Mahalanobis, MaxSoftmax, ViM
 
         z = torch.from_numpy(np.ascontiguousarray(features, np.float32))
         lg = torch.from_numpy(np.ascontiguousarray(logits, np.float32))

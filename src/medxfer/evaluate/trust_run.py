@@ -60,7 +60,7 @@ def test_report(tm: TrustModel, ts: TrustScores, labels: np.ndarray) -> dict[str
     failure_conf = -ts.failure_score  # higher = more trusted
     msp_conf = -ts.scores["msp"]
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "flags": {f: float((ts.flag == f).mean()) for f in FLAGS},
         "ok_fraction": float(ok.mean()),
         "accuracy": float(correct.mean()),
@@ -140,8 +140,16 @@ def trust_command(
     run_dir = Path(run_dir)
     model, meta, arrays = run_split_arrays(run_dir, ("train", "val", "test"))
     seed = int(meta.get("config", {}).get("train", {}).get("seed", 0))
-    result = fit_and_report(run_dir, model, meta, arrays, acceptance=acceptance,
-                            coverage=coverage, class_conditional=class_conditional, seed=seed)
+    result = fit_and_report(
+        run_dir,
+        model,
+        meta,
+        arrays,
+        acceptance=acceptance,
+        coverage=coverage,
+        class_conditional=class_conditional,
+        seed=seed,
+    )
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
