@@ -30,6 +30,7 @@ from medxfer.evaluate.trust_detectors import (
 
 TRUST_JSON, TRUST_TENSORS = "trust.json", "trust.safetensors"
 FLAGS = ("ok", "review", "unfamiliar")
+PROXY_IMAGES = 500  # validation images per shifted proxy that the default detector is chosen on
 
 
 @dataclass
@@ -115,23 +116,33 @@ def fit_on_arrays(
 
     _check(acceptance, coverage, ood_share, len(val[0]))
     model.eval()
-    rng = np.random.default_rng(seed)
-    keep = np.sort(rng.permutation(len(train[0]))[:bank_size])
+    keep = _subsample(train[1], bank_size, seed)
     train_f, _ = features_and_logits(model, meta, train[0][keep], batch_size)
     val_f, val_logits = features_and_logits(model, meta, val[0], batch_size)
     head = head_module(model, str(meta["arch"]))
     det = fit_detectors(train_f, train[1][keep], head.weight.detach().cpu().double().numpy(),
                         head.bias.detach().cpu().double().numpy(), k=k, seed=seed)  # fmt: skip
     val_scores = det.scores(val_f, val_logits)
+    few = val[0][_subsample(val[1], PROXY_IMAGES, seed)]
     proxies = {
         name: det.scores(*features_and_logits(model, meta, arrays, batch_size))
-        for name, arrays in proxy_shifts(val[0], seed).items()
+        for name, arrays in proxy_shifts(few, seed).items()
     }
     return fit_from_scores(
         det, val_scores, val_logits, val[1], proxies, acceptance=acceptance, coverage=coverage,
         class_conditional=class_conditional, ood_share=ood_share, seed=seed,
         n_train=len(keep), classes=list(meta["classes"]),
     )  # fmt: skip
+
+
+def _subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``n`` of ``labels`` (seeded), with at least two of every
+    class present (so that each class keeps a mean to measure distances to)."""
+    keep = np.random.default_rng(seed).permutation(len(labels))[:n]
+    for c in np.unique(labels):
+        if (labels[keep] == c).sum() < 2:
+            keep = np.r_[keep, np.flatnonzero(labels == c)[:2]]
+    return np.unique(keep)
 
 
 def fit_from_scores(
