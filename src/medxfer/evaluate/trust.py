@@ -11,7 +11,7 @@ its conformal prediction set.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class TrustModel:
     refs: dict[str, np.ndarray]  # validation msp / distance, sorted (rank_mean failure score)
     cal_scores: np.ndarray  # validation LAC scores of the true class
     cal_labels: np.ndarray
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def score_features(self, features: np.ndarray, logits: np.ndarray) -> TrustScores:
         r = self.record
