@@ -103,6 +103,7 @@ class TrustConfig:
     acceptance: float = 0.95  # fraction of validation images that end `ok` (sets thresholds)
     coverage: float = 0.90  # nominal coverage of the conformal prediction sets
     class_conditional: bool = False  # conformal calibration per class (Mondrian)
+    train_images: int = 5000  # training images the detectors are fitted on (seeded; fewer = faster)
 
 
 def default_space() -> dict[str, dict[str, Any]]:
@@ -403,6 +404,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise MedxferError("data.train_subset must be in (0, 1]")
     if not 0 < cfg.trust.acceptance < 1 or not 0 < cfg.trust.coverage < 1:
         raise MedxferError("trust.acceptance and trust.coverage must be in (0, 1)")
+    if cfg.trust.train_images < 100:
+        raise MedxferError("trust.train_images must be at least 100", "e.g. 5000 (the default)")
     if cfg.data.synthetic_ratio < 0:
         raise MedxferError("data.synthetic_ratio must be >= 0", "e.g. data.synthetic_ratio=1.0")
     parse_class_fraction(cfg.data.class_fraction)

@@ -205,9 +205,17 @@ def fit_trust(
 
     run_dir = Path(run_dir)
     model, meta, arrays = run_split_arrays(run_dir, ("train", "val"))
-    seed = int(meta.get("config", {}).get("train", {}).get("seed", 0))
+    seed, bank = run_settings(meta)
     tm = fit_on_arrays(model, meta, arrays["train"], arrays["val"], acceptance=acceptance,
                        coverage=coverage, class_conditional=class_conditional,
-                       ood_share=ood_share, k=k, seed=seed)  # fmt: skip
+                       ood_share=ood_share, k=k, seed=seed, bank_size=bank)  # fmt: skip
     tm.save(run_dir)
     return tm
+
+
+def run_settings(meta: dict[str, Any]) -> tuple[int, int]:
+    """The run's seed and ``trust.train_images`` (defaults for runs older than the key)."""
+    cfg = meta.get("config", {})
+    return int(cfg.get("train", {}).get("seed", 0)), int(
+        cfg.get("trust", {}).get("train_images", 5000)
+    )

@@ -16,7 +16,7 @@ import torch
 
 from medxfer.errors import MedxferError
 from medxfer.evaluate import conformal, selective
-from medxfer.evaluate.trust import FLAGS, TrustModel, TrustScores, fit_on_arrays
+from medxfer.evaluate.trust import FLAGS, TrustModel, TrustScores, fit_on_arrays, run_settings
 
 FIGURE = "test_risk_coverage.png"
 
@@ -122,7 +122,8 @@ def after_training(
         return fit_and_report(
             run_dir, model, meta, arrays, acceptance=cfg.trust.acceptance,
             coverage=cfg.trust.coverage, class_conditional=cfg.trust.class_conditional,
-            seed=cfg.train.seed, batch_size=cfg.train.eval_batch_size,
+            bank_size=cfg.trust.train_images, seed=cfg.train.seed,
+            batch_size=cfg.train.eval_batch_size,
         )  # fmt: skip
     except MedxferError as err:
         return {"skipped": err.message}
@@ -142,7 +143,7 @@ def trust_command(
 
     run_dir = Path(run_dir)
     model, meta, arrays = run_split_arrays(run_dir, ("train", "val", "test"))
-    seed = int(meta.get("config", {}).get("train", {}).get("seed", 0))
+    seed, bank = run_settings(meta)
     result = fit_and_report(
         run_dir,
         model,
@@ -152,6 +153,7 @@ def trust_command(
         coverage=coverage,
         class_conditional=class_conditional,
         seed=seed,
+        bank_size=bank,
     )
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
