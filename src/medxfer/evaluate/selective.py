@@ -74,7 +74,7 @@ def ood_auroc_fpr95(scores_in: np.ndarray, scores_out: np.ndarray) -> tuple[floa
         raise ValueError("both score arrays need at least one value")
     y = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
     s = np.r_[s_in, s_out]
-    fpr, tpr, _ = roc_curve(y, s)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     return float(roc_auc_score(y, s)), float(fpr[np.searchsorted(tpr, 0.95, side="left")])
 
 
