@@ -6,7 +6,8 @@ medxfer tune [--config FILE] [--data PATH] [key=value ...] [--n-trials N] [--sto
 medxfer prune [--config FILE] [--data PATH] [key=value ...] [--levels L] [--fraction F]
               [--target-sparsity S] [--rewind init|epoch:K|lr] [--no-controls] [--out DIR]
 medxfer prune --export RUN_DIR [--no-latency] [--no-onnx]
-medxfer predict RUN_OR_CHECKPOINT INPUT [--out preds.csv]
+medxfer predict RUN_OR_CHECKPOINT INPUT [--out preds.csv] [--html page.html]
+medxfer trust RUN_DIR [--acceptance 0.95] [--coverage 0.9] [--class-conditional]
 medxfer shift RUN_OR_CHECKPOINT INPUT [--out shift.json] [--alpha 0.05]
 medxfer adapt RUN_OR_CHECKPOINT INPUT [--out DIR] [--batch-size 64] [--seed 0] [--folds 2]
               [--method adabn|tent] [--steps 0] [--lr 1e-3]
@@ -116,11 +117,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from medxfer.evaluate.predict import predict_files
+    from medxfer.evaluate.predict_trust import predict_with_trust
 
-    out, n = predict_files(Path(args.checkpoint), Path(args.input), Path(args.out))
-    console.print(f"wrote probabilities for {n} file(s)")
+    html = Path(args.html) if args.html else None
+    out, n, note = predict_with_trust(Path(args.checkpoint), Path(args.input), Path(args.out),
+                                      html=html, html_limit=args.html_limit)  # fmt: skip
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(
+        f"wrote probabilities for {n} file(s)" + (f"; review page {html}" if html else "")
+    )
     print(out)
+    return 0
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    from medxfer.evaluate.trust_run import trust_command
+
+    r = trust_command(Path(args.run), acceptance=args.acceptance, coverage=args.coverage,
+                      class_conditional=args.class_conditional)  # fmt: skip
+    console.print(f"default detector {r['ood_detector']}, failure score {r['failure_score']}")
+    if "test" in r:
+        t = r["test"]
+        console.print(
+            f"test: {t['ok_fraction']:.3f} ok (accepted accuracy "
+            f"{t['accepted_accuracy'] or 0:.3f}), conformal coverage "
+            f"{t['conformal']['coverage']:.3f}, mean set size {t['conformal']['mean_set_size']:.2f}"
+        )
+    print(args.run)
     return 0
 
 
@@ -338,7 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("checkpoint", help="a run folder or its best.pt")
     pr.add_argument("input", help="an image, a DICOM file or a folder")
     pr.add_argument("--out", default="predictions.csv")
+    pr.add_argument("--html", default="", help="also write a static review page (flagged first)")
+    pr.add_argument("--html-limit", type=int, default=200, help="images shown on that page")
     pr.set_defaults(func=_cmd_predict)
+    tr = sub.add_parser("trust", help="per-image OOD/failure flags and conformal sets for a "
+                        "finished run (train/val only; no retraining)")  # fmt: skip
+    tr.add_argument("run", help="a run folder of `medxfer train`")
+    tr.add_argument("--acceptance", type=float, default=0.95,
+                    help="fraction of validation images that end ok")  # fmt: skip
+    tr.add_argument("--coverage", type=float, default=0.90, help="conformal set coverage")
+    tr.add_argument("--class-conditional", action="store_true",
+                    help="calibrate the conformal sets per class (Mondrian)")  # fmt: skip
+    tr.set_defaults(func=_cmd_trust)
     sh = _model_and_images(
         sub, "shift", "do unlabelled images look like the validation split to the model? (shift "
         "test, estimated accuracy and class mix; no labels needed)",

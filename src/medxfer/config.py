@@ -103,6 +103,17 @@ class EvalConfig:
     tta: bool = False  # average predictions over the image and the flips used in training
 
 
+@dataclass
+class TrustConfig:
+    """Per-image trust after training (medxfer.evaluate.trust); it never changes the model."""
+
+    enabled: bool = True  # fit OOD/failure detectors and conformal sets at the end of training
+    acceptance: float = 0.95  # fraction of validation images that end `ok` (sets thresholds)
+    coverage: float = 0.90  # nominal coverage of the conformal prediction sets
+    class_conditional: bool = False  # conformal calibration per class (Mondrian)
+    train_images: int = 5000  # training images the detectors are fitted on (seeded; fewer = faster)
+
+
 def default_space() -> dict[str, dict[str, Any]]:
     """The default search space of ``medxfer tune``: learning rate, batch size, weight decay."""
     return {
@@ -220,6 +231,7 @@ class ExperimentConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     gan: GanConfig = field(default_factory=GanConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -232,6 +244,7 @@ class ExperimentConfig:
         d.pop("tune")
         d["train"].pop("device")
         d.pop("prune")  # a trained run does not depend on it; keeps older run folders' hashes
+        d.pop("trust")  # fitted after training from the trained model; never changes it
         d.pop("gan")  # the generator is trained separately; its images count via data.synthetic
         drop_later_defaults(d)
         if self.data.synthetic and Path(self.data.synthetic).is_file():
@@ -412,6 +425,10 @@ def validate(cfg: ExperimentConfig) -> None:
         raise MedxferError("data.val_fraction and data.test_fraction must be in [0, 1)")
     if not 0 < cfg.data.train_subset <= 1:
         raise MedxferError("data.train_subset must be in (0, 1]")
+    if not 0 < cfg.trust.acceptance < 1 or not 0 < cfg.trust.coverage < 1:
+        raise MedxferError("trust.acceptance and trust.coverage must be in (0, 1)")
+    if cfg.trust.train_images < 100:
+        raise MedxferError("trust.train_images must be at least 100", "e.g. 5000 (the default)")
     if cfg.data.synthetic_ratio < 0:
         raise MedxferError("data.synthetic_ratio must be >= 0", "e.g. data.synthetic_ratio=1.0")
     parse_class_fraction(cfg.data.class_fraction)

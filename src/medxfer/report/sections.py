@@ -239,11 +239,13 @@ def audit(r: dict[str, Any]) -> Section:
 
 def build(r: dict[str, Any], fig_dir: Path) -> list[Section]:
     from medxfer.report.stage_sections import balance_and_gan, gradcam, pruning, training, tuning
+    from medxfer.report.trust_section import trust
 
     res, _ = results(r)
     return [
         overview(r),
         res,
+        trust(r),
         audit(r),
         *balance_and_gan(r, fig_dir),
         tuning(r),

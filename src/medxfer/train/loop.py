@@ -322,6 +322,8 @@ def finish(
                 _save_figures(run_dir, labels, probs, s.data.classes, history)
             # val: the reference of `medxfer shift`, usable where the training data is not
             save_predictions(run_dir / f"{split}_predictions.npz", probs, labels, cfg, c)
+    if c.is_main and evaluate_test and cfg.trust.enabled:
+        results["trust"] = _fit_trust(run_dir, s, best["meta"], cfg)
     if c.is_main:
         atomic_write_json(results, run_dir / "metrics.json")  # written last: marks the run complete
         if "test" in results:
@@ -332,6 +334,28 @@ def finish(
         console.print(f"run folder: {run_dir}")
     compute_mod.barrier(c)
     return results
+
+
+def _fit_trust(
+    run_dir: Path, s: Setup, meta: dict[str, Any], cfg: ExperimentConfig
+) -> dict[str, Any]:
+    """Per-image trust statistics of the best model (``medxfer.evaluate.trust``): detectors
+    fitted on the training images, thresholds and conformal sets on validation, then test
+    scored once with them."""
+    from medxfer.evaluate.trust_run import after_training
+
+    console.print("fitting per-image trust scores (train/val) and scoring test")
+    out = after_training(run_dir, _bare(s.model), meta, s.data, cfg)
+    if "skipped" in out:
+        console.print(f"[yellow]trust scores skipped:[/] {out['skipped']}")
+    elif "test" in out:
+        t = out["test"]
+        console.print(
+            f"  test ok {t['ok_fraction']:.3f} (accuracy {t['accepted_accuracy'] or 0:.3f}), "
+            f"conformal coverage {t['conformal']['coverage']:.3f}, mean set size "
+            f"{t['conformal']['mean_set_size']:.2f} ({out['seconds']:.1f} s)"
+        )
+    return out
 
 
 def plain_train_loader(s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig) -> BatchLoader:

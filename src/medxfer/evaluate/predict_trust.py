@@ -1,0 +1,119 @@
+"""``medxfer predict`` with per-image trust: scores, flag and conformal set beside the
+probabilities, and optionally a static review page (``--html``)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medxfer.errors import MedxferError
+from medxfer.evaluate.predict import collect_inputs, folded_for_inference, load_trained, read_arrays
+from medxfer.evaluate.trust import TRUST_JSON, TrustModel, TrustScores, load_trust
+from medxfer.evaluate.trust_detectors import DETECTORS
+
+
+def run_folder_of(checkpoint: Path) -> Path | None:
+    """The run folder a model belongs to (the one holding its config.yaml), if any."""
+    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        if folder.is_dir() and (folder / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def trust_for(checkpoint: Path) -> tuple[TrustModel | None, str]:
+    """The run's trust statistics: loaded, else fitted now when its training data is
+    reachable; None and why otherwise."""
+    from medxfer.evaluate.trust import fit_trust
+
+    run = run_folder_of(checkpoint)
+    if run is None:
+        return None, (
+            f"{checkpoint} is not inside a run folder: no flags or sets (predict on the run "
+            "folder, whose trust statistics `medxfer trust RUN` writes)"
+        )
+    if (run / TRUST_JSON).is_file():
+        return load_trust(run), ""
+    try:
+        tm = fit_trust(run)
+    except MedxferError as err:
+        return None, (f"{run} has no trust statistics and they cannot be fitted here "
+                      f"({err.message}): no flags or sets; run `medxfer trust {run}` where the "
+                      "training data is")  # fmt: skip
+    return tm, f"fitted trust statistics from the run's training data into {run}"
+
+
+def _header(classes: list[str], with_trust: bool) -> list[str]:
+    head = ["path", "predicted", *[f"p_{c}" for c in classes]]
+    if with_trust:
+        head += ["flag", "set", "ood_score", "failure_score", *[f"score_{d}" for d in DETECTORS]]
+    return [*head, "error"]
+
+
+def _row(path: Path, classes: list[str], ts: TrustScores | None, i: int,
+         probs: np.ndarray) -> list[str]:  # fmt: skip
+    p = probs[i]
+    row = [str(path), classes[int(p.argmax())], *[f"{v:.6f}" for v in p]]
+    if ts is not None:
+        members = "|".join(c for c, s in zip(classes, ts.sets[i], strict=True) if s)
+        row += [str(ts.flag[i]), members, f"{ts.ood_score[i]:.6g}", f"{ts.failure_score[i]:.6g}",
+                *[f"{ts.scores[d][i]:.6g}" for d in DETECTORS]]  # fmt: skip
+    return [*row, ""]
+
+
+def predict_with_trust(
+    checkpoint: Path, target: Path, out_csv: Path, batch_size: int = 32,
+    html: Path | None = None, html_limit: int = 200,
+) -> tuple[Path, int, str]:  # fmt: skip
+    """Write the predictions CSV (and the review page); returns (csv, files, note)."""
+    from medxfer.evaluate.predict import probs_of_arrays
+
+    model, meta = load_trained(checkpoint)
+    fast, _ = folded_for_inference(model, meta)
+    trust, note = trust_for(checkpoint)
+    classes: list[str] = list(meta["classes"])
+    files = collect_inputs(target)
+    rows: list[list[str]] = []
+    kept: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        arrays, errors = read_arrays(meta, chunk)
+        batch = np.stack(arrays) if arrays else np.zeros((0,))
+        ts = trust.score(fast, meta, batch, batch_size) if trust and arrays else None
+        if ts is not None:
+            probs = ts.probs
+        elif arrays:
+            probs = probs_of_arrays(fast, meta, batch, batch_size)
+        i = 0
+        for f in chunk:
+            if f in errors:
+                rows.append([str(f), "", *[""] * (len(_header(classes, trust is not None)) - 3),
+                             errors[f]])  # fmt: skip
+                continue
+            rows.append(_row(f, classes, ts, i, probs))
+            if html is not None:
+                kept.append(_record(f, arrays[i], probs[i], ts, i, classes))
+            i += 1
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_csv, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(_header(classes, trust is not None))
+        w.writerows(rows)
+    if html is not None:
+        from medxfer.evaluate.review_page import write_review_page
+
+        write_review_page(html, kept, model, meta, trust, note, html_limit)
+    return out_csv, len(files), note
+
+
+def _record(path: Path, array: np.ndarray, probs: np.ndarray, ts: TrustScores | None, i: int,
+            classes: list[str]) -> dict[str, Any]:  # fmt: skip
+    rec: dict[str, Any] = {"path": str(path), "array": array, "probs": probs, "flag": "",
+                           "pred": int(probs.argmax()), "set": [], "failure": 0.0}  # fmt: skip
+    if ts is not None:
+        rec |= {"flag": str(ts.flag[i]), "failure": float(ts.failure_score[i]),
+                "ood": float(ts.ood_score[i]),
+                "set": [c for c, s in zip(classes, ts.sets[i], strict=True) if s]}  # fmt: skip
+    return rec

@@ -1,0 +1,242 @@
+"""Per-image trust: detector scores, selective metrics, conformal coverage, validation-only
+thresholds, far-OOD flags on a trained demo model, and trust for old runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import shared_dataset
+from scipy.special import logsumexp, softmax
+
+from medxfer.cli import main
+from medxfer.config import load_config
+from medxfer.evaluate import conformal, selective
+from medxfer.evaluate.trust_detectors import Detectors, fit_detectors
+
+FAST = [
+    "model.arch=resnet18", "model.weights=none", "data.image_size=48", "train.epochs=3",
+    "train.batch_size=16", "eval.n_bootstrap=20", "train.steps_per_epoch=10", "train.threads=1",
+]  # fmt: skip
+
+
+def _tiny() -> tuple[Detectors, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    z_train = rng.normal(size=(40, 6))
+    y_train = np.repeat([0, 1, 2], [14, 13, 13])
+    z_train[y_train == 1] += 2.0
+    w, b = rng.normal(size=(3, 6)), rng.normal(size=3)
+    det = fit_detectors(z_train, y_train, w, b, k=3)
+    z = rng.normal(size=(5, 6)) * 2
+    return det, z.astype(np.float32), (z @ w.T + b).astype(np.float32)
+
+
+def test_detector_scores_equal_hand_computed_values() -> None:
+    from sklearn.covariance import LedoitWolf
+
+    det, z, logits = _tiny()
+    got = det.scores(z, logits)
+    np.testing.assert_allclose(got["msp"], -softmax(logits, 1).max(1), rtol=1e-5)
+    np.testing.assert_allclose(got["energy"], -logsumexp(logits, 1), rtol=1e-5)
+    maha = [0.5 * min((x - m) @ det.precision @ (x - m) for m in det.mu) for x in z]
+    np.testing.assert_allclose(got["mahalanobis"], maha, rtol=1e-4)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    kth = np.sort(np.linalg.norm(unit[:, None] - det.bank[None], axis=2), axis=1)[:, det.k - 1]
+    np.testing.assert_allclose(got["knn"], kth, rtol=1e-5)
+    u = -np.linalg.pinv(det.vim_w) @ det.vim_b
+    vlogit = det.vim_alpha * np.linalg.norm((z - u) @ det.vim_null, axis=1)
+    np.testing.assert_allclose(got["vim"], vlogit - logsumexp(logits, 1), rtol=1e-4, atol=1e-4)
+    # the fitted statistics themselves: class means and the inverse Ledoit-Wolf covariance
+    rng = np.random.default_rng(0)
+    z_train = rng.normal(size=(40, 6))
+    y = np.repeat([0, 1, 2], [14, 13, 13])
+    z_train[y == 1] += 2.0
+    mu = np.stack([z_train[y == c].mean(0) for c in range(3)])
+    np.testing.assert_allclose(det.mu, mu, rtol=1e-5)
+    lw = LedoitWolf(assume_centered=True).fit(z_train - mu[y])
+    np.testing.assert_allclose(det.precision, lw.precision_, rtol=1e-4)
+
+
+def test_selective_metrics_hand_computed() -> None:
+    correct = np.array([1, 0, 1, 1], bool)
+    conf = np.array([0.9, 0.8, 0.7, 0.6])
+    cov, risk = selective.risk_coverage(correct, conf)
+    np.testing.assert_allclose(cov, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(risk, [0, 0.5, 1 / 3, 0.25])
+    assert selective.aurc(correct, conf) == pytest.approx((0.5 + 1 / 3 + 0.25) / 4)
+    assert selective.augrc(correct, conf) == pytest.approx(0.75 / 4)
+    assert selective.errors_flagged(correct, np.array([1, 0, 1, 0], bool)) == 1.0
+    assert selective.accepted_accuracy(correct, np.array([1, 1, 0, 0], bool)) == 0.5
+    auroc, fpr = selective.ood_auroc_fpr95(np.array([0.1, 0.2, 0.3, 0.9]), np.array([0.5, 1.0]))
+    assert auroc == pytest.approx(7 / 8)
+    assert fpr == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("class_conditional", [False, True])
+def test_conformal_coverage_on_exchangeable_data(class_conditional: bool) -> None:
+    rng = np.random.default_rng(1)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        probs = softmax(rng.normal(size=(n, 4)) * 2.0, axis=1)
+        labels = np.array([rng.choice(4, p=p) for p in probs])
+        return probs, labels
+
+    cal_p, cal_y = draw(2000)
+    test_p, test_y = draw(4000)
+    cal = conformal.calibration_scores(cal_p, cal_y)
+    np.testing.assert_allclose(cal, 1 - cal_p[np.arange(2000), cal_y])
+    sets = conformal.prediction_sets(cal, cal_y, test_p, 0.9, class_conditional)
+    rep = conformal.coverage_report(sets, test_y, list("abcd"))
+    assert abs(rep["coverage"] - 0.9) < 0.02
+    if class_conditional:
+        assert all(abs(v - 0.9) < 0.04 for v in rep["coverage_per_class"].values())
+    else:  # the set is exactly the classes with 1 - p at or below the stored threshold
+        (t,) = conformal.thresholds(cal, cal_y, 4, 0.9)
+        lac = 1 - test_p <= t
+        top = np.eye(4, dtype=bool)[test_p.argmax(1)]
+        np.testing.assert_array_equal(sets, lac | (top & ~lac.any(1, keepdims=True)))
+    assert sets.any(1).all()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from medxfer.data.synthetic import make_synthetic
+    from medxfer.train.loop import fit
+
+    base = tmp_path_factory.mktemp("trust")
+    root = make_synthetic(base / "set", size=64, seed=0)
+    cfg = load_config(None, [f"data.root={root}", f"out_dir={base}", *FAST])
+    metrics = fit(cfg, base / "run")
+    return {"run": base / "run", "root": root, "metrics": metrics}
+
+
+def test_training_writes_trust_files_and_metrics(trained: dict[str, Any]) -> None:
+    run = trained["run"]
+    assert (run / "trust.json").is_file() and (run / "trust.safetensors").is_file()
+    t = trained["metrics"]["trust"]
+    assert set(t["test"]["flags"]) == {"ok", "review", "unfamiliar"}
+    assert 0 < t["test"]["conformal"]["mean_set_size"] <= 4
+    record = json.loads((run / "trust.json").read_text())
+    assert record["validation"]["flags"]["ok"] == pytest.approx(0.95, abs=0.02)
+    assert record["ood_detector"] in ("mahalanobis", "knn", "vim")
+    assert (
+        json.loads((run / "metrics.json").read_text())["trust"]["ood_detector"]
+        == (record["ood_detector"])
+    )
+
+
+def test_thresholds_come_from_validation_only(
+    trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fit_trust never runs the model on a test image, and refitting gives the same numbers."""
+    from medxfer.evaluate import trust, trust_run
+
+    run = trained["run"]
+    before = json.loads((run / "trust.json").read_text())
+    _, _, arrays = trust_run.run_split_arrays(run, ("test",))
+    test_images = arrays["test"][0]
+    seen: list[np.ndarray] = []
+    real = trust.features_and_logits
+
+    def spy(model: Any, meta: Any, images: np.ndarray, batch_size: int = 64) -> Any:
+        seen.append(images)
+        return real(model, meta, images, batch_size)
+
+    monkeypatch.setattr(trust, "features_and_logits", spy)
+    tm = trust.fit_trust(run)
+    test_rows = {bytes(im.tobytes()) for im in test_images}
+    assert seen and not any(im.tobytes() in test_rows for batch in seen for im in batch)
+    for key in ("ood_detector", "ood_threshold", "review_threshold", "failure", "conformal"):
+        assert tm.record[key] == before[key]
+
+
+def _far_ood(size: int, n: int = 16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    smooth = [((np.sin(6 * xx * (i + 1)) * np.cos(4 * yy) + 1) * 127).astype(np.uint8)
+              for i in range(n)]  # fmt: skip
+    return {"noise": rng.integers(0, 256, (n, size, size), dtype=np.uint8),
+            "smooth patterns": np.stack(smooth)}  # fmt: skip
+
+
+def test_far_ood_is_flagged_unfamiliar(trained: dict[str, Any]) -> None:
+    from medxfer.evaluate.predict import load_trained
+    from medxfer.evaluate.trust import load_trust
+
+    model, meta = load_trained(trained["run"])
+    tm = load_trust(trained["run"])
+    for name, images in _far_ood(int(meta["image_size"])).items():
+        flags = tm.score(model, meta, images).flag
+        assert (flags == "unfamiliar").mean() >= 0.9, name
+
+
+def test_other_modality_is_flagged_unfamiliar(trained: dict[str, Any]) -> None:
+    from medxfer.data.io import read_image, resize
+    from medxfer.evaluate.predict import load_trained
+    from medxfer.evaluate.trust import load_trust
+
+    folder = shared_dataset("brain-tumor-mri")
+    files = sorted(folder.rglob("*.jpg"))[::500][:16]
+    model, meta = load_trained(trained["run"])
+    images = np.stack([resize(read_image(f, "gray"), 48, "pad") for f in files])
+    flags = load_trust(trained["run"]).score(model, meta, images).flag
+    assert (flags == "unfamiliar").mean() >= 0.9
+
+
+def test_old_run_gets_trust_without_retraining(trained: dict[str, Any], tmp_path: Path) -> None:
+    run = trained["run"]
+    weights = (run / "best.pt").stat().st_mtime_ns
+    for name in ("trust.json", "trust.safetensors"):
+        (run / name).unlink()
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.pop("trust")
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["trust", str(run)]) == 0
+    assert (run / "trust.json").is_file() and (run / "best.pt").stat().st_mtime_ns == weights
+    assert "test" in json.loads((run / "metrics.json").read_text())["trust"]
+    # predict writes each image's flag, set and scores, and the review page lists flagged first
+    noise = tmp_path / "new"
+    noise.mkdir()
+    from PIL import Image
+
+    for i, im in enumerate(_far_ood(48, 3)["noise"]):
+        Image.fromarray(im).save(noise / f"noise{i}.png")
+    first = next((trained["root"] / "test").rglob("*.png"))
+    (noise / "a_test.png").write_bytes(first.read_bytes())
+    out, page = tmp_path / "p.csv", tmp_path / "p.html"
+    assert main(["predict", str(run), str(noise), "--out", str(out), "--html", str(page)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {"flag", "set", "ood_score", "failure_score", "score_knn"} <= set(rows[0])
+    assert [r["flag"] for r in rows if "noise" in r["path"]] == ["unfamiliar"] * 3
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") == 8 and "http" not in html.split("<body>")[1]
+    assert html.index("noise") < html.index("a_test.png")
+
+
+def test_missing_trust_names_the_command(tmp_path: Path) -> None:
+    from medxfer.errors import MedxferError
+    from medxfer.evaluate.trust import load_trust
+
+    with pytest.raises(MedxferError) as err:
+        load_trust(tmp_path)
+    assert f"medxfer trust {tmp_path}" in str(err.value.fix)
+
+
+def test_report_section_summarises_the_run(trained: dict[str, Any], tmp_path: Path) -> None:
+    from medxfer.report.blocks import Image, Table
+    from medxfer.report.trust_section import trust
+
+    evaluation = tmp_path / "evaluation.json"
+    evaluation.write_text(json.dumps({"rows": [{"run_dir": str(trained["run"]),
+                                                "pruned": False}]}))  # fmt: skip
+    r = {"outputs": {"evaluate": {"evaluation": str(evaluation)}}, "status": {}}
+    s = trust(r)
+    assert s.title == "Will it work on new images?"
+    (table,) = [b for b in s.blocks if isinstance(b, Table)]
+    t = json.loads((trained["run"] / "metrics.json").read_text())["trust"]["test"]
+    assert table.rows[0][3] == f"{100 * t['ok_fraction']:.1f}%"
+    assert any(isinstance(b, Image) and b.path.name == "test_risk_coverage.png" for b in s.blocks)
