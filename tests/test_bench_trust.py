@@ -1,0 +1,128 @@
+"""bench/trust.py end to end on a tiny demo-trained run: every case is scored with the run's
+validation thresholds, the summary keys and targets are at the top of the result, figures are
+drawn, a second call reuses the scored cases, and the held-out-class run is trained from a
+manifest without that class."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from PIL import Image
+from subproc import run as run_diagnosed
+
+from medxfer.cli import main
+from medxfer.evaluate.shifts import SEVERITIES, SHIFTS
+
+pytest.importorskip("medxfer.evaluate.trust")  # the trust library this bench measures
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+FAST = [
+    "model.arch=resnet18", "model.weights=none", "data.image_size=32", "train.epochs=2",
+    "train.batch_size=16", "train.steps_per_epoch=3", "eval.n_bootstrap=20", "train.threads=1",
+]  # fmt: skip
+SUMMARY = (
+    "far_ood_auroc", "held_out_class_auroc", "severity3_accepted_accuracy_gap",
+    "severity3_errors_flagged", "test_ok_fraction", "augrc_reduction_vs_msp",
+    "conformal_nominal", "conformal_coverage", "conformal_mean_set_size",
+    "robust_covariate_gain", "robust_id_cost",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A tiny run on the synthetic shapes (its trust statistics are fitted by the bench)."""
+    run_dir = tmp_path_factory.mktemp("trust-run") / "run"
+    with pytest.MonkeyPatch.context() as mp:  # module scope: set what conftest sets per test
+        mp.setenv("MEDXFER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+        assert main(["train", "--data", str(synth_root), "--run-dir", str(run_dir), *FAST]) == 0
+        yield run_dir
+
+
+def _other_dataset(root: Path) -> Path:
+    """A second 'modality': smooth gradients and checkerboards, nothing like the shapes."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:48]
+    for split, n in (("train", 3), ("test", 6)):
+        for kind in ("gradient", "checker"):
+            folder = root / split / kind
+            folder.mkdir(parents=True)
+            for i in range(n):
+                phase = rng.uniform(0, 255)
+                img = (xx * 5 + phase) % 256 if kind == "gradient" else ((xx // 6 + yy // 6) % 2) * 255
+                Image.fromarray(img.astype(np.uint8)).save(folder / f"{kind}{i}.png")
+    return root
+
+
+def _bench(args: list[str], results: Path, cache: Path) -> tuple[dict, str]:
+    env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(results), "MEDXFER_CACHE": str(cache)}
+    proc = run_diagnosed([sys.executable, str(BENCH / "trust.py"), *args], timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((results / "trust-demo.json").read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_trust_end_to_end(trained: Path, tmp_path: Path) -> None:
+    other = _other_dataset(tmp_path / "other")
+    results, work, cache = tmp_path / "results", tmp_path / "work", tmp_path / "cache"
+    args = [str(trained), "--other-data", str(other), "--limit", "40", "--work-dir", str(work),
+            "--held-out-class", "ring", "--train-held-out", *FAST,
+            "--robust-run", str(trained), "--threads", "1"]  # fmt: skip
+    out, _ = _bench(args, results, cache)
+    assert set(SUMMARY) <= set(out) and out["dataset"] == "demo"
+    assert out["conformal_nominal"] == 0.9 and out["trust"]["coverage"] == 0.9
+    # thresholds come from the run's validation fit, stored in its folder
+    assert (trained / "trust.json").is_file()
+    test = out["test"]
+    assert test["n"] == 40 and test["ok_fraction"] == out["test_ok_fraction"]
+    assert 0 <= test["accuracy"] <= 1 and set(test["conformal"]["coverage_per_class"]) <= {
+        "disc", "ring", "bars", "cross",
+    }  # fmt: skip
+    covariate = [r for r in out["covariate"] if r["kind"] == "covariate"]
+    assert {(r["shift"], r["severity"]) for r in covariate} == {
+        (s, v) for s in SHIFTS for v in SEVERITIES
+    }
+    for r in covariate:
+        assert sum(r["flags"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert set(r["detectors"]) == {"msp", "energy", "mahalanobis", "knn", "vim", "chosen"}
+    # far-OOD: the other dataset only (the synthetic set is this run's own data)
+    assert [r["case"] for r in out["far_ood"]] == ["other-dataset"]
+    assert out["far_ood_auroc"] == out["far_ood"][0]["detectors"]["chosen"]["auroc"]
+    # near-OOD: a run trained here without `ring`, from a manifest without it
+    near = out["near_ood"]
+    manifest = (work / "held-out-ring" / "manifest.csv").read_text()
+    assert ",ring," not in manifest and ",disc," in manifest
+    assert near["class"] == "ring" and near["n"] == 40
+    assert out["held_out_class_auroc"] == near["detectors"]["chosen"]["auroc"]
+    # the base run as its own robust run: no gain, no cost
+    assert out["robust_covariate_gain"] == 0.0 and out["robust_id_cost"] == 0.0
+    assert out["targets"]["conformal_mean_set_size"]["met"] is None  # no target for the demo
+    assert out["targets"]["far_ood_auroc"]["met"] == (out["far_ood_auroc"] >= 0.99)
+    for fig in out["figures"]:
+        assert (results / "trust-demo" / Path(fig).name).stat().st_size > 1000
+    assert out["seconds"]["cases"]  # all scored in this call
+    again, _ = _bench(args, results, cache)  # every case read back from the work folder
+    assert again["seconds"]["cases"] == {}
+    assert {k: again[k] for k in SUMMARY} == {k: out[k] for k in SUMMARY}
+
+
+def test_held_out_command_is_printed_when_not_trained(
+    trained: Path, tmp_path: Path, bench_module: Callable[[str], ModuleType]
+) -> None:
+    _, stdout = _bench(
+        [str(trained), "--limit", "24", "--work-dir", str(tmp_path / "w"),
+         "--held-out-class", "bars", "--threads", "1"],
+        tmp_path / "results", tmp_path / "cache",
+    )  # fmt: skip
+    assert "near-OOD skipped" in stdout and "medxfer train --config" in stdout
+    assert (tmp_path / "w" / "held-out-bars" / "manifest.csv").is_file()
+    out = json.loads((tmp_path / "results" / "trust-demo.json").read_text())
+    assert out["near_ood"] is None and out["held_out_class_auroc"] is None
+    assert out["targets"]["held_out_class_auroc"]["met"] is None
