@@ -123,7 +123,7 @@ def main() -> None:
         robust = None
         if args.robust_run is not None:
             robust = robust_case(
-                progress, args.robust_run, base, idx, source, covariate, test["accuracy"], args.seed
+                score, args.robust_run, base, idx, source, covariate, test["accuracy"], args.seed
             )
     shifted = [r for r in covariate if r["kind"] == "covariate"]
     keys = summary(test, shifted, far, near, robust, float(base.trust.record["coverage"]))
