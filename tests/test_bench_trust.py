@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -119,3 +120,36 @@ def test_bench_trust_end_to_end(trained: Path, tmp_path: Path) -> None:
     # the base cases (and so an interrupted call's) are read back from the work folder: only
     # the held-out run's cases were scored in this call
     assert set(out["seconds"]["cases"]) == {"held-out/test", "held-out/class-ring"}
+
+
+def test_summary_takes_the_worst_case_and_marks_targets(
+    bench_module: Callable[[str], ModuleType],
+) -> None:
+    tables = bench_module("_trust_tables")
+    test = {"accuracy": 0.95, "ok_fraction": 0.92, "augrc": {"msp": 0.02, "failure": 0.012},
+            "conformal": {"coverage": 0.905, "mean_set_size": 1.1}}  # fmt: skip
+
+    def shifted(sev: int, accepted: float | None, flagged: float | None) -> dict[str, object]:
+        return {"severity": sev, "accepted_accuracy": accepted, "errors_flagged": flagged}
+
+    covariate = [
+        shifted(3, 0.93, 0.9),
+        shifted(3, 0.90, 0.85),
+        shifted(2, 0.5, 0.1),
+        shifted(3, None, None),
+    ]  # fmt: skip  (none accepted: no gap, nothing missed)
+    far = [{"detectors": {"chosen": {"auroc": a}}} for a in (0.999, 0.995)]
+    robust = {"covariate_gain_points": 12.0, "id_cost_points": 1.5}
+    s = tables.summary(test, covariate, far, None, robust, 0.9)
+    assert s["far_ood_auroc"] == 0.995 and s["held_out_class_auroc"] is None
+    assert s["severity3_accepted_accuracy_gap"] == pytest.approx(5.0)  # severity 2 not counted
+    assert s["severity3_errors_flagged"] == 0.85
+    assert s["augrc_reduction_vs_msp"] == pytest.approx(0.4)
+    t = tables.targets(s, "brain-tumor-mri")
+    assert t["far_ood_auroc"]["met"] and not t["severity3_accepted_accuracy_gap"]["met"]
+    assert t["conformal_coverage_gap_points"] == {"value": 0.5, "target": "<= 2.0", "met": True}
+    assert t["conformal_mean_set_size"]["met"] and t["robust_covariate_gain"]["met"]
+    assert not t["robust_id_cost"]["met"] and t["held_out_class_auroc"]["met"] is None
+    chest = tables.targets(s | {"conformal_mean_set_size": 1.5}, "chest-xray-pneumonia")
+    assert chest["conformal_mean_set_size"]["met"]  # 1.6 for chest, 1.2 for brain
+    assert tables.targets(s, "demo")["conformal_mean_set_size"]["met"] is None
