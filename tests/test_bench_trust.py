@@ -137,7 +137,7 @@ def test_summary_takes_the_worst_case_and_marks_targets(
         shifted(3, 0.90, 0.85),
         shifted(2, 0.5, 0.1),
         shifted(3, None, None),
-    ]  # fmt: skip  (none accepted: no gap, nothing missed)
+    ]  # the last: no image accepted, so no gap and no error let through
     far = [{"detectors": {"chosen": {"auroc": a}}} for a in (0.999, 0.995)]
     robust = {"covariate_gain_points": 12.0, "id_cost_points": 1.5}
     s = tables.summary(test, covariate, far, None, robust, 0.9)
