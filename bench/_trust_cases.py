@@ -32,7 +32,12 @@ from medxfer.data.prepare import resolve_root
 from medxfer.data.sources import assign_splits, discover, with_patient_ids
 from medxfer.data.synthetic import ensure_synthetic
 from medxfer.errors import MedxferError
-from medxfer.evaluate.predict import load_trained, model_file, probs_of_arrays
+from medxfer.evaluate.predict import (
+    folded_for_inference,
+    load_trained,
+    model_file,
+    probs_of_arrays,
+)
 from medxfer.evaluate.shifts import LEVELS, SEVERITIES, SHIFTS, apply_shift
 
 
@@ -169,6 +174,7 @@ def robust_case(
     """Accuracy of a run trained with augment.policy=robust on the test split and on the
     severity-3 shifts, against the base run's (kept in the work folder like a scored case)."""
     model, meta = load_trained(folder)
+    model, _ = folded_for_inference(model, meta)
     if list(meta["classes"]) != list(base.meta["classes"]):
         raise MedxferError(
             f"{folder} has classes {meta['classes']}, the base run {base.meta['classes']}",
