@@ -27,13 +27,15 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import _trust_figures as figures
+import numpy as np
 import torch
 from _common import REPO, RESULTS, SHARED_DATA, abspath, save
 from _trust_cases import covariate_cases, far_cases, held_out_run, near_case, robust_case
 from _trust_runs import Run, Scorer, fit_settings, load_run, pick, trust_record
-from _trust_tables import case_row, print_row, summary, targets
+from _trust_tables import Scored, case_row, print_row, summary, targets
 from rich.progress import Progress
 
 from medxfer.errors import MedxferError
@@ -97,6 +99,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     base = load_run(args.run, trust="refit" if args.refit else "load", fit=fit_settings(args))
+    loaded = round(time.perf_counter() - t0, 1)
     dataset = args.name or dataset_name(base)
     if args.source_size < int(base.meta["image_size"]):
         raise MedxferError(
@@ -127,47 +130,39 @@ def main() -> None:
             )
     shifted = [r for r in covariate if r["kind"] == "covariate"]
     keys = summary(test, shifted, far, near, robust, float(base.trust.record["coverage"]))
-    out = RESULTS / f"trust-{dataset}"
-    worst = min((r for r in shifted if r["severity"] == 3), key=lambda r: r["accuracy"])
     rows = [test, *far, *([near] if near else []), *covariate]
-    drawn = [
-        figures.examples(source[0], out / "shift-examples.png", args.seed),
+    worst = min((r for r in shifted if r["severity"] == 3), key=lambda r: r["accuracy"])
+    curves = {"test": (ref, labels), worst["case"]: (scored[worst["case"]], labels)}
+    drawn = draw(RESULTS / f"trust-{dataset}", source[0], test, shifted, rows, curves, args.seed)
+    size = base.meta["image_size"]
+    save(f"trust-{dataset}", keys | {
+        "targets": targets(keys, dataset), "dataset": dataset,
+        "runs": {"base": str(base.folder), "held_out": near and near["run"],
+                 "robust": robust and robust["run"]},
+        "data": {"test": base.data["root"], "other": other and str(other),
+                 "synthetic": next((r["data"] for r in far if r["case"] == "synthetic"), None)},
+        "trust": trust_record(base),
+        "settings": json.loads(settings) | {"test_images": len(idx), "shifts_at":
+            f"test images decoded at {args.source_size} px, shifted, resized to {size} px"},
+        "seconds": {"total": round(time.perf_counter() - t0, 1), "load_and_fit": loaded,
+                    "cases": score.seconds},
+        "figures": [str(f.relative_to(REPO) if f.is_relative_to(REPO) else f) for f in drawn],
+        "test": test, "far_ood": far, "near_ood": near, "covariate": covariate, "robust": robust,
+    })  # fmt: skip
+
+
+def draw(
+    out: Path, example: np.ndarray, test: dict[str, Any], shifted: list[dict[str, Any]],
+    rows: list[dict[str, Any]], curves: dict[str, tuple[Scored, np.ndarray]], seed: int,
+) -> list[Path]:  # fmt: skip
+    """The figures of bench/results/trust-<dataset>/."""
+    return [
+        figures.examples(example, out / "shift-examples.png", seed),
         figures.by_severity(test, shifted, out / "by-severity.png"),
         figures.auroc_heatmap(rows, out / "detector-auroc.png"),
         figures.flag_shares(rows, out / "flags.png"),
-        figures.risk_coverage_plot(
-            {"test": (ref, labels), worst["case"]: (scored[worst["case"]], labels)},
-            out / "risk-coverage.png",
-        ),
+        figures.risk_coverage_plot(curves, out / "risk-coverage.png"),
     ]
-    save(
-        f"trust-{dataset}",
-        keys
-        | {
-            "targets": targets(keys, dataset),
-            "dataset": dataset,
-            "runs": {
-                "base": str(base.folder),
-                "held_out": near and near["run"],
-                "robust": robust and robust["run"],
-            },
-            "data": {
-                "test": base.data["root"],
-                "other": other and str(other),
-                "synthetic": next((r["data"] for r in far if r["case"] == "synthetic"), None),
-            },
-            "trust": trust_record(base),
-            "settings": json.loads(settings)
-            | {"test_images": len(idx), "shifts_at": "source size"},
-            "seconds": {"total": round(time.perf_counter() - t0, 1), "cases": score.seconds},
-            "figures": [str(f.relative_to(REPO) if f.is_relative_to(REPO) else f) for f in drawn],
-            "test": test,
-            "far_ood": far,
-            "near_ood": near,
-            "covariate": covariate,
-            "robust": robust,
-        },
-    )
 
 
 if __name__ == "__main__":
