@@ -145,9 +145,9 @@ def render() -> str:
             parts.append(doc.splitlines()[0].replace("``", "`") + "\n\n")
         parts.append("| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n")
         for k in keys:
-            default = _cell(f"`{k.default}`")
-            allowed = _cell(k.allowed)
-            parts.append(f"| `{k.name}` | {k.type} | {default} | {allowed} | {_cell(k.meaning)} |\n")
+            cells = [f"`{k.name}`", k.type, _cell(f"`{k.default}`"), _cell(k.allowed),
+                     _cell(k.meaning)]  # fmt: skip
+            parts.append("| " + " | ".join(cells) + " |\n")
     parts.append(
         "\n## `matrix` (experiment files)\n\n"
         "A mapping from a dotted key to a list of values, e.g. "

@@ -1,24 +1,27 @@
 """What onnxruntime's spin-waiting threads do to the eager PyTorch call timed right after them.
 
-    python bench/ort_spin.py [--size 160] [--threads 2] [--blocks 5] [--repeats 20]
+    python studies/ort_spin.py [--size 160] [--threads 2] [--blocks 5] [--repeats 20]
 
 EfficientNet-Lite0 with random weights (latency does not depend on the values), batch 1. In each
 block: PyTorch alone; then onnxruntime and PyTorch called alternately, once with a session whose
 intra-op threads spin after each run (onnxruntime's default) and once without
 (``prune.export.ort_options``, what medxfer's timings use). Median ms per call in each block;
-the JSON keeps every block. Writes bench/results/ort-spin.json.
+the JSON keeps every block. Writes studies/results/ort-spin/result.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import save
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common, pruning
+
+from _common import STUDY_RESULTS, save
 
 
 def main() -> None:
@@ -69,7 +72,8 @@ def main() -> None:
             print({k: round(v, 2) for k, v in blocks[-1].items()}, flush=True)
     summary = {k: statistics.median(b[k] for b in blocks) for k in blocks[0]}
     print("median over blocks (ms):", {k: round(v, 2) for k, v in summary.items()})
-    save("ort-spin", {"arch": "efficientnet_lite0 (random weights)", "image_size": args.size,
+    save("ort-spin/result", root=STUDY_RESULTS, payload={
+                      "arch": "efficientnet_lite0 (random weights)", "image_size": args.size,
                       "batch": 1, "threads": args.threads, "blocks_ms": blocks,
                       "median_ms": summary,
                       "statistic": "median over blocks of each block's median ms"})  # fmt: skip

@@ -1,7 +1,7 @@
 """Does a channel-pruned model meet issue 3's speed target: at least 1.5x faster on CPU at batch
 1 and 32, within 1.5 points of its dense model's test accuracy?
 
-    python bench/structured_speed.py DENSE_RUN STRUCTURED_DIR [...] [--sizes 160 224]
+    python studies/structured_speed.py DENSE_RUN STRUCTURED_DIR [...] [--sizes 160 224]
         [--threads 1 2] [--blocks 5] [--no-onnxruntime] [--out NAME]
 
 ``DENSE_RUN``: a finished training run; ``STRUCTURED_DIR``: ``medxfer prune-structured
@@ -13,7 +13,7 @@ images (percentile bootstrap). Speed: ``inference_layout.time_rows`` at every th
 input size and batch, in both PyTorch layouts and (if installed) onnxruntime, round-robin in
 independent blocks. ``targets`` says, per backend, input size and thread count, whether the
 speed-up holds at every batch, and whether accuracy holds. Writes
-bench/results/<--out>.json and a figure beside it.
+studies/results/structured-speed/<--out>.json and a figure beside it.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import REPO, RESULTS, abspath, save
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common, pruning
+
+from _common import REPO, STUDY_RESULTS, abspath, save
 from inference_layout import LAYOUTS, ONNX, load, time_rows
 
 from medxfer.errors import MedxferError
@@ -153,7 +157,7 @@ def main() -> None:
     p.add_argument("--no-onnxruntime", action="store_true")
     p.add_argument("--target-speedup", type=float, default=1.5)
     p.add_argument("--target-points", type=float, default=1.5)
-    p.add_argument("--out", default=None, help="default: structured-speed-<structured folder>")
+    p.add_argument("--out", default=None, help="default: the structured folder's name")
     args = p.parse_args()
     infos = {run: _structured_info(run, args.dense) for run in args.structured}
     dense_test = _test(args.dense)  # accuracy first: a run missing its outputs fails before timing
@@ -169,8 +173,9 @@ def main() -> None:
     for t in args.threads:
         torch.set_num_threads(t)
         rows += time_rows(base, args.sizes, args.batches, args.repeats, args.blocks, onnx)
-    name = args.out or f"structured-speed-{args.structured[0].name}"
-    fig = RESULTS / f"{name}.png"
+    name = args.out or args.structured[0].name
+    fig = STUDY_RESULTS / "structured-speed" / f"{name}.png"
+    fig.parent.mkdir(parents=True, exist_ok=True)
     figure(rows, names[0], names[1], args.target_speedup, fig)
     runs = []
     for run, info in infos.items():
@@ -186,7 +191,7 @@ def main() -> None:
         print("  accuracy within", args.target_points, "points:", result["accuracy_met"])
         print("  target met in:", result["met_in"] or "none")
     data = args.structured[0] / "data.json"
-    save(name, {
+    save(f"structured-speed/{name}", root=STUDY_RESULTS, payload={
         "data": json.loads(data.read_text()) if data.exists() else None,
         "dense_run": str(args.dense), "runs": runs, "onnxruntime": onnx,
         "blocks": args.blocks, "repeats": args.repeats,

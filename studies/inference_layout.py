@@ -1,7 +1,7 @@
 """Is CPU inference faster with channels-last (NHWC) tensors, and does it change what structured
 pruning buys?
 
-    python bench/inference_layout.py [--runs DIR ...] [--archs resnet18 ...]
+    python studies/inference_layout.py [--runs DIR ...] [--archs resnet18 ...]
         [--sizes 64 224] [--batches 1 32] [--blocks 5] [--onnxruntime] [--fold]
         [--cuts 2.0 2.5 3.0] [--out NAME]
 
@@ -17,7 +17,7 @@ spread across blocks is the timing noise of this machine). ``--fold``: every mod
 (``medxfer.models.fuse``). ``--cuts``: every ``--archs`` model also channel-pruned (L1, the
 Torch-Pruning call of ``medxfer prune-structured``) to each MACs cut, as
 ``<arch>@<cut>x``: how deep a cut must go for a given CPU speed-up, before training one.
-Writes bench/results/<--out>.json.
+Writes studies/results/inference-layout/<--out>.json.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from _common import abspath, save
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common, pruning
+
+from _common import STUDY_RESULTS, abspath, save
 
 LAYOUTS = ("contiguous", "channels_last")
 ONNX = "onnxruntime"
@@ -171,7 +174,7 @@ def main() -> None:
     p.add_argument("--fold", action="store_true", help="also time BatchNorm-folded copies")
     p.add_argument("--cuts", type=float, nargs="*", default=[],
                    help="MACs cuts: --archs models also channel-pruned to each")  # fmt: skip
-    p.add_argument("--out", default="inference-layout")
+    p.add_argument("--out", default="result")
     args = p.parse_args()
     if not args.runs and not args.archs:
         p.error("give --runs or --archs")
@@ -182,7 +185,7 @@ def main() -> None:
     cuts = add_cuts(base, args.archs, args.cuts, min(args.sizes)) if args.cuts else None
     folded = add_folded(base, min(args.sizes)) if args.fold else None
     rows = time_rows(base, args.sizes, args.batches, args.repeats, args.blocks, args.onnxruntime)
-    save(args.out, {
+    save(f"inference-layout/{args.out}", root=STUDY_RESULTS, payload={
         "models": sources, "cuts": cuts, "batchnorms_folded": folded,
         "baseline": next(iter(base)), "threads": torch.get_num_threads(), "blocks": args.blocks,
         "repeats": args.repeats, "statistic": "median over blocks of each block's median ms",

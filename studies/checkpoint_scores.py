@@ -1,6 +1,6 @@
 """Which dense weights does a lottery start from, and how do they score?
 
-    python bench/checkpoint_scores.py LOTTERY_DIR [--out NAME]
+    python studies/checkpoint_scores.py LOTTERY_DIR [--out NAME]
 
 A lottery prunes the dense level 0's *final* weights (``last.pt``, as open_lth does; with
 ``prune.weights: best`` its best.pt instead); the learning-rate rewinding ticket, the
@@ -10,7 +10,7 @@ its *best* checkpoint on validation (``best.pt``, ``metrics.json``). This evalua
 weights on validation and test with the run's own config (its splits, its eval settings) and
 sets every run of the lottery beside both: scores, recall per class, and how often each
 pruned model's test prediction agrees with each dense checkpoint's. Writes
-bench/results/<--out>.json.
+studies/results/checkpoint-scores/<--out>.json.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, abspath, save
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common, pruning
+
+from _common import REPO, STUDY_RESULTS, abspath, save
 
 from medxfer.errors import MedxferError
 
@@ -57,7 +60,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("lottery", type=abspath)
-    p.add_argument("--out", default="checkpoint-scores")
+    p.add_argument("--out", default="result")
     args = p.parse_args()
     dense = args.lottery / "level_0" / "dense"
     if not (dense / "metrics.json").exists() or not (dense / "last.pt").exists():
@@ -84,7 +87,7 @@ def main() -> None:
             "test_agreement_with_dense_final": float((predicted == final["test_predicted"]).mean()),
         }
     dense_final = {k: v for k, v in final.items() if not k.endswith("_predicted")}
-    save(args.out, {
+    save(f"checkpoint-scores/{args.out}", root=STUDY_RESULTS, payload={
         "lottery": str(args.lottery),
         "dense_best": {"epoch": best.get("best_epoch"), "val": _scores(best["val"]),
                        "test": _scores(best["test"])},

@@ -1,22 +1,26 @@
 """Which fine-tuning learning rate should `medxfer prune-structured` default to?
 
-    python bench/structured_lr.py <dense run> [<dense run> ...] [--scales 0.3 1.0]
+    python studies/structured_lr.py <dense run> [<dense run> ...] [--scales 0.3 1.0]
         [--speedup 2.5] [--epochs 8] [--out-dir DIR]
 
 The default `prune.structured_lr_scale` (0.3x the dense run's learning rate) was set before the
 pruning benchmark measured 1.0x better, but that comparison also changed the epochs (3 -> 8).
 This runs `medxfer prune-structured` on the same dense runs with the same ratio and epochs and
 only the scale changed (no latency: accuracy is the question), and records val and test
-accuracy of each. Writes bench/results/structured-lr.json.
+accuracy of each. Writes studies/results/structured-lr/result.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
-from _common import REPO, abspath, medxfer_cmd, run, save
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common, pruning
+
+from _common import REPO, STUDY_RESULTS, abspath, medxfer_cmd, run, save
 
 
 def main() -> None:
@@ -53,7 +57,11 @@ def main() -> None:
             })  # fmt: skip
             print({k: rows[-1][k] for k in ("dense_run", "lr_scale", "val_balanced_accuracy",
                                              "test_accuracy", "seconds")})  # fmt: skip
-    save("structured-lr", {"speedup": args.speedup, "epochs": args.epochs, "rows": rows})
+    save(
+        "structured-lr/result",
+        {"speedup": args.speedup, "epochs": args.epochs, "rows": rows},
+        STUDY_RESULTS,
+    )
 
 
 if __name__ == "__main__":

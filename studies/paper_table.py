@@ -1,13 +1,14 @@
 """Collect finished experiment folders into the paper's results table.
 
-    python bench/paper_table.py runs/experiments/cpu-brain-tumor runs/experiments/cpu-pneumonia \
+    python studies/paper_table.py runs/experiments/cpu-brain-tumor runs/experiments/cpu-pneumonia \
         --ran-on runs/bench/gpu/paper/experiments/paper-brain-tumor="lent NVIDIA H200 ..."
 
-writes bench/results/paper-table.json (``rows``: dataset, arch, weights, tuned, pruned, sparsity,
-test accuracy and balanced accuracy with 95% intervals, the command, where it ran) and
-paper-table.md; the table itself is ``medxfer paper-table``'s. Each experiment also gets its
-stage times (from its ``stages/*.json`` markers: every part of a resumed stage). Without
-folders: every folder under runs/experiments/. Folders not named in ``--ran-on`` ran here.
+writes studies/results/paper-table/paper-table.json (``rows``: dataset, arch, weights, tuned,
+pruned, sparsity, test accuracy and balanced accuracy with 95% intervals, the command, where
+it ran) and paper-table.md; the table itself is ``medxfer paper-table``'s. Each experiment
+also gets its stage times (from its ``stages/*.json`` markers: every part of a resumed
+stage). Without folders: every folder under runs/experiments/. Folders not named in
+``--ran-on`` ran here.
 
 ``--keep-committed`` adds the given experiments to the committed table instead of replacing
 it: its rows, stage times and notes stay for every experiment not given again (their folders
@@ -22,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, RESULTS, machine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common, pruning
+
+from _common import REPO, STUDY_RESULTS, machine
 
 from medxfer.cli import main
 from medxfer.experiment.spec import STAGES
@@ -90,7 +93,7 @@ def main_() -> int:
         where[Path(folder).resolve().name] = text
         if Path(folder) not in dirs:
             dirs.append(Path(folder))
-    out = RESULTS / "paper-table.json"
+    out = STUDY_RESULTS / "paper-table" / "paper-table.json"
     kept = json.loads(out.read_text()) if args.keep_committed else {}
     kept_md = out.with_suffix(".md").read_text() if kept else ""
     rc = main(["paper-table", *map(str, dirs), "--out", str(out)])

@@ -1,6 +1,6 @@
 """How far single runs scatter on a test split: one training protocol, several seeds.
 
-    python bench/seeds.py chest-xray-pneumonia [--seeds 0 1 2 3 4] [--data-root ../shared/data]
+    python studies/seeds.py chest-xray-pneumonia [--seeds 0 1 2 3 4] [--data-root ../shared/data]
 
 Trains the dense level 0 of bench/pruning.py (`efficientnet_lite0` from the offline ImageNet
 weights, 64 px, 3 epochs, AdamW 1e-3, label smoothing 0.1) once per `train.seed`, everything
@@ -17,9 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common, pruning
+
+from _common import REPO, SHARED_DATA, STUDY_RESULTS, abspath, medxfer_cmd, run, save
 from pruning import COMMON_UNSEEDED, PROTOCOLS
 
 from medxfer.evaluate.metrics import split_shift
@@ -42,7 +46,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench" / "seeds")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
-    p.add_argument("--name-suffix", default="", help="bench/results/seeds-<dataset><suffix>.json")
+    p.add_argument("--name-suffix", default="", help="studies/results/seeds/<dataset><suffix>.json")
     args = p.parse_args()
     if len(args.seeds) < 2:
         p.error("give at least two seeds: one run has no scatter")
@@ -90,7 +94,7 @@ def main() -> None:
     }
     keys = ("test_accuracy", "val_balanced_accuracy", "shifted_classes_per_seed")
     print(json.dumps({k: out[k] for k in keys}, indent=2))
-    save(f"seeds-{args.dataset}{args.name_suffix}", out)
+    save(f"seeds/{args.dataset}{args.name_suffix}", out, STUDY_RESULTS)
 
 
 if __name__ == "__main__":

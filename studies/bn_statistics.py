@@ -1,6 +1,6 @@
 """BatchNorm statistics after training and at a new site, measured on finished runs.
 
-    python bench/bn_statistics.py NAME RUN [RUN ...] [--extra train.threads=2]
+    python studies/bn_statistics.py NAME RUN [RUN ...] [--extra train.threads=2]
 
 For each trained run (a `medxfer train` folder, or a lottery level's `dense`/`ticket` folder),
 rebuilt from its own config.yaml and best.pt, without training anything:
@@ -13,20 +13,24 @@ rebuilt from its own config.yaml and best.pt, without training anything:
    the rule's model: 2-fold cross-fitted (statistics from one half of the test images, scored on
    the other), so no image is scored by statistics it shaped.
 
-Writes bench/results/bn-statistics-NAME.json.
+Writes studies/results/bn-statistics/NAME.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from _common import abspath, save
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common, pruning
+
+from _common import STUDY_RESULTS, abspath, save
 
 from medxfer.config import load_config
 from medxfer.evaluate.adapt import cross_fitted_check
@@ -136,13 +140,13 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("name", help="results go to bench/results/bn-statistics-NAME.json")
+    p.add_argument("name", help="results go to studies/results/bn-statistics/NAME.json")
     p.add_argument("runs", type=abspath, nargs="+")
     p.add_argument("--extra", nargs="*", default=[], help="overrides, e.g. train.threads=2")
     args = p.parse_args()
     torch.manual_seed(0)
     rows = [measure(r, args.extra) for r in args.runs]
-    save(f"bn-statistics-{args.name}", {
+    save(f"bn-statistics/{args.name}", root=STUDY_RESULTS, payload={
         "runs": rows,
         "protocol": "each run rebuilt from its config.yaml and best.pt (pruning masks folded in); "
                     "recalibration on the un-augmented training split (eval batch size, seeded "

@@ -1,6 +1,6 @@
 """Is the 80% lottery ticket within 1 point of dense, beyond the scatter of single runs?
 
-    python bench/ticket_seeds.py chest-xray-pneumonia [--seeds 0 1 2 3 4] [--rewind init]
+    python studies/ticket_seeds.py chest-xray-pneumonia [--seeds 0 1 2 3 4] [--rewind init]
 
 For each `train.seed`, one lottery of bench/pruning.py's protocol (`efficientnet_lite0` from the
 offline ImageNet weights, 64 px, 3 epochs; dense level 0, then `--levels` levels to 80% global
@@ -11,7 +11,7 @@ trained without them, and the result also gives the paired ticket-minus-control 
 over seeds (issue 3: the 80% ticket must beat both controls). Reports per seed the dense and
 the 80% ticket's test accuracy and their paired difference; over seeds, the mean difference
 with a 95% t-interval. Issue 3 asks for the ticket within 1 point of dense: a single pair
-cannot say it (two single runs differ by about 2 points, bench/results/seeds-*.json); the
+cannot say it (two single runs differ by about 2 points, studies/results/seeds/*.json); the
 paired mean over seeds can. The data split is fixed
 (`data.split_seed` 0); the seed changes the head's initialisation, the batch order and the
 augmentation. The same pairs on the validation split (carved from the training split) tell
@@ -24,10 +24,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save, training_seconds
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common, pruning
+
+from _common import (
+    REPO,
+    SHARED_DATA,
+    STUDY_RESULTS,
+    abspath,
+    medxfer_cmd,
+    run,
+    save,
+    training_seconds,
+)
 from pruning import COMMON_UNSEEDED, PROTOCOLS
 from scipy import stats
 from seeds import summary
@@ -126,7 +138,7 @@ def combined(
         old_protocol, old_runs = old["protocol"], old["runs"]
     except (OSError, ValueError, KeyError) as err:
         raise MedxferError(f"cannot read a ticket-seeds result from {path}: {err!r}",
-                           fix="pass a bench/results/ticket-seeds-*.json") from None  # fmt: skip
+                           fix="pass a studies/results/ticket-seeds/*.json") from None  # fmt: skip
     restored = [o for o in protocol if o in ADDED_SINCE and o not in old_protocol["overrides"]]
     same = [o for o in protocol if o not in restored]
     if old_protocol != {"overrides": same, "lottery": lottery}:
@@ -273,7 +285,11 @@ def main() -> None:
             indent=2,
         )
     )
-    save(f"ticket-seeds-{args.dataset}-{tag}{'-controls' if args.controls else ''}", out_json)
+    save(
+        f"ticket-seeds/{args.dataset}-{tag}{'-controls' if args.controls else ''}",
+        out_json,
+        STUDY_RESULTS,
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ Images come from scikit-image's bundled data (read from its package folder, no d
 matplotlib's and scikit-learn's bundled sample images. scikit-image is a bench-only
 dependency. Class names come from ``timm.data.ImageNetInfo`` (shipped with timm).
 
-Run: ``.venv/bin/python bench/lite0_normalization.py``
-Writes ``bench/results/lite0-normalization.json``.
+Run: ``.venv/bin/python studies/lite0_normalization.py``
+Writes ``studies/results/lite0-normalization/result.json``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results" / "lite0-normalization.json"
+OUT = ROOT / "studies" / "results" / "lite0-normalization" / "result.json"
 
 RESIZE = 256
 # Mean RGB colour of ImageNet train pixels in [0, 1] (the numbers behind torchvision's
