@@ -156,7 +156,7 @@ class PruneConfig:
     structured_speedup: float = 2.0  # MACs cut the ratio is chosen for (CPU time falls less)
     structured_epochs: int = 0  # fine-tuning epochs; 0 = train.epochs of the dense run
     # fine-tuning learning rate = train.lr * this; 1.0 beat 0.3 on validation at equal epochs
-    # (bench/results/structured-lr.json: brain +5.6 points balanced accuracy, chest -0.6)
+    # (studies/results/structured-lr/result.json: brain +5.6 points balanced accuracy, chest -0.6)
     structured_lr_scale: float = 1.0
     # > 0: the dense model teaches its pruned copy while it is fine-tuned (knowledge
     # distillation, this weight on the soft term, 1 - it on the labels); 0 = labels only
