@@ -114,7 +114,9 @@ def sections() -> list[tuple[str, type, list[Key]]]:
     from medxfer.experiment.spec import ReportOptions, Stages
 
     hints = typing.get_type_hints(ExperimentConfig)
-    out = [("Top level", ExperimentConfig, section_keys(ExperimentConfig, ""))]
+    out: list[tuple[str, type, list[Key]]] = [
+        ("Top level", ExperimentConfig, section_keys(ExperimentConfig, ""))
+    ]
     for f in dataclasses.fields(ExperimentConfig):
         typ = hints[f.name]
         if dataclasses.is_dataclass(typ):
