@@ -1,4 +1,6 @@
-"""Shared helpers for the benchmarks: machine facts, JSON output, running commands."""
+"""Shared helpers of the benchmarks (bench/) and the studies (studies/): machine facts, JSON
+output, running commands. A benchmark writes bench/results/<name>/<variant>.json, a study
+studies/results/<name>/<variant>.json."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from medxfer.errors import MedxferError
 REPO = Path(__file__).resolve().parents[1]
 # MEDXFER_BENCH_RESULTS: write elsewhere (the tests do, to leave the committed results alone)
 RESULTS = Path(os.environ.get("MEDXFER_BENCH_RESULTS") or REPO / "bench" / "results")
+STUDY_RESULTS = Path(os.environ.get("MEDXFER_BENCH_RESULTS") or REPO / "studies" / "results")
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -117,9 +120,10 @@ def medxfer_cmd() -> list[str]:
     return [sys.executable, "-m", "medxfer"]
 
 
-def save(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+def save(name: str, payload: dict[str, Any], root: Path = RESULTS) -> Path:
+    """Writes ``root/<name>.json``; ``name`` is ``<benchmark>/<variant>``."""
+    out = root / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
         "command": shlex.join([sys.executable, *sys.argv]),

@@ -18,7 +18,7 @@ import argparse
 import json
 from typing import Any
 
-from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
+from _common import REPO, RESULTS, SHARED_DATA, abspath, medxfer_cmd, run, save
 
 from medxfer.evaluate.metrics import run_summary
 
@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every variant")
     p.add_argument(
-        "--tag", default="", help="a protocol variant: accuracy-<dataset>-<tag>.json, own runs"
+        "--tag", default="", help="a protocol variant: accuracy/<dataset>-<tag>.json, own runs"
     )
     args = p.parse_args()
     data = args.data_root / args.dataset
@@ -74,8 +74,8 @@ def main() -> None:
         else ["imagenet", "scratch"]
     )
     stem = f"{args.dataset}-{args.tag}" if args.tag else args.dataset
-    out_name = f"accuracy-{stem}"
-    out_path = REPO / "bench" / "results" / f"{out_name}.json"
+    out_name = f"accuracy/{stem}"
+    out_path = RESULTS / f"{out_name}.json"
     results: dict[str, Any] = {}
     if out_path.exists():  # keep variants measured by an earlier call
         results = {k: v for k, v in json.loads(out_path.read_text()).items() if k in VARIANTS}

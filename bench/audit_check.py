@@ -32,7 +32,7 @@ from medxfer.errors import MedxferError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "brain-tumor-mri"
-DEFAULT_OUT = REPO / "bench" / "results" / "audit-brain-tumor-mri.json"
+DEFAULT_OUT = REPO / "bench" / "results" / "audit" / "brain-tumor-mri.json"
 THRESHOLDS = (0.98, 0.99, 0.995, 0.998, 0.999)
 CHOSEN = 0.99
 NOTES = (

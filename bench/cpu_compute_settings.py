@@ -77,7 +77,7 @@ def main() -> None:
         table[arch] = row
         print(json.dumps({arch: row}), flush=True)
     save(
-        "cpu-compute-settings",
+        "cpu-compute-settings/result",
         {"images_per_s": table, "size": 224, "batch_size": 32, "steps": args.steps},
     )
 

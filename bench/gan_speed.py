@@ -49,14 +49,14 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[24, 64])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--name", default="gan-speed")
+    p.add_argument("--name", default="result", help="bench/results/gan-speed/<name>.json")
     args = p.parse_args()
     rows = []
     for size in args.sizes:
         for width in args.widths:
             rows.append(steps_per_second(size, width, args.batch, args.steps))
             print(rows[-1], flush=True)
-    save(args.name, {"rows": rows, "n_critic": 5, "timed_steps": args.steps})
+    save(f"gan-speed/{args.name}", {"rows": rows, "n_critic": 5, "timed_steps": args.steps})
 
 
 if __name__ == "__main__":

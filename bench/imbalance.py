@@ -11,7 +11,7 @@ oversample (real images drawn class-balanced), gan and gan+class_weight (a class
 WGAN-GP trained on the training split only, for a fixed number of minutes; its samples fill
 every minority class up to --gan-ratio x the largest class). The test split is the dataset's
 official one, never used for training or model selection. Writes
-bench/results/imbalance-<dataset>[-<variant>].json.
+bench/results/imbalance/<dataset>[-<variant>].json.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
         "run_dir": str(out),
     }
     print(summary["verdict"] and "\n".join(summary["verdict"]))
-    save(f"imbalance-{name}", result)
+    save(f"imbalance/{name}", result)
 
 
 if __name__ == "__main__":

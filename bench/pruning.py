@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--out-dir", type=abspath, default=REPO / "runs" / "bench")
     p.add_argument("--levels", type=int, default=4, help="pruning levels to reach 80%%")
     p.add_argument("--rewind", default="init",
-                   help="init | epoch:K | lr (results of another than init: pruning-<dataset>-"
+                   help="init | epoch:K | lr (results of another than init: pruning/<dataset>-"
                    "rewind-<...>[-<N>levels].json; use another --out-dir)")  # fmt: skip
     p.add_argument(
         "--lottery-only",
@@ -131,7 +131,7 @@ def main() -> None:
         help="the lottery and its export only (no structured pruning, no timing)",
     )
     p.add_argument("--structured-speedup", type=float, default=2.5, help="MACs cut to aim at")
-    # what bench/results/pruning-*.json were measured with (3 epochs at 0.3x lost 12.6 points)
+    # what bench/results/pruning/*.json were measured with (3 epochs at 0.3x lost 12.6 points)
     p.add_argument("--structured-epochs", type=int, default=8)
     p.add_argument(
         "--structured-lr-scale", type=float, default=1.0, help="fine-tune LR / the dense run's"
@@ -181,7 +181,7 @@ def main() -> None:
         "compressed_bytes": sizes["compact"]["raw_bytes"], "sizes": sizes,
         "lottery_training_seconds": training_seconds(lottery),
     }  # fmt: skip
-    name = f"pruning-{args.dataset}{suffix}{args.name_suffix}"
+    name = f"pruning/{args.dataset}{suffix}{args.name_suffix}"
     if args.lottery_only:
         lottery_only = {"targets": targets(dense, rows, sizes, None)}
         save(

@@ -21,7 +21,7 @@ In 2 and 3 (pure label shifts: the images of each class are validation's), the t
 assumption (`label_shift_test`, 100 bootstrap draws there) should reject rarely: its rejection
 rate at 5% is recorded; on the official test split its p-value is.
 
-Writes bench/results/shift-check-<dataset>.json.
+Writes bench/results/shift-check/<dataset>.json.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def main() -> None:
             vals.append(float(v))
         return statistics.fmean(vals)
 
-    save(f"shift-check-{args.dataset}", {
+    save(f"shift-check/{args.dataset}", {
         "dataset": args.dataset,
         "data": str(args.data_root / args.dataset),
         "alpha": ALPHA,

@@ -14,7 +14,7 @@ class mix (0.6, 0.3, 0.1) and a new set of mix (0.2, 0.3, 0.5):
   0.4, 0.3, 0.3) and, harder, at 20% (mix 0.2, 0.3, 0.5): the test should reject (its power).
 
 For three sizes (validation / new images): 400 / 300, 800 / 600, 200 / 1000. Writes
-bench/results/shift-simulation.json.
+bench/results/shift-simulation/result.json.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
             "seconds": round(time.perf_counter() - t0, 1),
         })  # fmt: skip
         print(rows[-1])
-    save("shift-simulation", {"alpha": ALPHA, "draws": args.draws,
+    save("shift-simulation/result", {"alpha": ALPHA, "draws": args.draws,
                               "n_bootstrap": args.bootstrap, "sizes": rows})  # fmt: skip
 
 

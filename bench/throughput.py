@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
+from _common import REPO, RESULTS, SHARED_DATA, abspath, medxfer_cmd, run, save
 
 
 def ceiling(arch: str, size: int, batch: int, steps: int, warmup: int = 3) -> dict[str, Any]:
@@ -161,7 +161,7 @@ def main() -> None:
         print(
             json.dumps({arch: {k: v for k, v in r.items() if not isinstance(v, dict)}}), flush=True
         )
-    out_path = Path(__file__).parent / "results" / "throughput.json"
+    out_path = RESULTS / "throughput" / "result.json"
     if out_path.exists():  # keep architectures measured by an earlier call (with their dates)
         earlier = json.loads(out_path.read_text())
         if "efficientnet_lite0" not in results and "medxfer" in earlier:
@@ -185,7 +185,7 @@ def main() -> None:
             "fraction_of_ceiling": 0.9,
         },
     }
-    save("throughput", payload)
+    save("throughput/result", payload)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ PROTOCOL = [
 ]
 # One torch thread per study: the benchmark shares this 2-core machine with other jobs, and
 # a single thread keeps both studies' load alike (v1, 5 epochs per trial and 2 threads, is
-# kept in tuning-brain-tumor-mri-v1-5epochs.json: too few epochs for pruning to pay).
+# tuning-brain-tumor-mri-v1-5epochs.json in the git history: too few epochs for pruning to
+# pay).
 VARIANTS = {
     "unpruned": ["tune.pruner=none", "train.threads=1"],
     "pruned": ["tune.pruner=halving", "train.threads=1"],
@@ -197,7 +198,7 @@ def main() -> None:
         and out["parallel_workers"]["n_trials"] == args.parallel_trials,
     }
     print(json.dumps(out["targets"], indent=2))
-    save(f"tuning-{args.dataset}", out)
+    save(f"tuning/{args.dataset}", out)
 
 
 if __name__ == "__main__":

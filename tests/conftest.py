@@ -32,10 +32,11 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def bench_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleType]]:
-    """Imports a module of bench/ by name, without keeping what bench/_common.py installs
-    process-wide (its excepthook and SIGTERM handler) past the test."""
+    """Imports a module of bench/ or studies/ by name, without keeping what bench/_common.py
+    installs process-wide (its excepthook and SIGTERM handler) past the test."""
     hook, term = sys.excepthook, signal.getsignal(signal.SIGTERM)
     monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO / "studies"))
     yield importlib.import_module
     sys.excepthook = hook
     signal.signal(signal.SIGTERM, term)

@@ -8,11 +8,12 @@ from pathlib import Path
 from subproc import run as run_diagnosed
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+STUDIES = BENCH.parent / "studies"
 
 
 def test_bench_bad_input_is_one_clear_message(tmp_path: Path) -> None:
     cmd = [sys.executable, "inference_layout.py", "--runs", str(tmp_path / "no-run")]
-    r = run_diagnosed(cmd, cwd=BENCH, timeout=300)
+    r = run_diagnosed(cmd, cwd=STUDIES, timeout=300)
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: no checkpoint at {tmp_path / 'no-run'}")
     assert "fix: pass a run folder" in r.stderr and "Traceback" not in r.stderr
@@ -26,7 +27,7 @@ def test_audit_check_without_its_reference_list(tmp_path: Path) -> None:
 
 
 def test_ort_spin_bench_runs_and_records_every_block(tmp_path: Path) -> None:
-    """bench/ort_spin.py on a tiny budget: both onnxruntime sessions and the PyTorch calls timed
+    """studies/ort_spin.py on a tiny budget: both onnxruntime sessions and the PyTorch calls timed
     beside each, one median per block, the JSON where MEDXFER_BENCH_RESULTS points."""
     import json
     import os
@@ -34,9 +35,9 @@ def test_ort_spin_bench_runs_and_records_every_block(tmp_path: Path) -> None:
     env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(tmp_path)}
     cmd = [sys.executable, "ort_spin.py", "--size", "32", "--threads", "1", "--blocks", "2",
            "--repeats", "1"]  # fmt: skip
-    r = run_diagnosed(cmd, cwd=BENCH, timeout=300, env=env)
+    r = run_diagnosed(cmd, cwd=STUDIES, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads((tmp_path / "ort-spin.json").read_text())
+    out = json.loads((tmp_path / "ort-spin" / "result.json").read_text())
     keys = {"torch_alone", "ort_spinning", "torch_after_ort_spinning", "ort_no_spin",
             "torch_after_ort_no_spin"}  # fmt: skip
     assert len(out["blocks_ms"]) == 2 and all(set(b) == keys for b in out["blocks_ms"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from subproc import run as run_diagnosed
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[1] / "studies"
 
 
 @pytest.fixture

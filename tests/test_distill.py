@@ -20,7 +20,7 @@ from medxfer.errors import MedxferError
 from medxfer.train.checkpoint import load_checkpoint
 from medxfer.train.distill import DistillationLoss, Teacher
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[1] / "studies"
 
 
 def _net(seed: int) -> nn.Module:
@@ -118,7 +118,7 @@ def test_prune_structured_distills(
     dist = json.loads((tmp_path / "distilled" / "history.json").read_text())
     assert plain[0]["train_loss"] != pytest.approx(dist[0]["train_loss"])
 
-    # bench/structured_speed.py on both (one network: timed once), results kept in tmp_path
+    # studies/structured_speed.py on both (one network: timed once), results kept in tmp_path
     results = tmp_path / "results"
     cmd = [sys.executable, "structured_speed.py", str(dense), str(tmp_path / "plain"),
            str(tmp_path / "distilled"), "--sizes", "32", "--batches", "1", "2", "--threads", "1",
@@ -126,7 +126,7 @@ def test_prune_structured_distills(
     r = run_diagnosed(cmd, cwd=BENCH, timeout=600,
                        env={**os.environ, "MEDXFER_BENCH_RESULTS": str(results)})  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads((results / "t.json").read_text())
+    out = json.loads((results / "structured-speed" / "t.json").read_text())
     assert [Path(x["structured_run"]).name for x in out["runs"]] == ["plain", "distilled"]
     assert {x["timed_as"] for x in out["runs"]} == {"plain"}
     for x, name in zip(out["runs"], ("plain", "distilled"), strict=True):
@@ -134,7 +134,7 @@ def test_prune_structured_distills(
         dense_test = json.loads((dense / "metrics.json").read_text())["test"]["accuracy"]
         assert x["accuracy"]["difference"]["points"] == pytest.approx(100 * (test - dense_test))
         assert {c["image_size"] for c in x["targets"]["cases"]} == {32}
-    assert (results / "t.png").is_file()
+    assert (results / "structured-speed" / "t.png").is_file()
     (tmp_path / "other").mkdir()
     bad = [sys.executable, "structured_speed.py", str(dense), str(tmp_path / "other")]
     r = run_diagnosed(bad, cwd=BENCH, timeout=300)

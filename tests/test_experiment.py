@@ -22,7 +22,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_experiment_files_are_also_train_configs() -> None:
     paths = sorted((REPO / "configs").glob("*.yaml"))
-    assert len(paths) >= 6
+    assert len(paths) >= 5
     for path in paths:
         cfg = load_config(path)  # what `medxfer train --config` does: extra keys are ignored
         exp = load_experiment(path)
@@ -30,23 +30,18 @@ def test_experiment_files_are_also_train_configs() -> None:
     paper = load_experiment(REPO / "configs" / "paper-brain-tumor.yaml")
     assert [c.cfg.model.arch for c in paper.cells()] == ["googlenet", "resnet50", "efficientnet_b0"]
     assert all(c.cfg.tune.n_trials == 20 and c.cfg.data.image_size == 224 for c in paper.cells())
-    cpu = load_experiment(REPO / "configs" / "cpu-pneumonia.yaml")
+    cpu = load_experiment(REPO / "configs" / "pneumonia-cpu.yaml")
     assert cpu.base.model.arch == "efficientnet_lite0" and cpu.base.model.weights == "imagenet"
 
 
-def test_oversampled_chest_file_changes_only_the_sampling() -> None:
-    """Its header says: configs/cpu-pneumonia-192.yaml with the training split sampled per class
-    (and without the fine-tuning baseline that file added later)."""
-    base = load_experiment(REPO / "configs" / "cpu-pneumonia-192.yaml").base.to_dict()
-    over = load_experiment(REPO / "configs" / "cpu-pneumonia-192-oversample.yaml").base.to_dict()
-    assert over["train"].pop("weighted_sampling") is True
-    assert base["train"].pop("weighted_sampling") is False
-    assert over["prune"].pop("finetune") is False and base["prune"].pop("finetune") is True
-    assert (over.pop("name"), base.pop("name")) == (
-        "cpu-pneumonia-192-oversample",
-        "cpu-pneumonia-192",
-    )
-    assert over == base
+def test_configs_are_the_ones_a_user_chooses_from() -> None:
+    """One demo, one CPU-sized file per dataset, the paper files; each says what it costs."""
+    names = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    assert names == ["brain-tumor-cpu.yaml", "demo.yaml", "paper-brain-tumor.yaml",
+                     "paper-pneumonia.yaml", "pneumonia-cpu.yaml"]  # fmt: skip
+    for name in names:
+        header = (REPO / "configs" / name).read_text().split("\nname:")[0]
+        assert "Cost" in header or "minutes" in header, name
 
 
 def test_matrix_cells_and_overrides(tmp_path: Path) -> None:
@@ -259,7 +254,8 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
     lottery folder and the prune stage's fingerprint as they were, so a finished experiment is
     not pruned again after an upgrade; ``prune-structured``'s keys never touch them. Pinned:
     the name of a folder made before the distillation keys existed (``medxfer run
-    configs/cpu-pneumonia-192.yaml prune.rewind=init prune.controls=false``, results table)."""
+    configs/cpu-pneumonia-192.yaml prune.rewind=init prune.controls=false``, results table; that
+    file is configs/pneumonia-cpu.yaml under another name)."""
     import copy
 
     from medxfer.experiment.stages import Context, fingerprint, lottery_dir
@@ -269,7 +265,7 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
     extras = ([], ["prune.distill=0.7"], ["prune.structured_distill=0.7"],
               ["prune.weights=last"], ["prune.weights=best"])  # fmt: skip
     for extra in extras:
-        exp = load_experiment(REPO / "configs" / "cpu-pneumonia-192.yaml", [*over, *extra])
+        exp = load_experiment(REPO / "configs" / "pneumonia-cpu.yaml", [*over, *extra])
         cell = exp.cells()[0]
         ctx = Context(exp, cell, copy.deepcopy(cell.cfg), "medxfer run")
         names[len(extra) and extra[0]] = lottery_dir(ctx).name, fingerprint("prune", ctx)
@@ -283,14 +279,16 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
 def test_gan_folder_name_survives_the_quality_size_key() -> None:
     """``gan.quality_size`` (added later) at its default leaves the gan stage's fingerprint, so
     a finished experiment's GAN is not trained again after an upgrade. Pinned: the value the
-    code gave before the key existed, for ``configs/cpu-pneumonia.yaml``."""
+    code gave before the key existed, for ``configs/cpu-pneumonia.yaml`` (since merged into
+    ``configs/pneumonia-cpu.yaml``: its GAN study is that file at 160 px, 5 epochs)."""
     import copy
 
     from medxfer.experiment.stages import Context, fingerprint
 
     prints = {}
     for extra in ([], ["gan.quality_size=64"]):
-        exp = load_experiment(REPO / "configs" / "cpu-pneumonia.yaml", extra)
+        old = ["data.image_size=160", "train.epochs=5"]
+        exp = load_experiment(REPO / "configs" / "pneumonia-cpu.yaml", [*old, *extra])
         cell = exp.cells()[0]
         prints[len(extra)] = fingerprint("gan", Context(exp, cell, copy.deepcopy(cell.cfg), "x"))
     assert prints[0] == "7cc16df51d" and prints[1] != prints[0]

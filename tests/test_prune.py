@@ -51,7 +51,7 @@ FAST = [
     "train.batch_size=8", "train.steps_per_epoch=1", "train.eval_batch_size=128",
     "eval.n_bootstrap=20", "train.optimizer=sgd",  # SGD: half of AdamW's state to checkpoint
 ]  # fmt: skip
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
 LOTTERY = ["--levels", "1", "--fraction", "0.2", "--rewind", "epoch:1"]
 
 
@@ -471,13 +471,13 @@ def test_lottery_can_prune_the_epoch_validation_chose(
 
 
 def test_checkpoint_scores_bench(lottery: Path, tmp_path: Path) -> None:
-    """bench/checkpoint_scores.py: the dense final weights evaluated with the run's config, and
+    """studies/checkpoint_scores.py: the dense final weights evaluated with the run's config, and
     every run of the lottery beside the best and the final dense checkpoint."""
     env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(tmp_path)}
     cmd = [sys.executable, "checkpoint_scores.py", str(lottery), "--out", "t"]
-    r = run_diagnosed(cmd, cwd=BENCH, timeout=600, env=env)
+    r = run_diagnosed(cmd, cwd=STUDIES, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads((tmp_path / "t.json").read_text())
+    out = json.loads((tmp_path / "checkpoint-scores" / "t.json").read_text())
     dense = json.loads((run_dir(lottery, 0, "dense") / "metrics.json").read_text())
     assert out["dense_best"]["test"]["accuracy"] == dense["test"]["accuracy"]
     assert out["dense_final"]["epoch"] == 3 and 0 <= out["dense_final"]["test"]["accuracy"] <= 1
@@ -485,7 +485,7 @@ def test_checkpoint_scores_bench(lottery: Path, tmp_path: Path) -> None:
                                 "level_1/random_mask"}  # fmt: skip
     assert out["runs"]["level_0/dense"]["test_agreement_with_dense_best"] == 1.0
     assert out["pruned_weights"] == "last" and "dense_final (last.pt)" in out["note"]
-    r = run_diagnosed([sys.executable, "checkpoint_scores.py", str(tmp_path)], cwd=BENCH,
+    r = run_diagnosed([sys.executable, "checkpoint_scores.py", str(tmp_path)], cwd=STUDIES,
                        timeout=300)  # fmt: skip
     assert r.returncode == 2 and "holds no finished dense level 0" in r.stderr
 

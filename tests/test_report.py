@@ -313,18 +313,17 @@ def test_paper_table_reads_a_moved_experiment(demo: Path, tmp_path: Path) -> Non
         Path(m["outputs"]["evaluation"]).parts[-2:]
     )
     marker.write_text(json.dumps(m))
-    out = tmp_path / "t.json"
-    assert main(["paper-table", str(moved), "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    assert main(["paper-table", str(moved)]) == 0  # no --out: into the experiment folder
+    rows = json.loads((moved / "paper-table.json").read_text())["rows"]
     assert len(rows) == 2 and {r["experiment"] for r in rows} == {"demo-copy"}
 
 
 def test_paper_table_bench_keeps_the_committed_table_on_a_name_clash(
     demo: Path, tmp_path: Path
 ) -> None:
-    """bench/paper_table.py --keep-committed refuses to replace a committed experiment's rows
+    """studies/paper_table.py --keep-committed refuses to replace a committed experiment's rows
     and leaves both the JSON and its markdown twin as they were."""
-    script = Path(__file__).resolve().parents[1] / "bench" / "paper_table.py"
+    script = Path(__file__).resolve().parents[1] / "studies" / "paper_table.py"
     env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(tmp_path)}
 
     def bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -332,11 +331,11 @@ def test_paper_table_bench_keeps_the_committed_table_on_a_name_clash(
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
     assert bench().returncode == 0
-    before = {p.name: p.read_text() for p in tmp_path.glob("paper-table.*")}
+    before = {p.name: p.read_text() for p in tmp_path.glob("paper-table/paper-table.*")}
     assert set(before) == {"paper-table.json", "paper-table.md"}
     done = bench("--keep-committed", "--note", "x")
     assert done.returncode != 0 and "already in the committed table" in done.stderr
-    assert {p.name: p.read_text() for p in tmp_path.glob("paper-table.*")} == before
+    assert {p.name: p.read_text() for p in tmp_path.glob("paper-table/paper-table.*")} == before
 
 
 def test_matrix_overview_and_off_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

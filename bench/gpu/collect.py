@@ -1,6 +1,6 @@
-"""Collect the GPU runs of bench/gpu/brain_224.sh into bench/results/<name>.json.
+"""Collect the GPU runs of bench/gpu/brain_224.sh into bench/results/<benchmark>/<variant>.json.
 
-    python bench/gpu/collect.py runs/bench/gpu/brain224-s* --name accuracy-brain-tumor-mri-gpu224 \
+    python bench/gpu/collect.py runs/bench/gpu/brain224-s* --name accuracy/brain-tumor-mri-gpu224 \
         --log /work/.device/4/log.txt --command 'bash bench/gpu/brain_224.sh $OUT 30 0 1 2'
 
 Runs that share a folder name (the tickets of a lottery: ``prune-*/level_*/ticket``) are keyed

@@ -2,7 +2,7 @@
 # The paper's brain-tumor experiment (configs/paper-brain-tumor.yaml) on a lent GPU, with what
 # that machine allows: EfficientNet-Lite0 (the only ImageNet checkpoint available offline; the
 # paper's GoogLeNet / ResNet-50 / EfficientNet-B0 need torchvision downloads), GAN off (the
-# classes are nearly balanced and bench/results/imbalance-brain-tumor-mri.json measured synthetic
+# classes are nearly balanced and bench/results/imbalance/brain-tumor-mri.json measured synthetic
 # images hurting), one lottery level of 50% instead of five of 20% (the lent minutes).
 # Everything else as in the file: 224 px, 20 Optuna trials of 5 epochs on half the training
 # split, 20 epochs with the best values, the ticket with both controls at every level.

@@ -11,7 +11,7 @@
 # Usage on the GPU machine (carry .whl and .gpu/chest-xray-pneumonia):
 #   bash bench/gpu/paper_pneumonia.sh OUT_DIR [SECONDS]
 # PRUNE replaces the prune settings above and EXTRA adds overrides, e.g. the 80% lottery of
-# session 10 (bench/results/paper-pneumonia-h200-80.log):
+# session 10 (studies/results/paper-table/paper-pneumonia-h200-80.log):
 #   PRUNE="prune.levels=7 prune.target_sparsity=0.8 prune.rewind=lr prune.controls=false" \
 #   EXTRA="train.epochs=12" bash bench/gpu/paper_pneumonia.sh OUT_DIR 540
 set -uo pipefail

@@ -601,8 +601,9 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     t.add_argument("experiments", nargs="+", help="experiment folders (runs/experiments/<name>)")
     t.add_argument(
         "--out",
-        default="bench/results/paper-table.json",
-        help="JSON file; its Markdown twin is written beside it (.md)",
+        default="",
+        help="JSON file; its Markdown twin is written beside it (.md); default: "
+        "paper-table.json in the first experiment folder",
     )
     t.set_defaults(func=commands.cmd_paper_table)
 

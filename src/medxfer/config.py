@@ -25,16 +25,16 @@ from medxfer.errors import MedxferError
 @dataclass
 class DataConfig:
     root: str = ""  # folder or CSV manifest; "" = the embedded SYNTHETIC demo set
-    image_size: int = 224
+    image_size: int = 224  # side in px every image is resized to (square)
     color: str = "gray"  # gray | rgb: what the cache stores; gray is copied to 3 channels
     resize: str = "pad"  # pad (keep aspect ratio) | squash
-    val_fraction: float = 0.15
+    val_fraction: float = 0.15  # share of train carved off as validation (stratified)
     test_fraction: float = 0.15  # only used when the dataset has no test split of its own
-    split_seed: int = 0
+    split_seed: int = 0  # seed of the validation (and carved test) split
     drop_leaks: bool = False  # drop train images that duplicate (exactly or nearly) a test image
-    leak_threshold: float = 0.99
-    skip_unreadable: bool = False
-    cache_dir: str = ""  # "" = $MEDXFER_CACHE or ~/.cache/medxfer
+    leak_threshold: float = 0.99  # correlation above which two images count as duplicates
+    skip_unreadable: bool = False  # skip unreadable images instead of stopping
+    cache_dir: str = ""  # decode cache; "" = $MEDXFER_CACHE or ~/.cache/medxfer
     train_subset: float = 1.0  # fraction of the training split to use (quick searches)
     class_fraction: str = ""  # e.g. "viral:0.25": keep that fraction of a class's train images
     synthetic: str = ""  # manifest CSV of `medxfer gan sample`: generated images, train split only
@@ -52,20 +52,20 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    enabled: bool = True
-    hflip: bool = True
-    vflip: bool = False
-    rotate_deg: float = 10.0
+    enabled: bool = True  # false = no training augmentation at all
+    hflip: bool = True  # random horizontal flips (off where laterality matters)
+    vflip: bool = False  # random vertical flips
+    rotate_deg: float = 10.0  # random rotation in [-rotate_deg, +rotate_deg] degrees
     scale: float = 0.10  # zoom in [1 - scale, 1 + scale]
     translate: float = 0.05  # fraction of the image size
-    brightness: float = 0.15
-    contrast: float = 0.15
+    brightness: float = 0.15  # random shift in [-brightness, +brightness] (pixels in [0, 1])
+    contrast: float = 0.15  # random contrast factor in [1 - contrast, 1 + contrast]
     policy: str = "standard"  # standard | robust (adds appearance ops: docs/augmentation.md)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "efficientnet_lite0"
+    arch: str = "efficientnet_lite0"  # backbone name (`medxfer models` lists them)
     weights: str = "imagenet"  # imagenet | none | path/to/state_dict.pt
     freeze: str = "none"  # none (full fine-tune) | head (train the head only) | unfreeze_after
     unfreeze_epoch: int = 1  # with freeze=unfreeze_after: epochs of head-only training first
@@ -74,23 +74,23 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 32  # images per optimizer step
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
+    lr: float = 1e-3  # peak learning rate (after warm-up; cosine decay to the end)
+    weight_decay: float = 0.05  # weight decay (not on biases and norm layers)
+    momentum: float = 0.9  # SGD momentum (optimizer=sgd only)
+    warmup_epochs: float = 1.0  # linear learning-rate warm-up, in epochs
+    label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
     class_weight: bool = False  # inverse-frequency weighted loss
     weighted_sampling: bool = False  # sample each class equally often
     early_stopping: int = 0  # patience in epochs on val balanced accuracy; 0 = off
-    seed: int = 0
+    seed: int = 0  # seed of initialization, order, augmentation and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: str = "auto"  # auto | true | false
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: AMP on CUDA, measured on CPU)
     threads: int = 0  # torch CPU threads; 0 = torch default
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # images per batch at evaluation
     steps_per_epoch: int = 0  # cap on optimizer steps per epoch; 0 = one pass over train
     # after training: BatchNorm statistics re-estimated on the un-augmented training images,
     # kept when validation balanced accuracy does not drop (medxfer.train.batchnorm)
@@ -99,7 +99,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    n_bootstrap: int = 1000
+    n_bootstrap: int = 1000  # bootstrap resamples of the 95% intervals
     tta: bool = False  # average predictions over the image and the flips used in training
 
 
@@ -137,6 +137,8 @@ class TuneConfig:
     train_subset: float = 1.0  # per-trial fraction of the training split (the best config: 1)
     image_size: int = 0  # per-trial image size (a cheaper, low-resolution search); 0 = data's
     max_failures: int = 3  # a worker stops after this many failed trials in a row
+    # dotted config key -> distribution ({type: float | int | categorical, low, high, log,
+    # choices}); the default searches train.lr, train.batch_size and train.weight_decay
     space: dict[str, dict[str, Any]] = field(default_factory=default_space)
 
 
@@ -173,7 +175,7 @@ class PruneConfig:
     structured_speedup: float = 2.0  # MACs cut the ratio is chosen for (CPU time falls less)
     structured_epochs: int = 0  # fine-tuning epochs; 0 = train.epochs of the dense run
     # fine-tuning learning rate = train.lr * this; 1.0 beat 0.3 on validation at equal epochs
-    # (bench/results/structured-lr.json: brain +5.6 points balanced accuracy, chest -0.6)
+    # (studies/results/structured-lr/result.json: brain +5.6 points balanced accuracy, chest -0.6)
     structured_lr_scale: float = 1.0
     # > 0: the dense model teaches its pruned copy while it is fine-tuned (knowledge
     # distillation, this weight on the soft term, 1 - it on the labels); 0 = labels only
@@ -201,28 +203,28 @@ class GanConfig:
     conditional: bool = True  # one class-conditional GAN; false = one GAN per minority class
     steps: int = 5000  # generator steps
     max_minutes: float = 0.0  # > 0: also stop (and finish) after this much training time
-    batch_size: int = 64
-    z_dim: int = 128
+    batch_size: int = 64  # images per GAN step
+    z_dim: int = 128  # length of the generator's noise vector
     width: int = 64  # channels of the widest generator / critic block = 8 x width
-    lr: float = 1e-4
-    beta1: float = 0.0
-    beta2: float = 0.9
+    lr: float = 1e-4  # Adam learning rate of generator and critic
+    beta1: float = 0.0  # Adam beta1
+    beta2: float = 0.9  # Adam beta2
     n_critic: int = 5  # critic steps per generator step
-    gp_weight: float = 10.0
+    gp_weight: float = 10.0  # weight of the WGAN-GP gradient penalty
     ema: float = 0.0  # > 0: sample from an exponential moving average of the generator
     min_images: int = 50  # a class with fewer training images is refused
     balance: float = 1.0  # `gan sample --balance`: fill minority classes up to ratio x largest
     sample_every: int = 500  # generator steps between sample grids
     checkpoint_every: int = 100  # generator steps between resumable checkpoints
-    seed: int = 0
+    seed: int = 0  # seed of the GAN's training and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     quality_size: int = 224  # px the quality check's Lite0 sees (FID/KID, TSTR); less = quicker
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = "run"
-    out_dir: str = "runs"
+    name: str = "run"  # run name: the prefix of run folders, the experiment folder
+    out_dir: str = "runs"  # where run and experiment folders are written
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -393,18 +395,23 @@ def apply_override(cfg: ExperimentConfig, assignment: str) -> None:
     setattr(target, parts[-1], _coerce(value, _field_type(type(target), parts[-1]), key))
 
 
+# Keys whose value is one of a fixed set (checked by ``validate``, listed by the reference).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.color": ("gray", "rgb"),
+    "data.resize": ("pad", "squash"),
+    "augment.policy": ("standard", "robust"),
+    "model.freeze": ("none", "head", "unfreeze_after"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.channels_last": ("auto", "true", "false"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "prune.weights": ("last", "best"),
+}
+
+
 def validate(cfg: ExperimentConfig) -> None:
-    choices = {
-        "data.color": (cfg.data.color, {"gray", "rgb"}),
-        "data.resize": (cfg.data.resize, {"pad", "squash"}),
-        "augment.policy": (cfg.augment.policy, {"standard", "robust"}),
-        "model.freeze": (cfg.model.freeze, {"none", "head", "unfreeze_after"}),
-        "train.optimizer": (cfg.train.optimizer, {"adamw", "sgd"}),
-        "train.channels_last": (cfg.train.channels_last, {"auto", "true", "false"}),
-        "train.precision": (cfg.train.precision, {"auto", "fp32", "bf16", "fp16"}),
-        "prune.weights": (cfg.prune.weights, {"last", "best"}),
-    }
-    for key, (value, allowed) in choices.items():
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise MedxferError(f"{key}={value!r} is not allowed", f"use one of {sorted(allowed)}")
     if cfg.data.image_size < 32:

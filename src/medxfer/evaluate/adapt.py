@@ -26,7 +26,7 @@ Done here as it must be for the estimate to mean anything:
 
 Where it can hurt: with few images (the statistics are noisy), with a batch of images that
 mixes sites, or where the new site's class mix alone differs (the statistics then follow the mix,
-not the site). It was measured on both datasets' official test splits (bench/adapt_check.py).
+not the site). It was measured on both datasets' official test splits (studies/bn_statistics.py).
 
 ``method="tent"`` adapts by TENT instead (``medxfer.evaluate.tent``: entropy minimization of
 the BatchNorm scale and shift, then the same re-estimate); the labelled check cross-fits

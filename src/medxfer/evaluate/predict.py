@@ -83,8 +83,8 @@ def load_trained_with_format(
 
 def _inference_layout(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode, 4-D weights in the NHWC (channels-last) layout that the training loop also
-    uses: oneDNN's CPU convolutions run it faster (bench/results/inference-layout.json), and
-    ``probs_of_arrays`` feeds it NHWC batches. Values, and so predictions, are unchanged."""
+    uses: oneDNN's CPU convolutions run it faster (studies/results/inference-layout/result.json),
+    and ``probs_of_arrays`` feeds it NHWC batches. Values, and so predictions, are unchanged."""
     return model.eval().to(memory_format=torch.channels_last)
 
 

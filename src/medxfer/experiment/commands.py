@@ -28,7 +28,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_paper_table(args: argparse.Namespace) -> int:
     from medxfer.report.paper import write_table
 
-    out_json, md, n = write_table([Path(d) for d in args.experiments], Path(args.out))
+    folders = [Path(d) for d in args.experiments]
+    out_json, md, n = write_table(folders, Path(args.out or folders[0] / "paper-table.json"))
     console.print(f"{n} row(s); markdown: {md}")
     print(out_json)
     return 0

@@ -30,13 +30,13 @@ STAGES = ("audit", "gan", "tune", "train", "prune", "evaluate", "report")
 class Stages:
     """Which stages run (all by default); ``medxfer run ... stages.gan=false`` turns one off."""
 
-    audit: bool = True
-    gan: bool = True
-    tune: bool = True
-    train: bool = True
-    prune: bool = True
-    evaluate: bool = True
-    report: bool = True
+    audit: bool = True  # duplicates and train/test leaks
+    gan: bool = True  # WGAN-GP images for the minority classes
+    tune: bool = True  # Optuna search on validation
+    train: bool = True  # fine-tune with the best values
+    prune: bool = True  # lottery tickets and their controls
+    evaluate: bool = True  # test metrics, Grad-CAM
+    report: bool = True  # report.html and report.md
 
     def on(self, stage: str) -> bool:
         return bool(getattr(self, stage))

@@ -16,7 +16,7 @@ from medxfer.errors import MedxferError
 from medxfer.models.registry import Preprocess, register_model
 
 # TF-Lite EfficientNet-Lite checkpoints expect inputs in [-1, 1]: mean = std = 0.5.
-# Measured, not assumed: bench/lite0_normalization.py (results in bench/results/).
+# Measured, not assumed: studies/lite0_normalization.py (docs/studies/lite0-normalization.md).
 LITE0_PREPROCESS = Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "efficientnet-lite0 TF-Lite [-1,1]")
 
 _TV_WEIGHTS = {

@@ -5,7 +5,7 @@ into the convolution's weight and bias (``torch.nn.utils.fusion.fuse_conv_bn_eva
 over the activations fewer per convolution, the same outputs up to float rounding. onnxruntime
 does this itself when it optimizes a graph; eager PyTorch does not, and at batch 1 on a CPU
 those passes are a large share of the time (measured: README, Architecture, "CPU compute
-settings"; bench/results/inference-fold-brain-tumor-mri-160px.json).
+settings"; studies/results/inference-layout/fold-brain-tumor-mri-160px.json).
 
 Which BatchNorm follows which convolution is read from the modules' registration order (the
 next child of the same parent), the way torchvision's, timm's and medxfer's backbones are

@@ -213,7 +213,7 @@ def ort_options(threads: int = 0, spin: bool = False) -> Any:
     """onnxruntime session options for timing on CPU: ``threads`` intra-op threads (0: torch's
     current count), one inter-op thread, and no spin-waiting unless ``spin``: by default the
     intra-op threads keep spinning after a run and take the cores from whatever runs next
-    (``bench/ort_spin.py`` measures what that does to the next eager PyTorch call)."""
+    (``studies/ort_spin.py`` measures what that does to the next eager PyTorch call)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -4,7 +4,7 @@ blocks     sections of text, notes, tables and images (what both writers render)
 sections   one builder per topic, reading the files the stages wrote
 figures    class balance and real-vs-GAN images (the other figures come from the runs)
 gradcam    Grad-CAM heatmaps over correct and wrong test images (evaluate stage)
-paper      the paper's results table beside ours; rows for bench/paper_table.py
+paper      the paper's results table beside ours; rows for studies/paper_table.py
 render     HTML (inline CSS, base64 images, no script) and Markdown
 """
 

@@ -3,7 +3,7 @@
 Saleh & Zhang (IEEE SMC 2024) report test accuracy only, and only two numbers in the abstract:
 the fine-tuned EfficientNet reaches 96% on brain tumor MRI, and a fine-tuned GoogLeNet with
 pruning 81.5% on 3-class pediatric chest X-ray (pneumonia). Those are the references here; no
-other paper number is invented.
+other paper number is invented. They live in ``paper_reference.json`` beside this module.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from typing import Any
 
 from medxfer.evaluate.metrics import split_shift
 
-PAPER = "Saleh & Zhang, IEEE SMC 2024 (abstract)"
+# The paper's numbers are data (package data beside this module), not code.
+_REFERENCE = json.loads((Path(__file__).with_name("paper_reference.json")).read_text())
+PAPER: str = _REFERENCE["paper"]
 # (dataset, architecture family, pruned) -> the paper's test accuracy
 PAPER_ACCURACY: dict[tuple[str, str, bool], float] = {
-    ("brain-tumor", "efficientnet", False): 0.96,
-    ("pneumonia", "googlenet", True): 0.815,
+    (r["dataset"], r["family"], bool(r["pruned"])): float(r["test_accuracy"])
+    for r in _REFERENCE["test_accuracy"]
 }
-DATASETS = {"brain-tumor": "brain tumor MRI", "pneumonia": "chest X-ray (pneumonia)"}
+DATASETS: dict[str, str] = _REFERENCE["datasets"]
 
 
 MANIFEST_SUFFIXES = (".csv",)  # what medxfer.data.sources reads as a manifest

@@ -7,7 +7,7 @@ Two uses share this one routine:
   brightness, contrast, zoom with zero padding, rotation), while the model is evaluated and
   deployed on plain images. Re-estimating them on the un-augmented training images fixes that
   mismatch; measured on the 64 px brain-tumor seed runs it was worth several points of
-  validation and test accuracy (bench/bn_recalibration.py). It is the "precise BN" step of
+  validation and test accuracy (studies/bn_statistics.py). It is the "precise BN" step of
   pycls/detectron2 (Wu & Johnson, "Rethinking 'batch' in BatchNorm", 2021), done on the
   images the model will see. ``medxfer.train.loop`` keeps it only when validation balanced
   accuracy does not drop.
