@@ -17,9 +17,7 @@ TRANSLATION = 0.125  # shift by up to 1/8 of the side, zero (mid-grey) padding
 CUTOUT = 0.5  # one square hole of half the side
 
 
-def _draw(
-    n: int, generator: torch.Generator, size: tuple[int, int]
-) -> dict[str, torch.Tensor]:
+def _draw(n: int, generator: torch.Generator, size: tuple[int, int]) -> dict[str, torch.Tensor]:
     h, w = size
     sh, sw = int(h * TRANSLATION + 0.5), int(w * TRANSLATION + 0.5)
     ch, cw = int(h * CUTOUT + 0.5), int(w * CUTOUT + 0.5)

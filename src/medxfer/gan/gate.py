@@ -160,9 +160,7 @@ def _distances(real: np.ndarray, synth: np.ndarray, seed: int) -> dict[str, Any]
     }
 
 
-def _features(
-    groups: dict[str, torch.Tensor], size: int
-) -> dict[str, np.ndarray]:
+def _features(groups: dict[str, torch.Tensor], size: int) -> dict[str, np.ndarray]:
     """Lite0 features of every group in one pass (one model build)."""
     from medxfer.gan.quality import lite0_features
 

@@ -133,7 +133,10 @@ def gate_generated(
     real = {c: data.images[data.labels == i] for i, c in enumerate(data.classes)}
     gc = cfg.gan
     result = run_gate(real, images, n_images=gc.gate_images, size=gc.gate_size, seed=seed)
-    result["fallback"] = {"strategy": gc.gate_fallback, "overrides": fallback(result, gc.gate_fallback)}
+    result["fallback"] = {
+        "strategy": gc.gate_fallback,
+        "overrides": fallback(result, gc.gate_fallback),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out_dir / "gate.json")
     real_vs_synthetic_grid(real, images, out_dir / "gate.png")

@@ -112,15 +112,21 @@ def gate_section(gan: Section, out: dict[str, Any]) -> Section:
         ])  # fmt: skip
     gan.add(
         Table(
-            ["class", "gate", f"two-sample acc (≤ {t['two_sample_accuracy_max']})",
-             f"TSTR / TRTR recall (≥ {t['tstr_over_trtr_min']}×)",
-             f"FID / real-vs-real (≤ {t['fid_over_real_vs_real_max']:g})", "KID",
-             "memorised (0)", "why rejected"],
+            [
+                "class",
+                "gate",
+                f"two-sample acc (≤ {t['two_sample_accuracy_max']})",
+                f"TSTR / TRTR recall (≥ {t['tstr_over_trtr_min']}×)",
+                f"FID / real-vs-real (≤ {t['fid_over_real_vs_real_max']:g})",
+                "KID",
+                "memorised (0)",
+                "why rejected",
+            ],
             rows,
             caption=f"Quality gate on the training split only ({gate['extractor']}; "
             f"{gate['seconds']} s). Only admitted classes' images enter training.",
             id="gan-gate",
-        )  # fmt: skip
+        )
     )
     gan.add(Text(" ".join(describe(gate, gate["fallback"]["strategy"]))))
     return gan
