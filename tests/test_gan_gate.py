@@ -105,3 +105,31 @@ def test_gated_out_class_never_reaches_the_loader(synth_root: Path, tmp_path: Pa
     assert data.info["synthetic_images"]["total"] == 0
     assert not any(s.path.startswith(str(tmp_path / "s")) for s in data.samples)
     assert not any(p.is_file() for c in gate["failed"] for p in (tmp_path / "s" / c).glob("*"))
+
+
+def test_recipe_fills_defaults_and_keeps_what_is_set() -> None:
+    from medxfer.errors import MedxferError
+    from medxfer.gan.trainer import check_gan_config, gan_fingerprint, with_recipe
+
+    cpu = with_recipe(load_config(None, ["gan.recipe=cpu-64", "gan.width=8"]))
+    assert cpu.gan.width == 8 and cpu.gan.ema == 0.995 and cpu.gan.max_minutes == 60
+    gpu = load_config(None, ["gan.recipe=gpu-128"])
+    assert with_recipe(gpu).gan.image_size == 128
+    assert gan_fingerprint(gpu) != gan_fingerprint(load_config(None, []))
+    gate_only = load_config(None, ["gan.gate_fallback=class_weight", "gan.gate_images=9"])
+    assert gan_fingerprint(gate_only) == gan_fingerprint(load_config(None, []))
+    with pytest.raises(MedxferError, match="recipe"):
+        with_recipe(load_config(None, ["gan.recipe=tpu"]))
+    with pytest.raises(MedxferError, match="gate_fallback"):
+        check_gan_config(load_config(None, ["gan.gate_fallback=smote"]).gan)
+
+
+def test_comparison_winner_is_chosen_on_validation() -> None:
+    from medxfer.gan.compare import val_winner
+
+    rows = {
+        "oversample": {"val_balanced_accuracy": 0.90, "test_balanced_accuracy": 0.70},
+        "gan": {"val_balanced_accuracy": 0.80, "test_balanced_accuracy": 0.95},
+    }
+    won = val_winner(rows)
+    assert won["strategy"] == "oversample" and "`oversample` wins" in won["sentence"]
