@@ -3,13 +3,15 @@
 The loop, per generator step ``t`` (all randomness from a generator seeded by (seed, t), so a
 run resumed from the checkpoint of step ``k`` replays steps k+1... exactly):
 
-1. ``n_critic`` times: draw a real batch (and its labels), fake = G(z, labels); minimise
+1. ``n_critic`` times: draw a real batch (and its labels), fake = G(z, labels); with
+   ``gan.diffaugment`` both go through DiffAugment (medxfer.gan.augment); minimise
    D(fake) - D(real) + gp_weight * gradient_penalty over the critic.
-2. Draw labels and z; minimise -D(G(z, y)) over the generator; update the EMA copy.
+2. Draw labels and z; minimise -D(aug(G(z, y))) over the generator; update the EMA copy.
 3. Every ``checkpoint_every`` steps save ``state.pt``; every ``sample_every`` steps a grid.
 
 Stops after ``gan.steps`` generator steps or ``gan.max_minutes`` of training (summed over
 resumes). ``conditional=false`` trains one unconditional GAN per minority class instead.
+``gan.recipe`` (RECIPES) fills the keys still at their defaults with a named schedule.
 """
 
 from __future__ import annotations
