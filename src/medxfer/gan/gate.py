@@ -177,7 +177,7 @@ def run_gate(
     synth: dict[str, torch.Tensor],
     *,
     n_images: int = 150,
-    size: int = 128,
+    size: int = 96,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Judge each class of ``synth`` (uint8 images) against ``real`` (the training split's
