@@ -35,6 +35,8 @@ GAN = [
     "gan.width=8",
     "gan.z_dim=16",
     "gan.quality_size=64",
+    "gan.gate_size=64",
+    "gan.gate_images=40",
 ]
 
 

@@ -110,8 +110,11 @@ def test_demo_end_to_end(demo: Path) -> None:
     if not gan_available():
         assert log["stages"]["gan"]["status"] == "off"
     else:
-        quality = json.loads((demo / "stages" / "gan.json").read_text())["outputs"]["quality"]
-        assert quality["fid"]["extractor"].endswith("64 px input")  # gan.quality_size=64
+        gan = json.loads((demo / "stages" / "gan.json").read_text())["outputs"]
+        assert gan["gate"]["extractor"].endswith("64 px input")  # gan.gate_size=64
+        # four generator steps make noise: the gate keeps it out and the run oversamples
+        assert gan["gate"]["failed"] and not gan["admitted"]
+        assert gan["fallback"]["overrides"] == ["train.weighted_sampling=true"]
     for stage in on:
         marker = json.loads((demo / "stages" / f"{stage}.json").read_text())
         assert (
@@ -125,6 +128,8 @@ def test_demo_end_to_end(demo: Path) -> None:
     for key, value in tune["best"]["params"].items():
         section, name = key.split(".")
         assert getattr(getattr(cfg, section), name) == pytest.approx(value)
+    if gan_available():
+        assert cfg.train.weighted_sampling and not cfg.data.synthetic  # the gate's fallback
     metrics = json.loads((train / "metrics.json").read_text())
     assert metrics["data"]["synthetic"] is True and "test" in metrics
     evaluation = json.loads(
@@ -278,9 +283,10 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
 
 def test_gan_folder_name_survives_the_quality_size_key() -> None:
     """``gan.quality_size`` (added later) at its default leaves the gan stage's fingerprint, so
-    a finished experiment's GAN is not trained again after an upgrade. Pinned: the value the
-    code gave before the key existed, for ``configs/cpu-pneumonia.yaml`` (since merged into
-    ``configs/pneumonia-cpu.yaml``: its GAN study is that file at 160 px, 5 epochs)."""
+    a finished experiment's GAN is not trained again after an upgrade. Pinned: the value since
+    the quality gate and DiffAugment keys (which change what the stage makes, so a stage
+    finished without the gate is redone), for ``configs/cpu-pneumonia.yaml`` (since merged
+    into ``configs/pneumonia-cpu.yaml``: its GAN study is that file at 160 px, 5 epochs)."""
     import copy
 
     from medxfer.experiment.stages import Context, fingerprint
@@ -291,4 +297,4 @@ def test_gan_folder_name_survives_the_quality_size_key() -> None:
         exp = load_experiment(REPO / "configs" / "pneumonia-cpu.yaml", [*old, *extra])
         cell = exp.cells()[0]
         prints[len(extra)] = fingerprint("gan", Context(exp, cell, copy.deepcopy(cell.cfg), "x"))
-    assert prints[0] == "7cc16df51d" and prints[1] != prints[0]
+    assert prints[0] == "525c0b6b29" and prints[1] != prints[0]

@@ -122,9 +122,9 @@ def test_training_writes_checkpoint_grids_and_history(trained: Path) -> None:
 
 
 def test_sampling_deterministic_and_balanced(trained: Path, tmp_path: Path) -> None:
-    a = sample_gan(trained, tmp_path / "a", balance=1.0, seed=3)
-    b = sample_gan(trained, tmp_path / "b", balance=1.0, seed=3)
-    c = sample_gan(trained, tmp_path / "c", n_per_class={"cross": 5}, seed=4)
+    a = sample_gan(trained, tmp_path / "a", balance=1.0, seed=3, gate=False)
+    b = sample_gan(trained, tmp_path / "b", balance=1.0, seed=3, gate=False)
+    c = sample_gan(trained, tmp_path / "c", n_per_class={"cross": 5}, seed=4, gate=False)
     rows_a = list(csv.DictReader(a.open()))
     counts = torch.load(trained, weights_only=True)["train_counts"]
     per_class = {k: sum(r["label"] == k for r in rows_a) for k in counts}
@@ -144,7 +144,7 @@ def test_synthetic_images_only_in_training_split(
     from medxfer.train.compute import resolve
     from medxfer.train.setup import build
 
-    manifest = sample_gan(trained, tmp_path / "s", balance=1.0, seed=0)
+    manifest = sample_gan(trained, tmp_path / "s", balance=1.0, seed=0, gate=False)
     plain = prepare(_cfg(synth_root).data)
     cfg = _cfg(synth_root, f"data.synthetic={manifest}", "model.arch=resnet18",
                "model.weights=none", "train.batch_size=8")  # fmt: skip

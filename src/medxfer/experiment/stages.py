@@ -1,7 +1,7 @@
 """The stages of one experiment cell, each a call into the package that owns it.
 
 audit     medxfer.data.audit on the dataset          -> audit/audit.json
-gan       medxfer.gan: train, sample, quality        -> gan-<fp>/ (sets data.synthetic)
+gan       medxfer.gan: train, sample, gate           -> gan-<fp>/ (data.synthetic or fallback)
 tune      medxfer.tune.run_study                     -> tune/<study>/ (sets the best params)
 train     medxfer.train.loop.fit, best params        -> train-<fp>/ (a normal run folder)
 prune     medxfer.prune.run_lottery                  -> prune-<fp>/ (levels, controls)
@@ -88,8 +88,10 @@ def run_audit(ctx: Context) -> dict[str, Any]:
 
 
 def run_gan(ctx: Context) -> dict[str, Any]:
+    """Train, sample and gate: only the classes that pass the quality gate (training split
+    only) are written; the others make the run fall back to ``gan.gate_fallback``."""
     try:
-        from medxfer.gan import gan_quality, sample_gan, train_gan
+        from medxfer.gan import sample_gan, train_gan
     except ImportError as err:
         raise StageUnavailable(
             f"gan stage unavailable: this installation has no medxfer.gan ({err})"
@@ -100,17 +102,24 @@ def run_gan(ctx: Context) -> dict[str, Any]:
     manifest = sample_gan(
         checkpoint, folder / "samples", balance=cfg.gan.balance, seed=cfg.gan.seed
     )
-    quality = gan_quality(cfg, manifest, folder / "quality")
+    gate = json.loads((manifest.parent / "gate.json").read_text())
     return {
         "dir": str(folder),
         "checkpoint": str(checkpoint),
         "manifest": str(manifest),
-        "quality": quality,
+        "gate": gate,
+        "admitted": gate["passed"],
+        "fallback": gate["fallback"],
     }
 
 
 def after_gan(ctx: Context, outputs: dict[str, Any]) -> None:
-    ctx.cfg.data.synthetic = outputs["manifest"]
+    from medxfer.config import apply_override
+
+    if outputs.get("admitted"):
+        ctx.cfg.data.synthetic = outputs["manifest"]
+    for assignment in outputs.get("fallback", {}).get("overrides", []):
+        apply_override(ctx.cfg, assignment)
 
 
 def run_tune(ctx: Context) -> dict[str, Any]:

@@ -62,7 +62,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     manifest = sample_gan(
         ckpt, out, n_per_class=_n_per_class(args.n), balance=args.balance, seed=args.seed
     )
-    console.print(f"wrote synthetic images; train with data.synthetic={manifest}")
+    gate = json.loads((manifest.parent / "gate.json").read_text())
+    if gate["passed"]:
+        console.print(f"wrote {', '.join(gate['passed'])}; train with data.synthetic={manifest}")
+    if gate["failed"]:
+        fix = " ".join(gate["fallback"]["overrides"]) or "no imbalance fix"
+        console.print(f"[bold yellow]gated out: {', '.join(gate['failed'])}; train with {fix}")
     print(manifest)
     return 0
 

@@ -1,14 +1,17 @@
-"""Train every imbalance strategy with the same seed and budget; compare them on the test split.
+"""Train every imbalance strategy with the same seed and budget; pick on validation, report test.
 
     none              plain cross-entropy
     class_weight      inverse-frequency weighted loss (train.class_weight)
     oversample        real images drawn class-balanced, with replacement (train.weighted_sampling)
     gan               + synthetic minority images (data.synthetic, up to ratio x largest class)
+                      of the classes that pass the quality gate; when a class fails, the
+                      run also uses gan.gate_fallback (default: oversample)
     gan+class_weight  both
 
 Each strategy is a normal run folder ``out_dir/<strategy>`` (a finished one is reused, an
 interrupted one resumes); the GAN trains in ``out_dir/wgan`` and samples to
-``out_dir/synthetic``. Writes comparison.json, comparison.md and comparison.png.
+``out_dir/synthetic`` (gated, see medxfer.gan.gate). The winner is the strategy with the best
+validation balanced accuracy. Writes comparison.json, comparison.md and comparison.png.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from medxfer.config import ExperimentConfig, apply_override
-from medxfer.data.generated import MINORITY_BELOW, minority_classes
+from medxfer.data.generated import MINORITY_BELOW, minority_classes, read_generated
 from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import run_summary
 from medxfer.gan.report import bootstrap_class_metrics, comparison_plot, markdown_table
@@ -123,10 +126,42 @@ def verdict(strategies: dict[str, Any]) -> list[str]:
             d_bal = g["test_balanced_accuracy"] - r["test_balanced_accuracy"]
             word = "beats" if d_min > 0 and d_bal >= -0.005 else "does not beat"
             out.append(
-                f"- `{gan}` {word} `{ref}`: minority recall {d_min:+.3f}, "
+                f"- on test, `{gan}` {word} `{ref}`: minority recall {d_min:+.3f}, "
                 f"balanced accuracy {d_bal:+.3f} (point estimates; see the intervals)."
             )
     return out
+
+
+def val_winner(strategies: dict[str, Any]) -> dict[str, Any]:
+    """The strategy with the best validation balanced accuracy (the split models are chosen
+    on; the test split is only read), with a plain sentence."""
+    ranked = sorted(strategies, key=lambda n: -strategies[n]["val_balanced_accuracy"])
+    best = ranked[0]
+    score = strategies[best]["val_balanced_accuracy"]
+    runner = (
+        f"; next `{ranked[1]}` {strategies[ranked[1]]['val_balanced_accuracy']:.3f}"
+        if len(ranked) > 1
+        else ""
+    )
+    sentence = (
+        f"**On validation, `{best}` wins** (balanced accuracy {score:.3f}{runner}). Use it; "
+        "the test figures above were computed once and chose nothing."
+    )
+    return {"strategy": best, "val_balanced_accuracy": score, "sentence": sentence}
+
+
+def gate_of(manifest: Path | None) -> dict[str, Any] | None:
+    """The quality gate's verdict written beside a manifest by ``sample_gan``, if any."""
+    path = manifest.parent / "gate.json" if manifest else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def gate_lines(gate: dict[str, Any] | None) -> list[str]:
+    if gate is None:
+        return ["- the synthetic manifest was given as it is: the quality gate did not judge it"]
+    from medxfer.gan.gate import describe
+
+    return [f"- gate: {line}" for line in describe(gate, gate["fallback"]["strategy"])]
 
 
 def _notes(names: list[str], gan_ratio: float) -> list[str]:
@@ -160,10 +195,14 @@ def compare_strategies(
     synth = (
         _synthetic_manifest(cfg, out_dir, gan_ratio, manifest, checkpoint) if needs_gan else None
     )
+    gate = gate_of(synth) if synth else None
     runs: dict[str, Path] = {}
     for name in names:
         run_dir = out_dir / name
         run_cfg = strategy_config(cfg, name, str(synth or ""), gan_ratio)
+        if name.startswith("gan") and gate is not None:  # the gated GAN: what failed falls back
+            for assignment in gate["fallback"]["overrides"]:
+                apply_override(run_cfg, assignment)
         if (run_dir / "metrics.json").exists():
             check_reuse(run_cfg, run_dir)
         else:
@@ -189,7 +228,9 @@ def compare_strategies(
         "gan_ratio": gan_ratio,
         "synthetic_manifest": str(synth) if synth else None,
         "strategies": table,
-        "verdict": verdict(table) + _notes(names, gan_ratio),
+        "verdict": verdict(table) + _notes(names, gan_ratio) + (gate_lines(gate) if synth else []),
+        "gate": gate,
+        "val_winner": val_winner(table),
         "protocol": {
             "seed": cfg.train.seed,
             "epochs": cfg.train.epochs,
@@ -199,7 +240,8 @@ def compare_strategies(
             "class_fraction": cfg.data.class_fraction,
         },
     }
-    if synth is not None and quality:
+    admitted = synth is not None and bool(read_generated(synth)[0])
+    if synth is not None and quality and admitted:
         summary["quality"] = gan_quality(cfg, synth, out_dir / "quality")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(summary, out_dir / "comparison.json")

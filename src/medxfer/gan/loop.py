@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from medxfer.config import GanConfig
+from medxfer.gan.augment import diff_augment
 from medxfer.gan.data import GanData, to_unit
 from medxfer.gan.losses import critic_loss, generator_loss, gradient_penalty
 from medxfer.gan.networks import Generator, build_pair
@@ -71,13 +72,18 @@ class GanLoop:
             real, y = self._real(g)
             with torch.no_grad():
                 fake = self.g(self._z(g), y)
+            if self.gc.diffaugment:  # the same augmentation before every critic call
+                real, fake = diff_augment(real, g), diff_augment(fake, g)
             loss, w = critic_loss(self.d(real, y), self.d(fake, y))
             gp = gradient_penalty(self.d, real, fake, y, weight=self.gc.gp_weight, generator=g)
             self.opt_d.zero_grad(set_to_none=True)
             (loss + gp).backward()
             self.opt_d.step()
         _, y = self._real(g)  # labels drawn with the data's class frequencies
-        g_loss = generator_loss(self.d(self.g(self._z(g), y), y))
+        fake = self.g(self._z(g), y)
+        if self.gc.diffaugment:  # differentiable: the generator learns through it
+            fake = diff_augment(fake, g)
+        g_loss = generator_loss(self.d(fake, y))
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()

@@ -66,13 +66,14 @@ def markdown_table(summary: dict[str, Any]) -> str:
     """One row per strategy: accuracy, balanced accuracy, macro-F1, recall per class (minority
     classes marked *), minority recall, all with 95% intervals; synthetic images used."""
     classes, minority = summary["classes"], set(summary["minority_classes"])
-    head = ["strategy", "test accuracy", "balanced accuracy", "macro-F1"]
+    head = ["strategy", "val balanced accuracy", "test accuracy", "balanced accuracy", "macro-F1"]
     head += [f"recall {c}{' *' if c in minority else ''}" for c in classes]
     head += ["minority recall", "synthetic images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in summary["strategies"].items():
         row = [
             name,
+            _fmt(s.get("val_balanced_accuracy")),
             _fmt(s["test_accuracy"], s["test_accuracy_ci95"]),
             _fmt(s["test_balanced_accuracy"], s["test_balanced_accuracy_ci95"]),
             _fmt(s["test_macro_f1"], s["test_macro_f1_ci95"]),
@@ -91,6 +92,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         f"Test split: {summary['test_n']} real images, never used for training or model "
         "selection; intervals: 95% percentile bootstrap."
     )
+    if summary.get("val_winner"):
+        lines += ["", summary["val_winner"]["sentence"]]
     lines += ["", *summary.get("verdict", [])]
     return "\n".join(lines) + "\n"
 

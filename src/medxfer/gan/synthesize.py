@@ -24,7 +24,7 @@ from medxfer.data.generated import MANIFEST_FIELDS
 from medxfer.errors import MedxferError
 from medxfer.gan.data import to_uint8
 from medxfer.gan.networks import Generator
-from medxfer.train.checkpoint import atomic_write_text, load_checkpoint
+from medxfer.train.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
 
 
 def load_generator(checkpoint: Path) -> dict[str, Any]:
@@ -112,6 +112,37 @@ def _png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def gate_generated(
+    payload: dict[str, Any], images: dict[str, torch.Tensor], seed: int, out_dir: Path
+) -> dict[str, Any]:
+    """Run the quality gate (medxfer.gan.gate) on ``images`` against the training split the
+    GAN learnt from; write ``out_dir/gate.json`` and ``out_dir/gate.png`` (real beside
+    synthetic, every judged class) and print the verdict."""
+    from rich.console import Console
+
+    from medxfer.config import config_from_dict
+    from medxfer.gan.data import load_train_split
+    from medxfer.gan.gate import describe, fallback, run_gate
+    from medxfer.gan.report import real_vs_synthetic_grid
+
+    cfg = config_from_dict(payload["config"])
+    data = load_train_split(cfg, payload["image_size"])
+    real = {c: data.images[data.labels == i] for i, c in enumerate(data.classes)}
+    gc = cfg.gan
+    result = run_gate(real, images, n_images=gc.gate_images, size=gc.gate_size, seed=seed)
+    result["fallback"] = {
+        "strategy": gc.gate_fallback,
+        "overrides": fallback(result, gc.gate_fallback),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(result, out_dir / "gate.json")
+    real_vs_synthetic_grid(real, images, out_dir / "gate.png")
+    console = Console(stderr=True)
+    for line in describe(result, gc.gate_fallback):
+        console.print(("[bold red]" if "FAILS" in line else "") + line)
+    return result
+
+
 def sample_gan(
     checkpoint: Path,
     out_dir: Path,
@@ -119,11 +150,14 @@ def sample_gan(
     n_per_class: dict[str, int] | None = None,
     balance: float | None = None,
     seed: int = 0,
+    gate: bool = True,
 ) -> Path:
     """Write PNGs under ``out_dir/<class>/`` and ``out_dir/manifest.csv``; return the manifest.
 
     Without ``n_per_class``, ``balance`` (default: the GAN config's ``gan.balance``) fills every
-    modelled class up to that ratio of the largest class's real training count.
+    modelled class up to that ratio of the largest class's real training count. With ``gate``
+    (the default) only the classes that pass the quality gate are written (``gate.json``
+    says which and why); the manifest of a run where none passes has no rows.
     """
     payload = load_generator(Path(checkpoint))
     plan = plan_counts(payload, n_per_class, balance)
@@ -132,13 +166,17 @@ def sample_gan(
             "nothing to sample: every modelled class already has that many real images",
             "raise --balance or give --n",
         )
+    images = {name: generate(payload, name, n, seed) for name, n in plan.items()}
+    if gate:
+        passed = gate_generated(payload, images, seed, out_dir)["passed"]
+        images = {c: x for c, x in images.items() if c in passed}
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = str(Path(payload["path"]).resolve())
     rows = []
-    for name, n in plan.items():
+    for name, batch in images.items():
         folder = out_dir / name
         folder.mkdir(exist_ok=True)
-        for i, img in enumerate(generate(payload, name, n, seed).numpy()):
+        for i, img in enumerate(batch.numpy()):
             rel = f"{name}/gan-s{seed}-{i:05d}.png"
             (out_dir / rel).write_bytes(_png_bytes(img))
             rows.append(

@@ -3,17 +3,20 @@
 The loop, per generator step ``t`` (all randomness from a generator seeded by (seed, t), so a
 run resumed from the checkpoint of step ``k`` replays steps k+1... exactly):
 
-1. ``n_critic`` times: draw a real batch (and its labels), fake = G(z, labels); minimise
+1. ``n_critic`` times: draw a real batch (and its labels), fake = G(z, labels); with
+   ``gan.diffaugment`` both go through DiffAugment (medxfer.gan.augment); minimise
    D(fake) - D(real) + gp_weight * gradient_penalty over the critic.
-2. Draw labels and z; minimise -D(G(z, y)) over the generator; update the EMA copy.
+2. Draw labels and z; minimise -D(aug(G(z, y))) over the generator; update the EMA copy.
 3. Every ``checkpoint_every`` steps save ``state.pt``; every ``sample_every`` steps a grid.
 
 Stops after ``gan.steps`` generator steps or ``gan.max_minutes`` of training (summed over
 resumes). ``conditional=false`` trains one unconditional GAN per minority class instead.
+``gan.recipe`` (RECIPES) fills the keys still at their defaults with a named schedule.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -39,9 +42,37 @@ console = Console(stderr=True)
 _RUN_KEYS = ("steps", "max_minutes", "sample_every", "checkpoint_every", "device")
 
 
+RECIPES: dict[str, dict[str, Any]] = {  # documented at GanConfig.recipe
+    "cpu-64": {"image_size": 64, "width": 16, "batch_size": 32, "n_critic": 5, "ema": 0.995,
+               "steps": 100_000, "max_minutes": 60.0, "diffaugment": True,
+               "sample_every": 250, "checkpoint_every": 50},
+    "gpu-128": {"image_size": 128, "width": 64, "batch_size": 64, "n_critic": 5, "ema": 0.999,
+                "steps": 20_000, "max_minutes": 60.0, "diffaugment": True,
+                "sample_every": 1000, "checkpoint_every": 500, "device": "auto"},
+}  # fmt: skip
+
+
+def with_recipe(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``gan.recipe``'s values in every gan key still at its default."""
+    name = cfg.gan.recipe
+    if not name:
+        return cfg
+    if name not in RECIPES:
+        raise MedxferError(f"gan.recipe={name!r} is unknown", f"use one of {', '.join(RECIPES)}")
+    default = GanConfig()
+    out = copy.deepcopy(cfg)
+    for key, value in RECIPES[name].items():
+        if getattr(cfg.gan, key) == getattr(default, key):
+            setattr(out.gan, key, value)
+    return out
+
+
 def gan_fingerprint(cfg: ExperimentConfig) -> str:
-    """What the trained generator depends on (not the budget, the device or the cadence)."""
-    g = {k: v for k, v in asdict(cfg.gan).items() if k not in _RUN_KEYS}
+    """What the trained generator depends on (not the budget, the device, the cadence or the
+    gate, which judges the samples after training)."""
+    cfg = with_recipe(cfg)
+    skip = (*_RUN_KEYS, "recipe", "gate_fallback", "gate_images", "gate_size")
+    g = {k: v for k, v in asdict(cfg.gan).items() if k not in skip}
     d = {k: v for k, v in asdict(cfg.data).items() if k not in ("synthetic", "synthetic_ratio")}
     blob = json.dumps({"gan": g, "data": d, "hflip": cfg.augment.hflip}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -54,6 +85,11 @@ def check_gan_config(gc: GanConfig) -> None:
         raise MedxferError(
             "gan.steps, gan.n_critic and gan.lr must be positive and gan.batch_size at least 2",
             "e.g. gan.steps=5000 gan.n_critic=5 gan.lr=1e-4 gan.batch_size=64",
+        )
+    if gc.gate_fallback not in ("oversample", "class_weight", "none"):
+        raise MedxferError(
+            f"gan.gate_fallback={gc.gate_fallback!r} is not a strategy",
+            "use oversample, class_weight or none",
         )
     if gc.sample_every < 1 or gc.checkpoint_every < 1 or not 0 <= gc.ema < 1:
         raise MedxferError(
@@ -168,6 +204,7 @@ def train_gan(
     A finished folder (``generator.pt`` present) is returned as it is when ``resume``.
     ``on_step(step, row)`` is called after every generator step (and its checkpoint).
     """
+    cfg = with_recipe(cfg)
     check_gan_config(cfg.gan)
     final = run_dir / "generator.pt"
     if resume and final.exists():

@@ -57,6 +57,8 @@ def balance_and_gan(r: dict[str, Any], fig_dir: Path) -> list[Section]:
         bal.add(status_note(_st(r, "gan"), "gan"))
         return [bal, gan.add(status_note(_st(r, "gan"), "gan"))]
     out = r["outputs"]["gan"]
+    if "gate" in out:
+        return [bal, gate_section(gan, out)]
     real, synth = sample_files(
         r["outputs"].get("audit", {}).get("root") or _root(r),
         Path(out["manifest"]),
@@ -86,6 +88,48 @@ def balance_and_gan(r: dict[str, Any], fig_dir: Path) -> list[Section]:
         )
     )
     return [bal, gan]
+
+
+def gate_section(gan: Section, out: dict[str, Any]) -> Section:
+    """The gate's verdict per class beside real and synthetic images of every judged class."""
+    from medxfer.gan.gate import describe
+
+    gate = out["gate"]
+    gan.image(
+        Path(out["manifest"]).parent / "gate.png",
+        "Real training images beside GAN images (every class the gate judged, admitted or not)",
+    )
+    t = gate["thresholds"]
+    rows = []
+    for c, m in gate["per_class"].items():
+        trtr = m.get("trtr_recall")
+        rows.append([
+            c, "admitted" if m["passed"] else "rejected",
+            _cell(m.get("two_sample_accuracy")),
+            f"{num(m.get('tstr_recall'))} / {num(trtr)}" if trtr is not None else "—",
+            _cell(m.get("fid_ratio")), _cell(m.get("kid_synthetic_vs_real")),
+            str(m.get("memorised", "—")), "; ".join(m["reasons"]) or "—",
+        ])  # fmt: skip
+    gan.add(
+        Table(
+            [
+                "class",
+                "gate",
+                f"two-sample acc (≤ {t['two_sample_accuracy_max']})",
+                f"TSTR / TRTR recall (≥ {t['tstr_over_trtr_min']}×)",
+                f"FID / real-vs-real (≤ {t['fid_over_real_vs_real_max']:g})",
+                "KID",
+                "memorised (0)",
+                "why rejected",
+            ],
+            rows,
+            caption=f"Quality gate on the training split only ({gate['extractor']}; "
+            f"{gate['seconds']} s). Only admitted classes' images enter training.",
+            id="gan-gate",
+        )
+    )
+    gan.add(Text(" ".join(describe(gate, gate["fallback"]["strategy"]))))
+    return gan
 
 
 def _root(r: dict[str, Any]) -> str:
