@@ -11,6 +11,8 @@ medxfer shift RUN_OR_CHECKPOINT INPUT [--out shift.json] [--alpha 0.05]
 medxfer adapt RUN_OR_CHECKPOINT INPUT [--out DIR] [--batch-size 64] [--seed 0] [--folds 2]
 medxfer data audit PATH [--out audit.json]
 medxfer data synth OUT
+medxfer cache list [--dir DIR] [--json]
+medxfer cache clear [--dir DIR] [--all | --older-than DAYS] [--max-bytes N]
 medxfer models
 """
 
@@ -369,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_structured_parser(sub)
     _add_run_parser(sub)
     _add_gan_parser(sub)
+    from medxfer.data.cache_admin import add_cache_parser
+
+    add_cache_parser(sub)
     m = sub.add_parser("models", help="list the registered architectures")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_cmd_models)
