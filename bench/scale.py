@@ -109,14 +109,19 @@ class Sampler(threading.Thread):
         self.pid, self.cache_dir, self.every = pid, str(cache_dir), every
         self.peaks: dict[int, dict[str, int]] = {}
         self.rank: dict[int, int] = {}
+        self.cmd: dict[int, str] = {}
         self.maps: dict[int, set[str]] = {}
         self.done = threading.Event()
 
     def _identify(self, pid: int) -> None:
+        """The torchrun rank (-1: none) and command line; read again until the process has a
+        rank, since a process sampled between fork and exec still shows its parent's."""
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             ranks = [int(e.split(b"=")[1]) for e in env if e.startswith(b"LOCAL_RANK=")]
             self.rank[pid] = ranks[0] if ranks else -1
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            self.cmd[pid] = b" ".join(argv).decode(errors="replace")[:300]
         except (OSError, ValueError):
             pass
 
@@ -124,7 +129,7 @@ class Sampler(threading.Thread):
         tick = 0
         while not self.done.is_set():
             for pid in _tree(self.pid):
-                if pid not in self.rank:
+                if self.rank.get(pid, -1) < 0:
                     self._identify(pid)
                 peak = self.peaks.setdefault(pid, {})
                 for key, value in _status(pid).items():
@@ -160,7 +165,8 @@ def measure(cmd: list[str], env: dict[str, str], log: Path, cache_dir: Path) -> 
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
     procs = [
-        {"rank": sampler.rank.get(pid, -1), "maps_cache": sorted(sampler.maps.get(pid, ())),
+        {"rank": sampler.rank.get(pid, -1), "command": sampler.cmd.get(pid, ""),
+         "maps_cache": sorted(sampler.maps.get(pid, ())),
          **{f"{k}_mb": round(v / MB, 1) for k, v in peak.items()}}
         for pid, peak in sampler.peaks.items() if peak
     ]  # fmt: skip
@@ -324,7 +330,7 @@ def reads(work: Path, cache_file: str, env: dict[str, str]) -> dict[str, Any]:
         m = measure([sys.executable, __file__, mode, cache_file, str(barrier)], env, log,
                     work / "cache")  # fmt: skip
         rollups = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
-        readers = [p for p in m["processes"] if p["maps_cache"]]
+        readers = [p for p in m["processes"] if "--child-read " in p["command"] + " "]
         out[f"{n}_process"] = {"seconds": m["seconds"], "smaps_rollup_mb": rollups,
                                "processes": readers}  # fmt: skip
     return out
