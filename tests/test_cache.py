@@ -129,21 +129,30 @@ def test_killed_build_is_not_trusted_and_the_next_call_completes_it(tmp_path: Pa
 
 
 def test_progress_of_another_chunk_size_restarts(tmp_path: Path) -> None:
+    """Progress recorded with another chunk size is not resumed, and once a fresh start has
+    begun, that old progress can no longer vouch for the (now zeroed) rows."""
     paths, folder = _pngs(tmp_path, 12), tmp_path / "c"
 
-    def dies(job: cache.Job) -> tuple[np.ndarray | None, str]:
-        if paths.index(job[0]) >= 4:
-            raise RuntimeError("killed")
-        return cache._decode(job)
+    def dies_at(row: int) -> cache.Decode:
+        def decode(job: cache.Job) -> tuple[np.ndarray | None, str]:
+            if paths.index(job[0]) >= row:
+                raise RuntimeError("killed")
+            return cache._decode(job)
 
-    with pytest.raises(RuntimeError):
-        cache.load_images(paths, 16, cache_dir=folder, workers=1, chunk=4, decode=dies)
+        return decode
+
+    with pytest.raises(RuntimeError):  # 8 rows done with chunks of 4
+        cache.load_images(paths, 16, cache_dir=folder, workers=1, chunk=4, decode=dies_at(8))
+    with pytest.raises(RuntimeError):  # a fresh start with chunks of 5, killed in its first
+        cache.load_images(paths, 16, cache_dir=folder, workers=1, chunk=5, decode=dies_at(2))
     seen: list[str] = []
     arr, _ = cache.load_images(
-        paths, 16, cache_dir=folder, workers=1, chunk=5,
+        paths, 16, cache_dir=folder, workers=1, chunk=4,
         decode=lambda j: seen.append(j[0]) or cache._decode(j),
     )  # fmt: skip
-    assert seen == paths and arr.shape == (12, 16, 16)
+    assert seen == paths
+    fresh, _ = cache.load_images(paths, 16, cache_dir=tmp_path / "fresh", workers=1)
+    assert np.array_equal(arr, fresh)
 
 
 _READER = """

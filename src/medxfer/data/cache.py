@@ -100,8 +100,7 @@ def _chunks(
         pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers > 1 else None
         for lo in range(start, len(paths), chunk):
             jobs = [(p, size, color, mode) for p in paths[lo : lo + chunk]]
-            use_pool = pool is not None and len(paths) > 64
-            results = pool.map(decode, jobs) if use_pool and pool else map(decode, jobs)
+            results = pool.map(decode, jobs) if pool and len(paths) > 64 else map(decode, jobs)
             out = np.zeros((len(jobs), *shape), dtype=np.uint8)
             errors: dict[str, str] = {}
             for i, (arr, err) in enumerate(results):
@@ -149,7 +148,8 @@ def _build(
     size, color, _ = job
     shape = (len(paths), size, size) + ((3,) if color == "rgb" else ())
     start, errors = _resume_point(files, shape, chunk)
-    if start == 0:
+    if start == 0:  # a fresh start: no earlier progress may ever vouch for these rows
+        files["progress"].unlink(missing_ok=True)
         np.lib.format.open_memmap(files["partial"], mode="w+", dtype=np.uint8, shape=shape).flush()
     for lo, pixels, errs in _chunks(paths, job, start, chunk, workers, decode):
         # a fresh map per chunk: unmapping it drops the written pages from this process's
