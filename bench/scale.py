@@ -286,6 +286,7 @@ def main() -> None:
     if REPO in (work, *work.parents):
         raise SystemExit(f"--work {work} is inside the repository; pick a folder outside it")
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
     t0 = time.perf_counter()
     paths = generate(work / "images", sizes[-1])
     generate_seconds = round(time.perf_counter() - t0, 1)
@@ -306,6 +307,8 @@ def main() -> None:
                   "steps_per_epoch": args.steps, "arch": "efficientnet_lite0",
                   "test_images": TEST_IMAGES, "validation_images": "about 64",
                   "nice": os.nice(0), "work": str(work)},
+        # the machine is shared: its load average (1, 5, 15 min) when this started and ended
+        "load_average": {"start": load_start, "end": os.getloadavg()},
     }  # fmt: skip
     save("scale", payload)
 
