@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +37,61 @@ from _memory import measure
 SIZE, TEST_IMAGES, BATCH = 224, 64, 32
 
 
-def generate(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    """``n`` PNGs, even indices discs, odd rings (resumable: existing files are kept)."""
+def _shapes(rng: Any, ring: bool, count: int = 128) -> list[Any]:
+    """``count`` discs or rings at random places and sizes, on a shaded background."""
     import numpy as np
-    from PIL import Image
 
-    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float32)
     shade = ((yy // 8 + xx // 8) % 16).astype(np.uint8)
+    out = []
+    for _ in range(count):
+        cy, cx, r = [*rng.uniform(50, SIZE - 50, 2).tolist(), rng.uniform(18, 45)]
+        d = np.hypot(yy - cy, xx - cx)
+        mask = np.abs(d - r) < r / 5 if ring else d < r
+        out.append(50 + 110 * mask.astype(np.uint8) + shade)
+    return out
+
+
+def _png(img: Any) -> bytes:
+    """A grey 8-bit PNG of ``img`` with no row filter and zlib level 1: about 3x quicker to
+    write than Pillow's (which tries every filter on every row), and read by Pillow as usual."""
+    import numpy as np
+
+    h, w = img.shape
+    raw = np.zeros((h, w + 1), np.uint8)
+    raw[:, 1:] = img  # a leading 0 per row: filter type None
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(tag + data)
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8 bit, grey, no interlace
+    idat = zlib.compress(raw.tobytes(), 1)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def generate(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` PNGs, even indices discs, odd rings: one of 128 shapes per class plus a noise
+    pattern of its own, so every image differs (deterministic per index; resumable: files
+    already there are kept)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    bank = {"disc": _shapes(rng, ring=False), "ring": _shapes(rng, ring=True)}
     noise = rng.integers(0, 6, 2 * SIZE * SIZE, dtype=np.uint8)
     paths = [folder / ("disc" if i % 2 == 0 else "ring") / f"{i:06d}.png" for i in range(n)]
-    for sub in ("disc", "ring"):
+    for sub in bank:
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(paths):
         if path.exists():
             continue
-        cy, cx, r = [*rng.uniform(50, SIZE - 50, 2).tolist(), rng.uniform(18, 45)]
-        d = np.hypot(yy - cy, xx - cx)
-        mask = d < r if i % 2 == 0 else np.abs(d - r) < r / 5
         off = (i * 7919) % (SIZE * SIZE)
-        img = (
-            50
-            + 110 * mask.astype(np.uint8)
-            + shade
-            + noise[off : off + SIZE * SIZE].reshape(SIZE, SIZE)
-        )
+        shape = bank[path.parent.name][(i // 2 * 37) % 128]
+        img = shape + noise[off : off + SIZE * SIZE].reshape(SIZE, SIZE)
         tmp = path.with_suffix(".tmp.png")
-        Image.fromarray(img).save(tmp, compress_level=1)
+        tmp.write_bytes(_png(img))
         os.replace(tmp, path)
     return paths
 
