@@ -100,8 +100,11 @@ def measure(cmd: list[str], env: dict[str, str], log: Path, cache_dir: Path) -> 
         sampler.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            os.killpg(proc.pid, 9)
+        except BaseException:  # stopped: so is the whole tree (torchrun's workers have sessions
+            for pid in reversed(_tree(proc.pid)):  # of their own, out of reach of killpg)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 9)
+            proc.wait()
             raise
         finally:
             sampler.done.set()
