@@ -290,6 +290,11 @@ def targets(sizes: list[dict[str, Any]], dd: dict[str, Any] | None) -> dict[str,
     for v in t.values():
         v["met"] = v["value"] <= v["limit"]
         v["measure"] = "value: peak RSS (VmHWM, mapped cache pages included); anon_value: RssAnon"
+    # the target is stated for 6,000 against 60,000 images: not met at other sizes
+    at = (small["images"], large["images"]) == (6000, 60000)
+    t["train_peak_rss_largest_minus_smallest_mb"]["met"] &= at
+    t["train_peak_rss_largest_minus_smallest_mb"]["at_the_sizes_of_the_target"] = at
+    t["brain_tumor_throughput"] = {"met": None, "note": "not measured here: bench/throughput.py"}
     return t
 
 
