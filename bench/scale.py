@@ -169,7 +169,9 @@ def _val_fraction(n: int) -> float:
     return round(TEST_IMAGES / (n - TEST_IMAGES), 5)  # about 64 validation images at any size
 
 
-def train_cmd(manifest_path: Path, n: int, run_dir: Path, steps: int, ranks: int) -> list[str]:
+def train_cmd(
+    manifest_path: Path, n: int, run_dir: Path, steps: int, ranks: int, batch: int = BATCH
+) -> list[str]:
     launch = [sys.executable, "-m", "medxfer"]
     if ranks:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -177,7 +179,7 @@ def train_cmd(manifest_path: Path, n: int, run_dir: Path, steps: int, ranks: int
     return [
         *launch, "train", "--data", str(manifest_path), "--run-dir", str(run_dir), "--force",
         "model.arch=efficientnet_lite0", "model.weights=none", f"data.image_size={SIZE}",
-        f"data.val_fraction={_val_fraction(n)}", f"train.batch_size={BATCH}", "train.epochs=1",
+        f"data.val_fraction={_val_fraction(n)}", f"train.batch_size={batch}", "train.epochs=1",
         f"train.steps_per_epoch={steps}", "train.threads=1", "train.optimizer=sgd",
         "train.lr=0.01", "train.bn_recalibrate=false", "eval.n_bootstrap=10",
     ]  # fmt: skip
@@ -219,12 +221,14 @@ def one_size(
     }  # fmt: skip
 
 
-def ddp(work: Path, paths: list[Path], n: int, steps: int, env: dict[str, str]) -> dict[str, Any]:
-    """torchrun with 1 rank, then 2 ranks, at ``n`` images (gloo on CPU)."""
+def ddp(
+    work: Path, paths: list[Path], n: int, steps: int, env: dict[str, str], batch: int
+) -> dict[str, Any]:
+    """torchrun with 1 rank, then 2 ranks, at ``n`` images (gloo on CPU), ``batch`` per rank."""
     mf, runs = manifest(work, paths, n), {}
     for ranks in (1, 2):
         run_dir = work / "runs" / f"ddp{ranks}-{n}"
-        m = measure(train_cmd(mf, n, run_dir, steps, ranks), env,
+        m = measure(train_cmd(mf, n, run_dir, steps, ranks, batch), env,
                     work / "logs" / f"ddp{ranks}-{n}.log", work / "cache")  # fmt: skip
         procs = _ranks(m)
         runs[ranks] = {
@@ -235,7 +239,7 @@ def ddp(work: Path, paths: list[Path], n: int, steps: int, env: dict[str, str]) 
         }  # fmt: skip
     mapped = [set(f) for f in runs[2]["cache_files_mapped_per_rank"]]
     return {
-        "images": n, "ranks": 2, **runs[2],
+        "images": n, "ranks": 2, "batch_size_per_rank": batch, **runs[2],
         "shared_cache": len(mapped) == 2 and bool(mapped[0] & mapped[1]),
         "single_rank": runs[1],
     }  # fmt: skip
@@ -305,6 +309,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[6000, 20000, 60000])
     p.add_argument("--steps", type=int, default=6, help="train.steps_per_epoch (3 are warm-up)")
     p.add_argument("--no-ddp", action="store_true", help="skip the torchrun comparison")
+    p.add_argument("--ddp-batch-size", type=int, default=16,
+                   help="per rank; each rank's training memory grows with it")  # fmt: skip
     p.add_argument("--child-build", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--child-read", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--child-read-pair", nargs=2, help=argparse.SUPPRESS)
@@ -334,7 +340,7 @@ def main() -> None:
     results = [one_size(work, paths, n, args.steps, env) for n in sizes]
     for r in results:
         print({k: v for k, v in r.items() if k != "cache_file"}, flush=True)
-    dd = None if args.no_ddp else ddp(work, paths, sizes[-1], args.steps, env)
+    dd = None if args.no_ddp else ddp(work, paths, sizes[-1], args.steps, env, args.ddp_batch_size)
     payload = {
         "sizes": results, "ddp": dd, "reads": reads(work, results[-1]["cache_file"], env),
         "targets": targets(results, dd), "generate_seconds": generate_seconds,
