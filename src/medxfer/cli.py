@@ -14,6 +14,8 @@ medxfer adapt RUN_OR_CHECKPOINT INPUT [--out DIR] [--batch-size 64] [--seed 0] [
 medxfer convert RUN_OR_FILE [--trust-pickle]
 medxfer data audit PATH [--out audit.json]
 medxfer data synth OUT
+medxfer cache list [--dir DIR] [--json]
+medxfer cache clear [--dir DIR] [--all | --older-than DAYS] [--max-bytes N]
 medxfer models
 """
 
@@ -420,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_structured_parser(sub)
     _add_run_parser(sub)
     _add_gan_parser(sub)
+    from medxfer.data.cache_admin import add_cache_parser
+
+    add_cache_parser(sub)
     m = sub.add_parser("models", help="list the registered architectures")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_cmd_models)

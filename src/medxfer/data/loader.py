@@ -1,9 +1,11 @@
-"""Batches straight from the in-memory uint8 cache, augmented as whole batches in torch.
+"""Batches straight from the uint8 decode cache, augmented as whole batches in torch.
 
 Why not a ``DataLoader`` with workers: at 224 px two CPU cores are compute-bound, so worker
 processes that decode and augment image by image steal cycles from the model. Here decoding
-happened once (``cache.py``), and augmentation is a handful of batched tensor ops (one
-``affine_grid`` + ``grid_sample``), on the training device, costing a few ms per batch.
+happened once (``cache.py``; a batch gathers its rows from the memory-mapped cache, so the
+page cache holds the pixels once for every process), and augmentation is a handful of batched
+tensor ops (one ``affine_grid`` + ``grid_sample``), on the training device, costing a few ms
+per batch.
 Every random choice comes from a generator seeded by (seed, epoch, rank), so an epoch replays
 exactly after a resume.
 """
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from medxfer.config import AugmentConfig
 from medxfer.data.robust import robust_augment
+from medxfer.data.store import ImageStore
 from medxfer.models.registry import Preprocess
 
 
@@ -94,7 +97,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | ImageStore,
         labels: torch.Tensor,
         indices: torch.Tensor,
         *,

@@ -1,4 +1,8 @@
-"""From ``DataConfig`` to tensors: discover, split, (drop leaks), decode once, index by split."""
+"""From ``DataConfig`` to tensors: discover, split, (drop leaks), decode once, index by split.
+
+The pixels stay in the decode cache's memory map (``ImageStore``): samples and splits are index
+arrays into it, so preparing a dataset copies no image and costs memory for the labels only.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from medxfer.data.sources import (
     patient_summary,
     with_patient_ids,
 )
+from medxfer.data.store import ImageStore
 from medxfer.errors import MedxferError
 
 
@@ -28,7 +33,7 @@ from medxfer.errors import MedxferError
 class Prepared:
     samples: list[Sample]
     classes: list[str]
-    images: torch.Tensor  # uint8 (N, H, W) or (N, H, W, 3), all splits
+    images: ImageStore  # uint8 (N, H, W) or (N, H, W, 3), all splits; [idx] gathers a tensor
     labels: torch.Tensor  # int64 (N,)
     split_index: dict[str, torch.Tensor]  # split -> indices into images
     info: dict[str, Any] = field(default_factory=dict)
@@ -116,8 +121,9 @@ def _add_generated(prepared: Prepared, cfg: DataConfig, workers: int) -> Prepare
     generated = select_generated(generated, real_counts, cfg.synthetic_ratio)
     paths = [s.path for s in generated]
     images_np, errors = load_images(
-        paths, cfg.image_size, cfg.color, cfg.resize, cfg.cache_dir, workers
-    )
+        paths, cfg.image_size, cfg.color, cfg.resize, cfg.cache_dir, workers,
+        source=str(cfg.synthetic),
+    )  # fmt: skip
     if errors:
         first = next(iter(errors.items()))
         raise MedxferError(
@@ -128,7 +134,7 @@ def _add_generated(prepared: Prepared, cfg: DataConfig, workers: int) -> Prepare
     start = len(prepared.samples)
     new_idx = torch.arange(start, start + len(generated), dtype=torch.long)
     prepared.samples = prepared.samples + generated
-    prepared.images = torch.cat([prepared.images, torch.from_numpy(images_np)])
+    prepared.images = prepared.images.extend(images_np)
     prepared.labels = torch.cat(
         [prepared.labels, torch.tensor([lookup[s.label] for s in generated], dtype=torch.long)]
     )
@@ -151,8 +157,9 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
     # on split fractions, seeds or leak filtering, so every run on this dataset shares one cache.
     all_paths = [s.path for s in samples]
     images_np, errors = load_images(
-        all_paths, cfg.image_size, cfg.color, cfg.resize, cfg.cache_dir, workers
-    )
+        all_paths, cfg.image_size, cfg.color, cfg.resize, cfg.cache_dir, workers,
+        source=str(root),
+    )  # fmt: skip
     if errors:
         if not cfg.skip_unreadable:
             first = next(iter(errors.items()))
@@ -193,7 +200,7 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
         )
     position = {p: i for i, p in enumerate(all_paths)}
     rows = np.array([position[s.path] for s in samples], dtype=np.int64)
-    images = torch.from_numpy(np.ascontiguousarray(images_np[rows]))
+    images = ImageStore([images_np], rows)  # no pixel is copied
     lookup = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([lookup[s.label] for s in samples], dtype=torch.long)
     split_index = {

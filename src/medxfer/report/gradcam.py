@@ -58,7 +58,8 @@ def pick_examples(
     return out
 
 
-def _test_images(cfg: ExperimentConfig, labels: np.ndarray) -> torch.Tensor:
+def _test_images(cfg: ExperimentConfig, labels: np.ndarray, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` of the test split (gathered from the cache alone, not the whole split)."""
     from medxfer.data.prepare import prepare
 
     data = prepare(cfg.data)
@@ -68,7 +69,7 @@ def _test_images(cfg: ExperimentConfig, labels: np.ndarray) -> torch.Tensor:
             "the test split no longer matches the run's test_predictions.npz",
             "the dataset changed since training; train again before the report",
         )
-    return data.images[idx]
+    return data.images[idx[rows]]
 
 
 def compute_gradcam(run_dir: Path, per_class: int, out_png: Path) -> dict[str, Any]:
@@ -88,7 +89,7 @@ def compute_gradcam(run_dir: Path, per_class: int, out_png: Path) -> dict[str, A
     picks = pick_examples(labels, probs, per_class, cfg.train.seed)
     if not picks:
         raise MedxferError(f"{run_dir} has no test predictions to explain")
-    images = _test_images(cfg, labels)[[i for i, _ in picks]]
+    images = _test_images(cfg, labels, [i for i, _ in picks])
     x01 = to_float(images)
     norm = Normalizer.from_preprocess(
         Preprocess(tuple(meta["mean"]), tuple(meta["std"]), "checkpoint"), torch.device("cpu")
