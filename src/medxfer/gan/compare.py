@@ -206,7 +206,7 @@ def compare_strategies(
         if (run_dir / "metrics.json").exists():
             check_reuse(run_cfg, run_dir)
         else:
-            fit(run_cfg, run_dir, resume=True)
+            fit(run_cfg, run_dir, resume=True, trust=False)
         runs[name] = run_dir
     first = json.loads((runs[names[0]] / "metrics.json").read_text())["data"]
     real_counts = (first.get("synthetic_images") or {}).get("real_train_counts") or first["counts"][

@@ -83,7 +83,7 @@ def _train(
         return
     fit(cfg, run, resume=(run / "last.pt").exists(), prepare_model=prepare,
         callbacks=callbacks, start_epoch=start_epoch, warn_shift=False,
-        teacher=teacher)  # fmt: skip
+        teacher=teacher, trust=False)  # fmt: skip
 
 
 def blank_model(arch: str, state: State) -> nn.Module:

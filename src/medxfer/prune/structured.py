@@ -449,7 +449,7 @@ def run_structured(
             prepare = _prepare(start, head, ratios[: i + 1], states, size)
             metrics = fit(step_cfg, run_dir, resume=(run_dir / "last.pt").exists(),
                           prepare_model=prepare, teacher=teacher,
-                          evaluate_test=run_dir == out)  # fmt: skip
+                          evaluate_test=run_dir == out, trust=False)  # fmt: skip
         rows.append(_step_row(ratio * (i + 1) / steps, epochs[i], metrics))
         if run_dir != out:
             states.append(load_checkpoint(run_dir / "best.pt")["model"])

@@ -125,6 +125,7 @@ def fit(
     warn_shift: bool = True,
     teacher: Teacher | None = None,
     epoch_start: EpochStart | None = None,
+    trust: bool = True,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; return the final metrics (also in metrics.json).
 
@@ -140,6 +141,8 @@ def fit(
     ``teacher``: distill from this trained model besides the labels (``DistillationLoss``).
     ``epoch_start(model, epoch)`` is called on the bare network before each epoch trains (also
     the first epoch after a resume): soft pruning zeroes channels there.
+    ``trust=False``: no per-image trust statistics at the end (lottery levels, fine-tuning
+    steps and strategy comparisons; ``medxfer trust RUN`` fits them later on demand).
     """
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
@@ -235,7 +238,8 @@ def fit(
             break
     seconds = time.perf_counter() - t_start
     return finish(
-        cfg, run_dir, s, c, history, seconds, evaluate_test=evaluate_test, warn_shift=warn_shift
+        cfg, run_dir, s, c, history, seconds, evaluate_test=evaluate_test, warn_shift=warn_shift,
+        trust=trust,
     )
 
 
@@ -273,6 +277,7 @@ def finish(
     *,
     evaluate_test: bool = True,
     warn_shift: bool = True,
+    trust: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint on val and test; write metrics.json and the figures.
 
@@ -322,7 +327,7 @@ def finish(
                 _save_figures(run_dir, labels, probs, s.data.classes, history)
             # val: the reference of `medxfer shift`, usable where the training data is not
             save_predictions(run_dir / f"{split}_predictions.npz", probs, labels, cfg, c)
-    if c.is_main and evaluate_test and cfg.trust.enabled:
+    if c.is_main and evaluate_test and trust and cfg.trust.enabled:
         results["trust"] = _fit_trust(run_dir, s, best["meta"], cfg)
     if c.is_main:
         atomic_write_json(results, run_dir / "metrics.json")  # written last: marks the run complete
