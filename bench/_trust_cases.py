@@ -125,6 +125,7 @@ def held_out_run(base: Run, args: argparse.Namespace, work: Path) -> Path | None
         str(manifest),
         "--run-dir",
         str(folder / "run"),
+        "data.allow_outside_root=true",  # the manifest lists the base run's images where they are
         *(args.train_held_out or []),
     ]
     if args.train_held_out is None:

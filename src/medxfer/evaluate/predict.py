@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,38 +163,6 @@ def iter_file_probs(
         probs = iter(probs_of_arrays(model, meta, np.stack(arrays), batch_size) if arrays else [])
         for f in chunk:
             yield (f, None, errors[f]) if f in errors else (f, next(probs), "")
-
-
-def predict_files(
-    checkpoint: Path, target: Path, out_csv: Path, batch_size: int = 32
-) -> tuple[Path, int]:
-    """Write ``path,predicted,p_<class>...`` rows; unreadable files get an ``error`` column.
-    BatchNorm is folded into the convolutions first (same predictions, less time)."""
-    model, meta = load_trained(checkpoint)
-    unfinished = unfinished_run(model_file(checkpoint))
-    if unfinished is not None:
-        console.print(f"[yellow]warning:[/] {unfinished}")
-    model, _ = folded_for_inference(model, meta)
-    classes: list[str] = list(meta["classes"])
-    files = collect_inputs(target)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[list[str]] = []
-    for f, p, error in iter_file_probs(model, meta, files, batch_size):
-        if p is None:
-            rows.append([str(f), "", *[""] * len(classes), error])
-        else:
-            rows.append([str(f), classes[int(p.argmax())], *[f"{v:.6f}" for v in p], ""])
-    with open(out_csv, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "predicted", *[f"p_{c}" for c in classes], "error"])
-        w.writerows(rows)
-    failed = [r for r in rows if r[-1]]
-    if len(failed) == len(rows):
-        raise MedxferError(
-            f"none of the {len(rows)} file(s) could be read, e.g. {failed[0][0]}: {failed[0][-1]}",
-            f"every reason is in the error column of {out_csv}",
-        )
-    return out_csv, len(files)
 
 
 def unfinished_run(path: Path) -> str | None:

@@ -4,6 +4,7 @@ probabilities, and optionally a static review page (``--html``)."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from medxfer.errors import MedxferError
 from medxfer.evaluate.predict import collect_inputs, folded_for_inference, load_trained, read_arrays
 from medxfer.evaluate.trust import TRUST_JSON, TrustModel, TrustScores, load_trust
 from medxfer.evaluate.trust_detectors import DETECTORS
+from medxfer.train.checkpoint import atomic_write_text, ensure_dir
 
 
 def run_folder_of(checkpoint: Path) -> Path | None:
@@ -68,9 +70,11 @@ def predict_with_trust(
     html: Path | None = None, html_limit: int = 200,
 ) -> tuple[Path, int, str]:  # fmt: skip
     """Write the predictions CSV (and the review page); returns (csv, files, note)."""
-    from medxfer.evaluate.predict import probs_of_arrays
-
+    from medxfer.evaluate.predict import console, model_file, probs_of_arrays, unfinished_run
     model, meta = load_trained(checkpoint)
+    unfinished = unfinished_run(model_file(checkpoint))
+    if unfinished is not None:
+        console.print(f"[yellow]warning:[/] {unfinished}")
     fast, _ = folded_for_inference(model, meta)
     trust, note = trust_for(checkpoint)
     classes: list[str] = list(meta["classes"])
@@ -96,11 +100,16 @@ def predict_with_trust(
             if html is not None:
                 kept.append(_record(f, arrays[i], probs[i], ts, i, classes))
             i += 1
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(_header(classes, trust is not None))
-        w.writerows(rows)
+    if rows and all(r[-1] for r in rows):
+        raise MedxferError(
+            f"none of the {len(rows)} file(s) could be read, e.g. {rows[0][0]}: {rows[0][-1]}",
+            "pass images medxfer reads (PNG, JPEG, DICOM); nothing was written",
+        )
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(_header(classes, trust is not None))
+    w.writerows(rows)
+    atomic_write_text(buf.getvalue(), ensure_dir(out_csv.parent) / out_csv.name)
     if html is not None:
         from medxfer.evaluate.review_page import write_review_page
 
