@@ -100,16 +100,16 @@ def predict_with_trust(
             if html is not None:
                 kept.append(_record(f, arrays[i], probs[i], ts, i, classes))
             i += 1
-    if rows and all(r[-1] for r in rows):
-        raise MedxferError(
-            f"none of the {len(rows)} file(s) could be read, e.g. {rows[0][0]}: {rows[0][-1]}",
-            "pass images medxfer reads (PNG, JPEG, DICOM); nothing was written",
-        )
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(_header(classes, trust is not None))
     w.writerows(rows)
     atomic_write_text(buf.getvalue(), ensure_dir(out_csv.parent) / out_csv.name)
+    if rows and all(r[-1] for r in rows):
+        raise MedxferError(
+            f"none of the {len(rows)} file(s) could be read, e.g. {rows[0][0]}: {rows[0][-1]}",
+            f"every reason is in the error column of {out_csv}",
+        )
     if html is not None:
         from medxfer.evaluate.review_page import write_review_page
 
