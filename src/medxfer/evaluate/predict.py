@@ -134,7 +134,7 @@ def preprocess_arrays(meta: dict[str, Any], arrays: np.ndarray) -> torch.Tensor:
     pre = Preprocess(tuple(meta["mean"]), tuple(meta["std"]), "checkpoint")
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    x = to_float(torch.from_numpy(np.ascontiguousarray(arrays)))
+    x = to_float(torch.from_numpy(np.require(arrays, requirements=["C", "W"])))
     return ((x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x) - mean) / std
 
 
