@@ -16,7 +16,14 @@ import torch
 
 from medxfer.errors import MedxferError
 from medxfer.evaluate import conformal, selective
-from medxfer.evaluate.trust import FLAGS, TrustModel, TrustScores, fit_on_arrays, run_settings
+from medxfer.evaluate.trust import (
+    FLAGS,
+    TrustModel,
+    TrustScores,
+    _subsample,
+    fit_on_arrays,
+    run_settings,
+)
 
 FIGURE = "test_risk_coverage.png"
 
@@ -46,11 +53,20 @@ def run_split_arrays(
             f"the data at {root} has classes {data.classes}, the model {meta['classes']}",
             "point the run's data.root at the dataset it was trained on",
         )
-    out = {}
-    for sp in splits:
-        idx = data.split_index[sp]
-        out[sp] = (data.images[idx].numpy(), data.labels[idx].numpy())
+    out = {sp: _split_arrays(data, sp, cfg) for sp in splits}
     return model, meta, out
+
+
+def _split_arrays(data: Any, split: str, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A split's pixels and labels. Only the seeded subsample of training images the detectors
+    are fitted on is gathered (``trust.train_images``): pixels are read from the memory-mapped
+    cache, never copied for the whole split."""
+    idx = data.split_index[split]
+    labels = data.labels[idx].numpy()
+    if split == "train":
+        keep = _subsample(labels, cfg.trust.train_images, cfg.train.seed)
+        idx, labels = idx[keep], labels[keep]
+    return data.images[idx].numpy(), labels
 
 
 def test_report(tm: TrustModel, ts: TrustScores, labels: np.ndarray) -> dict[str, Any]:
@@ -113,10 +129,7 @@ def after_training(
     """The trust step of training (``trust.*`` config keys). A model whose features cannot be
     read, too small a validation split or any failure of the fit is reported as skipped
     (``medxfer trust RUN`` retries it and shows the error): it never fails a trained run."""
-    arrays = {}
-    for sp in ("train", "val", "test"):
-        idx = data.split_index[sp]
-        arrays[sp] = (data.images[idx].numpy(), data.labels[idx].numpy())
+    arrays = {sp: _split_arrays(data, sp, cfg) for sp in ("train", "val", "test")}
     was_training = model.training
     try:
         return fit_and_report(
