@@ -134,18 +134,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_trust(args: argparse.Namespace) -> int:
-    from medxfer.evaluate.trust_run import trust_command
+    from medxfer.evaluate.trust_run import summary_line, trust_command
 
     r = trust_command(Path(args.run), acceptance=args.acceptance, coverage=args.coverage,
                       class_conditional=args.class_conditional)  # fmt: skip
     console.print(f"default detector {r['ood_detector']}, failure score {r['failure_score']}")
     if "test" in r:
-        t = r["test"]
-        console.print(
-            f"test: {t['ok_fraction']:.3f} ok (accepted accuracy "
-            f"{t['accepted_accuracy'] or 0:.3f}), conformal coverage "
-            f"{t['conformal']['coverage']:.3f}, mean set size {t['conformal']['mean_set_size']:.2f}"
-        )
+        console.print(summary_line(r["test"]))
     print(args.run)
     return 0
 

@@ -193,3 +193,13 @@ def plot_risk_coverage(test: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def summary_line(test: dict[str, Any]) -> str:
+    """One line on the test split's flags and conformal sets, as ``train`` and ``trust`` print."""
+    conf = test["conformal"]
+    return (
+        f"test: {test['ok_fraction']:.3f} ok (accepted accuracy "
+        f"{test['accepted_accuracy'] or 0:.3f}), conformal coverage {conf['coverage']:.3f}, "
+        f"mean set size {conf['mean_set_size']:.2f}"
+    )

@@ -347,19 +347,14 @@ def _fit_trust(
     """Per-image trust statistics of the best model (``medxfer.evaluate.trust``): detectors
     fitted on the training images, thresholds and conformal sets on validation, then test
     scored once with them."""
-    from medxfer.evaluate.trust_run import after_training
+    from medxfer.evaluate.trust_run import after_training, summary_line
 
     console.print("fitting per-image trust scores (train/val) and scoring test")
     out = after_training(run_dir, _bare(s.model), meta, s.data, cfg)
     if "skipped" in out:
         console.print(f"[yellow]trust scores skipped:[/] {out['skipped']}")
     elif "test" in out:
-        t = out["test"]
-        console.print(
-            f"  test ok {t['ok_fraction']:.3f} (accuracy {t['accepted_accuracy'] or 0:.3f}), "
-            f"conformal coverage {t['conformal']['coverage']:.3f}, mean set size "
-            f"{t['conformal']['mean_set_size']:.2f} ({out['seconds']:.1f} s)"
-        )
+        console.print(f"  {summary_line(out['test'])} ({out['seconds']:.1f} s)")
     return out
 
 
