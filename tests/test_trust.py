@@ -96,10 +96,34 @@ def test_conformal_coverage_on_exchangeable_data(class_conditional: bool) -> Non
         assert all(abs(v - 0.9) < 0.04 for v in rep["coverage_per_class"].values())
     else:  # the set is exactly the classes with 1 - p at or below the stored threshold
         (t,) = conformal.thresholds(cal, cal_y, 4, 0.9)
-        lac = 1 - test_p <= t
-        top = np.eye(4, dtype=bool)[test_p.argmax(1)]
-        np.testing.assert_array_equal(sets, lac | (top & ~lac.any(1, keepdims=True)))
-    assert sets.any(1).all()
+        np.testing.assert_array_equal(sets, 1 - test_p <= t)
+
+
+def test_conformal_accurate_model_keeps_nominal_coverage() -> None:
+    """A model more accurate than the coverage asks: standard sets (empty ones allowed) cover
+    at the nominal level; filling empty sets would over-cover (coverage >= accuracy). The
+    validation cross-fit sees the same on the calibration images alone."""
+    rng = np.random.default_rng(2)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        probs = softmax(rng.normal(size=(n, 4)) * 15.0, axis=1)
+        labels = np.array([rng.choice(4, p=p) for p in probs])
+        return probs, labels
+
+    cal_p, cal_y = draw(2000)
+    test_p, test_y = draw(4000)
+    assert (test_p.argmax(1) == test_y).mean() > 0.95
+    cal = conformal.calibration_scores(cal_p, cal_y)
+    std = conformal.coverage_report(conformal.prediction_sets(cal, cal_y, test_p, 0.9),
+                                    test_y, list("abcd"))  # fmt: skip
+    full = conformal.coverage_report(
+        conformal.prediction_sets(cal, cal_y, test_p, 0.9, never_empty=True), test_y, list("abcd")
+    )
+    assert abs(std["coverage"] - 0.9) < 0.02 and std["empty"] > 0.02
+    assert full["coverage"] > 0.95 and full["empty"] == 0.0
+    cf = conformal.validation_crossfit(cal_p, cal_y, 0.9, repeats=5)
+    assert abs(cf["standard"]["coverage"] - 0.9) < 0.02
+    assert cf["never_empty"]["coverage"] > 0.95
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +264,34 @@ def test_report_section_summarises_the_run(trained: dict[str, Any], tmp_path: Pa
     t = json.loads((trained["run"] / "metrics.json").read_text())["trust"]["test"]
     assert table.rows[0][3] == f"{100 * t['ok_fraction']:.1f}%"
     assert any(isinstance(b, Image) and b.path.name == "test_risk_coverage.png" for b in s.blocks)
+
+
+def test_pnorm_confidence_hand_computed_and_chosen_on_validation_folds() -> None:
+    """MaxLogit-pNorm equals its formula. Where the logits' direction says which predictions
+    fail and their scale is noise (over-confidence that varies from image to image), MSP is
+    misled by the scale and pNorm is not: the cross-fitted validation choice picks pNorm."""
+    from medxfer.evaluate import trust_fit
+
+    logits = np.array([[2.0, 0.0, -2.0], [1.0, 1.0, 1.0 + 3.0]])
+    got = trust_fit.pnorm_score(logits, 2)
+    z = logits - logits.mean(1, keepdims=True)
+    np.testing.assert_allclose(got, -z.max(1) / np.sqrt((z**2).sum(1)))
+    assert got[0] == pytest.approx(-2 / np.sqrt(8))
+    rng = np.random.default_rng(0)
+    n = 600
+    d = rng.normal(size=(n, 3))
+    d -= d.mean(1, keepdims=True)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    correct = rng.random(n) < np.clip((-trust_fit.pnorm_score(d, 2) - 0.4) / 0.45, 0.05, 0.95)
+    logits = d * rng.uniform(0.5, 10, size=n)[:, None]
+    msp = -softmax(logits, axis=1).max(1)
+    dist = rng.normal(size=n)  # an uninformative distance
+    params, measured, conf = trust_fit.fit_failure(msp, dist, correct, 0, logits)
+    assert params["confidence"]["kind"] == "pnorm"
+    assert measured["chosen"].startswith("pnorm_")
+    best = measured[f"{measured['chosen']}_crossfit_augrc"]
+    assert best < measured["msp_augrc"] and best < measured["logistic_crossfit_augrc"]
+    np.testing.assert_allclose(conf, trust_fit.pnorm_score(logits, params["confidence"]["p"]))
+    # no logits (or too few errors): MSP only, as before
+    params, measured, conf = trust_fit.fit_failure(msp, dist, correct, 0)
+    assert params["confidence"] == {"kind": "msp"} and not measured["chosen"].startswith("pnorm")

@@ -71,6 +71,7 @@ def predict_with_trust(
 ) -> tuple[Path, int, str]:  # fmt: skip
     """Write the predictions CSV (and the review page); returns (csv, files, note)."""
     from medxfer.evaluate.predict import console, model_file, probs_of_arrays, unfinished_run
+
     model, meta = load_trained(checkpoint)
     unfinished = unfinished_run(model_file(checkpoint))
     if unfinished is not None:

@@ -69,7 +69,8 @@ def _card(rec: dict[str, Any], cam: np.ndarray | None, classes: list[str]) -> st
     )
     extra = ""
     if flag:
-        members = ", ".join(html.escape(c) for c in rec["set"]) or "(empty)"
+        members = (", ".join(html.escape(c) for c in rec["set"])
+                   or "(empty: no class fits at this coverage)")  # fmt: skip
         extra = (f"<p>conformal set: {members}<br>failure score {rec['failure']:.3f} · "
                  f"distance score {rec['ood']:.4g}</p>")  # fmt: skip
     cam_img = f'<img src="{_png(cam)}" alt="Grad-CAM">' if cam is not None else ""

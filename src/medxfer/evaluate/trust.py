@@ -56,7 +56,8 @@ class TrustModel:
         r = self.record
         scores = self.detectors.scores(features, logits)
         ood = scores[r["ood_detector"]]
-        failure = trust_fit.failure_score(r["failure"], scores["msp"], ood, self.refs)
+        conf = trust_fit.confidence_score(r["failure"], scores["msp"], logits)
+        failure = trust_fit.failure_score(r["failure"], conf, ood, self.refs)
         probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
         sets = conformal.prediction_sets(self.cal_scores, self.cal_labels, probs,
                                          r["coverage"], r["class_conditional"])  # fmt: skip
@@ -155,9 +156,9 @@ def fit_from_scores(
     probs = torch.softmax(torch.from_numpy(val_logits).double(), 1).numpy()
     correct = probs.argmax(1) == val_labels
     msp, dist = val_scores["msp"], val_scores[chosen]
-    failure, measured = trust_fit.fit_failure(msp, dist, correct, seed)
-    refs = {"ref_msp": np.sort(msp), "ref_dist": np.sort(dist)}
-    fail = trust_fit.failure_score(failure, msp, dist, refs)
+    failure, measured, conf = trust_fit.fit_failure(msp, dist, correct, seed, val_logits)
+    refs = {"ref_msp": np.sort(conf), "ref_dist": np.sort(dist)}  # ref_msp: the confidence's
+    fail = trust_fit.failure_score(failure, conf, dist, refs)
     t_ood, t_review = trust_fit.thresholds(dist, fail, acceptance, ood_share)
     flag = trust_fit.flags(dist, fail, t_ood, t_review)
     cal = conformal.calibration_scores(probs, val_labels)
@@ -166,9 +167,12 @@ def fit_from_scores(
         "coverage": coverage, "class_conditional": class_conditional,
         "ood_detector": chosen, "ood_threshold": t_ood, "review_threshold": t_review,
         "failure": failure, "knn_k": det.k, "vim_alpha": det.vim_alpha,
-        "conformal": {"score": "LAC (1 - p)", "library": "crepes", "thresholds":
-                      conformal.thresholds(cal, val_labels, len(classes), coverage,
-                                           class_conditional)},
+        "conformal": {"score": "LAC (1 - p)", "library": "crepes", "empty_sets": "allowed",
+                      "thresholds": conformal.thresholds(cal, val_labels, len(classes), coverage,
+                                                         class_conditional),
+                      "validation_crossfit": conformal.validation_crossfit(
+                          probs, np.asarray(val_labels), coverage, class_conditional,
+                          seed=seed)},
         "fitted_on": {"train_images": n_train, "validation_images": len(val_labels)},
         "validation": {
             "detectors_vs_proxy_shifts": table, "failure_score": measured,

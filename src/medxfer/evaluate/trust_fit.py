@@ -3,10 +3,13 @@
 * The ``unfamiliar`` detector is the feature distance (Mahalanobis, kNN, ViM) that best tells
   validation images from shifted copies of themselves (uniform noise, inverted intensities,
   blur, resolution loss): mean AUROC over those proxies, ties to the earlier in ``DISTANCES``.
-* The failure score combines confidence (MSP) with that distance, either as the mean of their
+* The failure score combines a confidence with that distance, either as the mean of their
   percentiles among validation images (``rank_mean``) or as a logistic regression of the error
-  on both (``logistic``, measured cross-fitted on validation, then refitted on all of it); the
-  one with the lower validation AUGRC is kept. MSP alone is measured beside them for reference.
+  on both (``logistic``, measured cross-fitted on validation, then refitted on all of it). The
+  confidence is MSP or MaxLogit-pNorm (the largest centred logit over the logits' p-norm;
+  Cattelan & Silva, "How to fix a broken confidence estimator", 2024), whose ``p`` is chosen
+  on validation. Every pair is measured cross-fitted (``p`` chosen inside each fold) and the
+  one with the lowest validation AUGRC is kept. MSP alone is measured beside them.
 * Thresholds: ``ood_share`` of the rejection budget ``1 - acceptance`` goes to ``unfamiliar``
   (a validation quantile of the distance), the rest to ``review`` (a threshold on the failure
   score among familiar validation images), so that ``acceptance`` of validation ends ``ok``.
@@ -23,6 +26,7 @@ from medxfer.evaluate.selective import augrc, ood_auroc_fpr95
 from medxfer.evaluate.trust_detectors import DETECTORS, DISTANCES
 
 MIN_ERRORS_FOR_LOGISTIC = 10  # fewer validation errors: a 2-feature fit is noise, rank_mean only
+PNORM_PS = tuple(range(1, 11))  # MaxLogit-pNorm's candidate p (the paper's grid)
 
 
 def choose_detector(
@@ -45,6 +49,31 @@ def choose_detector(
 def percentile(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Fraction of ``reference`` (sorted) at or below each value."""
     return np.searchsorted(reference, values, side="right") / max(len(reference), 1)
+
+
+def pnorm_score(logits: np.ndarray, p: float) -> np.ndarray:
+    """MaxLogit-pNorm as an unusualness score (higher = less confident): minus the largest
+    centred logit divided by the centred logits' p-norm."""
+    z = logits - logits.mean(1, keepdims=True)
+    norm = np.clip(np.linalg.norm(z, ord=p, axis=1), 1e-12, None)
+    return np.asarray(-z.max(1) / norm)
+
+
+def confidence_score(params: dict[str, Any], msp: np.ndarray,
+                     logits: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """The failure score's confidence input (higher = less confident): MSP's score, or
+    MaxLogit-pNorm's at the chosen p (runs older than that choice used MSP)."""
+    conf = params.get("confidence", {"kind": "msp"})
+    if conf["kind"] == "msp":
+        return msp
+    if logits is None:
+        raise ValueError("MaxLogit-pNorm needs the logits")
+    return pnorm_score(logits, float(conf["p"]))
+
+
+def _best_p(logits: np.ndarray, correct: np.ndarray) -> int:
+    """The p of MaxLogit-pNorm with the lowest AUGRC on these images (ties: smaller p)."""
+    return min(PNORM_PS, key=lambda p: (augrc(correct, -pnorm_score(logits, p)), p))
 
 
 def failure_score(params: dict[str, Any], msp: np.ndarray, dist: np.ndarray,
@@ -73,34 +102,56 @@ def _logistic(msp: np.ndarray, dist: np.ndarray, wrong: np.ndarray) -> dict[str,
 
 
 def fit_failure(
-    msp: np.ndarray, dist: np.ndarray, correct: np.ndarray, seed: int = 0
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The failure score's parameters, and the validation measurements that chose it."""
+    msp: np.ndarray, dist: np.ndarray, correct: np.ndarray, seed: int = 0,
+    logits: np.ndarray | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:  # fmt: skip
+    """The failure score's parameters, the validation measurements that chose them, and the
+    chosen confidence score of the validation images (the reference for ``rank_mean``)."""
     from sklearn.model_selection import StratifiedKFold
 
     wrong = ~correct.astype(bool)
-    refs = {"ref_msp": np.sort(msp), "ref_dist": np.sort(dist)}
-    rank = {"method": "rank_mean"}
-    measured: dict[str, Any] = {
-        "msp_augrc": augrc(correct, -msp),
-        "rank_mean_augrc": augrc(correct, -failure_score(rank, msp, dist, refs)),
-        "validation_errors": int(wrong.sum()),
-    }
-    if min(int(wrong.sum()), int((~wrong).sum())) < MIN_ERRORS_FOR_LOGISTIC:
-        measured["logistic"] = (
+    measured: dict[str, Any] = {"msp_augrc": augrc(correct, -msp),
+                                "validation_errors": int(wrong.sum())}  # fmt: skip
+    enough = min(int(wrong.sum()), int((~wrong).sum())) >= MIN_ERRORS_FOR_LOGISTIC
+    kinds = ["msp"] + (["pnorm"] if logits is not None and enough else [])
+    combiners = ["rank_mean"] + (["logistic"] if enough else [])
+    if not enough:
+        measured["logistic"] = measured["pnorm"] = (
             f"not tried: fewer than {MIN_ERRORS_FOR_LOGISTIC} validation errors (or correct "
-            "predictions) to fit it on"
+            "predictions) to fit them on"
         )
-        return rank, measured | {"chosen": "rank_mean"}
-    crossfit = np.zeros(len(msp))
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
-    for fit_idx, out_idx in folds.split(msp, wrong):
-        p = _logistic(msp[fit_idx], dist[fit_idx], wrong[fit_idx])
-        crossfit[out_idx] = failure_score(p, msp[out_idx], dist[out_idx], refs)
-    measured["logistic_crossfit_augrc"] = augrc(correct, -crossfit)
-    if measured["logistic_crossfit_augrc"] < measured["rank_mean_augrc"]:
-        return _logistic(msp, dist, wrong), measured | {"chosen": "logistic"}
-    return rank, measured | {"chosen": "rank_mean"}
+    folds = list(StratifiedKFold(n_splits=5, shuffle=True, random_state=seed).split(msp, wrong))
+    results: dict[str, float] = {}
+    for kind in kinds:
+        for comb in combiners:
+            name = comb if kind == "msp" else f"pnorm_{comb}"
+            if kind == "msp" and comb == "rank_mean":  # no parameter: measured on all of val
+                refs = {"ref_msp": np.sort(msp), "ref_dist": np.sort(dist)}
+                results[name] = augrc(correct, -failure_score({"method": comb}, msp, dist, refs))
+                continue
+            out = np.zeros(len(msp))
+            for fit_idx, out_idx in folds:
+                conf = msp
+                if kind == "pnorm":
+                    assert logits is not None
+                    conf = pnorm_score(logits, _best_p(logits[fit_idx], correct[fit_idx]))
+                refs = {"ref_msp": np.sort(conf[fit_idx]), "ref_dist": np.sort(dist[fit_idx])}
+                params = (_logistic(conf[fit_idx], dist[fit_idx], wrong[fit_idx])
+                          if comb == "logistic" else {"method": comb})  # fmt: skip
+                out[out_idx] = failure_score(params, conf[out_idx], dist[out_idx], refs)
+            results[name] = augrc(correct, -out)
+    measured |= {f"{n}_{'augrc' if n == 'rank_mean' else 'crossfit_augrc'}": v
+                 for n, v in results.items()}  # fmt: skip
+    chosen = min(results, key=lambda n: (results[n], list(results).index(n)))
+    comb = chosen.removeprefix("pnorm_")
+    confidence: dict[str, Any] = {"kind": "msp"}
+    conf = msp
+    if chosen.startswith("pnorm_"):
+        assert logits is not None
+        p = _best_p(logits, correct)
+        confidence, conf = {"kind": "pnorm", "p": p}, pnorm_score(logits, p)
+    params = _logistic(conf, dist, wrong) if comb == "logistic" else {"method": comb}
+    return params | {"confidence": confidence}, measured | {"chosen": chosen}, conf
 
 
 def upper_quantile(values: np.ndarray, q: float) -> float:

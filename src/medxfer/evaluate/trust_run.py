@@ -99,7 +99,9 @@ def summary(tm: TrustModel, test: dict[str, Any] | None, seconds: float) -> dict
     out: dict[str, Any] = {
         "acceptance": r["acceptance"], "coverage": r["coverage"],
         "class_conditional": r["class_conditional"], "ood_detector": r["ood_detector"],
-        "failure_score": r["failure"]["method"], "validation": r["validation"]["flags"],
+        "failure_score": r["failure"]["method"],
+        "confidence": r["failure"].get("confidence", {"kind": "msp"}),
+        "validation": r["validation"]["flags"],
         "seconds": round(seconds, 2),
     }  # fmt: skip
     if test is not None:

@@ -238,7 +238,14 @@ def fit(
             break
     seconds = time.perf_counter() - t_start
     return finish(
-        cfg, run_dir, s, c, history, seconds, evaluate_test=evaluate_test, warn_shift=warn_shift,
+        cfg,
+        run_dir,
+        s,
+        c,
+        history,
+        seconds,
+        evaluate_test=evaluate_test,
+        warn_shift=warn_shift,
         trust=trust,
     )
 
