@@ -76,17 +76,19 @@ def test_selective_metrics_hand_computed() -> None:
     assert fpr == pytest.approx(0.25)
 
 
+def _calibrated_draw(
+    rng: np.random.Generator, n: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax outputs and labels drawn from them (a calibrated model; sharper with ``scale``)."""
+    probs = softmax(rng.normal(size=(n, 4)) * scale, axis=1)
+    return probs, np.array([rng.choice(4, p=p) for p in probs])
+
+
 @pytest.mark.parametrize("class_conditional", [False, True])
 def test_conformal_coverage_on_exchangeable_data(class_conditional: bool) -> None:
     rng = np.random.default_rng(1)
-
-    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
-        probs = softmax(rng.normal(size=(n, 4)) * 2.0, axis=1)
-        labels = np.array([rng.choice(4, p=p) for p in probs])
-        return probs, labels
-
-    cal_p, cal_y = draw(2000)
-    test_p, test_y = draw(4000)
+    cal_p, cal_y = _calibrated_draw(rng, 2000, 2.0)
+    test_p, test_y = _calibrated_draw(rng, 4000, 2.0)
     cal = conformal.calibration_scores(cal_p, cal_y)
     np.testing.assert_allclose(cal, 1 - cal_p[np.arange(2000), cal_y])
     sets = conformal.prediction_sets(cal, cal_y, test_p, 0.9, class_conditional)
@@ -104,14 +106,8 @@ def test_conformal_accurate_model_keeps_nominal_coverage() -> None:
     at the nominal level; filling empty sets would over-cover (coverage >= accuracy). The
     validation cross-fit sees the same on the calibration images alone."""
     rng = np.random.default_rng(2)
-
-    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
-        probs = softmax(rng.normal(size=(n, 4)) * 15.0, axis=1)
-        labels = np.array([rng.choice(4, p=p) for p in probs])
-        return probs, labels
-
-    cal_p, cal_y = draw(2000)
-    test_p, test_y = draw(4000)
+    cal_p, cal_y = _calibrated_draw(rng, 2000, 15.0)
+    test_p, test_y = _calibrated_draw(rng, 4000, 15.0)
     assert (test_p.argmax(1) == test_y).mean() > 0.95
     cal = conformal.calibration_scores(cal_p, cal_y)
     std = conformal.coverage_report(conformal.prediction_sets(cal, cal_y, test_p, 0.9),
