@@ -8,6 +8,7 @@ import torch
 
 from medxfer.errors import MedxferError
 from medxfer.models import backbones, create_model, list_models
+from medxfer.models.registry import gradcam_target
 
 
 def test_registry_lists_the_paper_backbones() -> None:
@@ -21,8 +22,11 @@ def test_builds_forward_backward_head_size(arch: str) -> None:
     torch.manual_seed(0)
     built = create_model(arch, weights="none", num_classes=3)
     model = built.model.train()
+    maps: list[torch.Tensor] = []  # what Grad-CAM hooks: spatial feature maps
+    gradcam_target(model, arch).register_forward_hook(lambda _m, _i, o: maps.append(o))
     x = torch.randn(2, 3, 64, 64)
     out = model(x)
+    assert len(maps) == 1 and maps[0].dim() == 4
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3)  # googlenet: no aux tuple
     out.sum().backward()
     head = model.get_submodule(built.head[0])

@@ -241,11 +241,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    import hashlib
     import json
 
-    from medxfer.config import load_config, lottery_key
-    from medxfer.prune.plan import folder_key
+    from medxfer.config import load_config
+    from medxfer.prune.plan import lottery_folder
     from medxfer.runs import config_inputs, replace_output_dir
 
     if args.export:
@@ -279,20 +278,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     p = cfg.prune
     target = args.target_sparsity if args.target_sparsity is not None else p.target_sparsity or None
 
-    def folder(key: dict[str, object]) -> Path:
-        bound = key | {"target_sparsity": target}  # more levels continue the same folder
-        if target is None:
-            bound.pop("levels")
-        tag = hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()[:8]
-        return Path(cfg.out_dir) / f"{cfg.name}-{cfg.fingerprint()}-lottery-{tag}"
-
-    # named without the settings that only add runs (--finetune, --distill), so adding one
-    # continues the finished lottery; a folder named the earlier way (with them) is still found
-    out, older = folder(folder_key(p)), folder(lottery_key(p))
-    if args.out:
-        out = Path(args.out)
-    elif not out.exists() and older.exists():
-        out = older
+    out = Path(args.out) if args.out else lottery_folder(cfg, target)
     replace_output_dir(out, force=args.force, inputs=config_inputs(cfg))
     if not cfg.data.root:
         console.print("[bold yellow]data: the embedded SYNTHETIC demo set (not medical images)")

@@ -17,6 +17,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,16 @@ import torch.nn.functional as F
 from medxfer.config import AugmentConfig
 from medxfer.data.robust import robust_augment
 from medxfer.data.store import ImageStore
-from medxfer.models.registry import Preprocess
+
+
+class MeanStd(Protocol):
+    """What normalization needs of a model's preprocessing (``medxfer.models.Preprocess``)."""
+
+    @property
+    def mean(self) -> tuple[float, float, float]: ...
+
+    @property
+    def std(self) -> tuple[float, float, float]: ...
 
 
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
@@ -37,7 +47,7 @@ class Normalizer:
     std: torch.Tensor
 
     @classmethod
-    def from_preprocess(cls, pre: Preprocess, device: torch.device) -> Normalizer:
+    def from_preprocess(cls, pre: MeanStd, device: torch.device) -> Normalizer:
         mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
         return cls(mean, std)

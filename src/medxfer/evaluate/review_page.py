@@ -45,11 +45,11 @@ def gradcam_overlays(
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from medxfer.evaluate.predict import preprocess_arrays
-    from medxfer.report.gradcam import target_layer
+    from medxfer.models.registry import gradcam_target
 
     model = model.eval().to(memory_format=torch.contiguous_format)
     out: list[np.ndarray] = []
-    with GradCAM(model=model, target_layers=[target_layer(model, str(meta["arch"]))]) as cam:
+    with GradCAM(model=model, target_layers=[gradcam_target(model, str(meta["arch"]))]) as cam:
         for start in range(0, len(arrays), 16):
             part = arrays[start : start + 16]
             chosen = [ClassifierOutputTarget(t) for t in targets[start : start + 16]]

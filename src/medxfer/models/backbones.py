@@ -62,18 +62,18 @@ def _tv(arch: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     return model
 
 
-@register_model("resnet18", head="fc", gradcam_layer="layer4", family="resnet")
+@register_model("resnet18", head="fc", gradcam_layer="layer4.-1", family="resnet")
 def resnet18(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     return _tv("resnet18", pretrained), _tv_preprocess("resnet18")
 
 
-@register_model("resnet50", head="fc", gradcam_layer="layer4", family="resnet")
+@register_model("resnet50", head="fc", gradcam_layer="layer4.-1", family="resnet")
 def resnet50(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     return _tv("resnet50", pretrained), _tv_preprocess("resnet50")
 
 
 @register_model(
-    "efficientnet_b0", head="classifier.1", gradcam_layer="features", family="efficientnet"
+    "efficientnet_b0", head="classifier.1", gradcam_layer="features.-1", family="efficientnet"
 )
 def efficientnet_b0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     return _tv("efficientnet_b0", pretrained), _tv_preprocess("efficientnet_b0")
@@ -127,9 +127,7 @@ def load_lite0_weights(model: nn.Module) -> None:
     model.load_state_dict(mapped)
 
 
-@register_model(
-    "efficientnet_lite0", head="classifier", gradcam_layer="conv_head", family="efficientnet"
-)
+@register_model("efficientnet_lite0", head="classifier", gradcam_layer="bn2", family="efficientnet")
 def efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     import timm
 

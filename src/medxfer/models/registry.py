@@ -45,7 +45,11 @@ Builder = Callable[[bool], tuple[nn.Module, Preprocess]]
 class Entry:
     builder: Builder
     head: str  # dotted path of the final nn.Linear
-    gradcam_layer: str  # last conv block, for Grad-CAM
+    # The module Grad-CAM hooks: the last block whose feature maps still have a spatial layout,
+    # as a dotted path (integers index a Sequential, -1 its last child): ResNet ``layer4.-1``,
+    # GoogLeNet ``inception5b``, EfficientNet-B0 ``features.-1`` (conv + BN + SiLU),
+    # EfficientNet-Lite0 ``bn2`` (BN + ReLU6 after conv_head).
+    gradcam_layer: str
     family: str
 
 
@@ -72,6 +76,14 @@ def entry(name: str) -> Entry:
             f"unknown architecture {name!r}", f"use one of: {', '.join(list_models())}"
         )
     return _REGISTRY[name]
+
+
+def gradcam_target(model: nn.Module, arch: str) -> nn.Module:
+    """The module of ``model`` that Grad-CAM hooks for ``arch`` (its ``gradcam_layer``)."""
+    module: nn.Module = model
+    for part in entry(arch).gradcam_layer.split("."):
+        module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)  # type: ignore[index]
+    return module
 
 
 def replace_head(model: nn.Module, path: str, num_classes: int, dropout: float) -> None:
@@ -145,17 +157,11 @@ def create_model(
     if num_classes < 2:
         raise MedxferError(f"num_classes must be at least 2, got {num_classes}")
     pretrained = weights == "imagenet"
+    # A builder returns its ImageNet weights' preprocessing whether or not it loads them, so a
+    # state dict file (fine-tuned from those weights) is used with that same preprocessing.
     model, pre = e.builder(pretrained)
     replace_head(model, e.head, num_classes, dropout)
     if weights not in ("imagenet", "none"):
         load_state_dict_file(model, Path(weights), arch)
-        pre = _preprocess_for(arch)
     head_modules = [e.head]
     return Built(model, pre, head_modules, arch, weights)
-
-
-def _preprocess_for(arch: str) -> Preprocess:
-    """Preprocessing used with a state dict file: that of the arch's ImageNet weights."""
-    from medxfer.models.backbones import preprocess_of
-
-    return preprocess_of(arch)

@@ -5,6 +5,7 @@ folder never mixes two experiments)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
@@ -68,6 +69,24 @@ def folder_key(p: PruneConfig) -> dict[str, Any]:
     defaults = asdict(PruneConfig())
     additive = [k for k in ADDITIVE if not (p.ticket_distill and k == "distill_temperature")]
     return lottery_key(replace(p, **{k: defaults[k] for k in additive}))
+
+
+def lottery_folder(cfg: ExperimentConfig, target_sparsity: float | None) -> Path:
+    """Where ``medxfer prune`` keeps a lottery: ``<out_dir>/<name>-<fingerprint>-lottery-<tag>``,
+    the tag hashing ``folder_key`` (the settings that only add runs, --finetune / --distill, at
+    their defaults, so adding one continues the finished lottery). A folder named the earlier
+    way (by ``lottery_key``, with them) is still found when it exists and the new one does not.
+    """
+
+    def folder(key: dict[str, Any]) -> Path:
+        bound = key | {"target_sparsity": target_sparsity}  # more levels continue the same folder
+        if target_sparsity is None:
+            bound.pop("levels")
+        tag = hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()[:8]
+        return Path(cfg.out_dir) / f"{cfg.name}-{cfg.fingerprint()}-lottery-{tag}"
+
+    out, older = folder(folder_key(cfg.prune)), folder(lottery_key(cfg.prune))
+    return older if not out.exists() and older.exists() else out
 
 
 def lottery_config(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -1,8 +1,8 @@
 """Grad-CAM heatmaps (pytorch-grad-cam) over correct and wrong test images of each class.
 
 The target layer is the last convolutional block of each backbone, where the feature maps
-still have a spatial layout: ResNet ``layer4[-1]``, GoogLeNet ``inception5b``, EfficientNet-B0
-``features[-1]`` (conv + BN + SiLU), EfficientNet-Lite0 ``bn2`` (BN + ReLU6 after conv_head).
+still have a spatial layout: the ``gradcam_layer`` each backbone is registered with
+(``medxfer.models.registry.gradcam_target``).
 The images are the test split exactly as evaluated (same cache, same order as
 ``test_predictions.npz``), so the picture shows what the reported numbers were computed on.
 """
@@ -18,29 +18,6 @@ from torch import nn
 
 from medxfer.config import ExperimentConfig
 from medxfer.errors import MedxferError
-
-# Explicit per backbone; anything else: the registry's ``gradcam_layer`` (its last child when
-# that is a Sequential).
-TARGET_LAYERS = {
-    "resnet18": "layer4.-1",
-    "resnet50": "layer4.-1",
-    "googlenet": "inception5b",
-    "efficientnet_b0": "features.-1",
-    "efficientnet_lite0": "bn2",
-}
-
-
-def target_layer(model: nn.Module, arch: str) -> nn.Module:
-    """The module Grad-CAM hooks for ``arch`` (see ``TARGET_LAYERS``)."""
-    from medxfer.models.registry import entry
-
-    path = TARGET_LAYERS.get(arch, entry(arch).gradcam_layer)
-    module: nn.Module = model
-    for part in path.split("."):
-        module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)  # type: ignore[index]
-    if isinstance(module, nn.Sequential) and arch not in TARGET_LAYERS:
-        module = module[-1]
-    return module
 
 
 def pick_examples(
@@ -80,7 +57,7 @@ def compute_gradcam(run_dir: Path, per_class: int, out_png: Path) -> dict[str, A
     from medxfer.config import load_config
     from medxfer.data.loader import Normalizer, to_float
     from medxfer.evaluate.predict import load_trained
-    from medxfer.models.registry import Preprocess
+    from medxfer.models.registry import Preprocess, gradcam_target
 
     cfg = load_config(run_dir / "config.yaml")
     preds = np.load(run_dir / "test_predictions.npz")
@@ -97,7 +74,7 @@ def compute_gradcam(run_dir: Path, per_class: int, out_png: Path) -> dict[str, A
     x = norm(x01)
     pred = probs.argmax(1)
     targets = [ClassifierOutputTarget(int(pred[i])) for i, _ in picks]
-    layer = target_layer(model, str(meta["arch"]))
+    layer = gradcam_target(model, str(meta["arch"]))
     model.eval()
     with GradCAM(model=model, target_layers=[layer]) as cam:
         maps = cam(input_tensor=x, targets=targets)  # (N, H, W) in [0, 1]
