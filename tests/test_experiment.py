@@ -265,7 +265,12 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
 
     from medxfer.experiment.stages import Context, fingerprint, lottery_dir
 
-    over = ["prune.rewind=init", "prune.controls=false", "prune.finetune=false"]
+    over = [
+        "prune.rewind=init",
+        "prune.controls=false",
+        "prune.finetune=false",
+        "augment.policy=standard",
+    ]  # the file's augmentation when the folder was made
     names = {}
     extras = ([], ["prune.distill=0.7"], ["prune.structured_distill=0.7"],
               ["prune.weights=last"], ["prune.weights=best"])  # fmt: skip
@@ -293,7 +298,7 @@ def test_gan_folder_name_survives_the_quality_size_key() -> None:
 
     prints = {}
     for extra in ([], ["gan.quality_size=64"]):
-        old = ["data.image_size=160", "train.epochs=5"]
+        old = ["data.image_size=160", "train.epochs=5", "augment.policy=standard"]
         exp = load_experiment(REPO / "configs" / "pneumonia-cpu.yaml", [*old, *extra])
         cell = exp.cells()[0]
         prints[len(extra)] = fingerprint("gan", Context(exp, cell, copy.deepcopy(cell.cfg), "x"))
