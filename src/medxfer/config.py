@@ -13,6 +13,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import yaml
 from medxfer.errors import MedxferError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # folder or CSV manifest; "" = the embedded SYNTHETIC demo set
     image_size: int = 224  # side in px every image is resized to (square)
@@ -50,7 +51,7 @@ class DataConfig:
     allow_outside_root: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig:
     enabled: bool = True  # false = no training augmentation at all
     hflip: bool = True  # random horizontal flips (off where laterality matters)
@@ -63,7 +64,7 @@ class AugmentConfig:
     policy: str = "standard"  # standard | robust (adds appearance ops: docs/augmentation.md)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "efficientnet_lite0"  # backbone name (`medxfer models` lists them)
     weights: str = "imagenet"  # imagenet | none | path/to/state_dict.pt
@@ -72,7 +73,7 @@ class ModelConfig:
     dropout: float = -1.0  # < 0: keep the architecture's default
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10  # passes over the training split
     batch_size: int = 32  # images per optimizer step
@@ -97,13 +98,13 @@ class TrainConfig:
     bn_recalibrate: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     n_bootstrap: int = 1000  # bootstrap resamples of the 95% intervals
     tta: bool = False  # average predictions over the image and the flips used in training
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrustConfig:
     """Per-image trust after training (medxfer.evaluate.trust); it never changes the model."""
 
@@ -123,7 +124,7 @@ def default_space() -> dict[str, dict[str, Any]]:
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig:
     """``medxfer tune``: an Optuna study over ``space`` (dotted config key -> distribution)."""
 
@@ -142,7 +143,7 @@ class TuneConfig:
     space: dict[str, dict[str, Any]] = field(default_factory=default_space)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneConfig:
     """Lottery-ticket pruning (``medxfer prune``); plain ``train`` ignores it."""
 
@@ -195,7 +196,7 @@ class PruneConfig:
     structured_warmup: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class GanConfig:
     """WGAN-GP synthesis of minority-class images (``medxfer gan``); plain ``train`` ignores it."""
 
@@ -235,7 +236,7 @@ class GanConfig:
     gate_size: int = 96  # px the gate's Lite0 features see (the GAN images are 64 or 128 px)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "run"  # run name: the prefix of run folders, the experiment folder
     out_dir: str = "runs"  # where run and experiment folders are written
@@ -385,8 +386,26 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def apply_override(cfg: ExperimentConfig, assignment: str) -> None:
-    """Apply one ``section.key=value`` override in place (YAML-parsed value)."""
+def _replaced(obj: Any, parts: list[str], value: Any) -> Any:
+    """``obj`` (a frozen dataclass) with the field at the dotted path ``parts`` set to ``value``."""
+    if len(parts) == 1:
+        return dataclasses.replace(obj, **{parts[0]: value})
+    inner = _replaced(getattr(obj, parts[0]), parts[1:], value)
+    return dataclasses.replace(obj, **{parts[0]: inner})
+
+
+def with_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentConfig:
+    """A copy of ``cfg`` with dotted keys set, e.g. ``with_values(cfg, {"train.threads": 1})``:
+    the config is frozen, so this (``dataclasses.replace`` on the nested sections) is how code
+    changes it. Values are taken as given (typed); ``apply_override`` parses text."""
+    out = cfg
+    for key, value in values.items():
+        out = _replaced(out, key.split("."), value)
+    return out
+
+
+def apply_override(cfg: ExperimentConfig, assignment: str) -> ExperimentConfig:
+    """``cfg`` with one ``section.key=value`` override applied (YAML-parsed value)."""
     if "=" not in assignment:
         raise MedxferError(
             f"override {assignment!r} is not of the form key=value", "e.g. train.lr=3e-4"
@@ -406,7 +425,15 @@ def apply_override(cfg: ExperimentConfig, assignment: str) -> None:
             if not dataclasses.is_dataclass(target):
                 raise MedxferError(f"config key {'.'.join(parts[: i + 1])!r} has no sub-keys")
     value = yaml.safe_load(raw) if raw.strip() else ""
-    setattr(target, parts[-1], _coerce(value, _field_type(type(target), parts[-1]), key))
+    coerced = _coerce(value, _field_type(type(target), parts[-1]), key)
+    return with_values(cfg, {".".join(parts): coerced})
+
+
+def apply_overrides(cfg: ExperimentConfig, assignments: Iterable[str]) -> ExperimentConfig:
+    """``cfg`` with each ``section.key=value`` override applied in turn (not validated)."""
+    for assignment in assignments:
+        cfg = apply_override(cfg, assignment)
+    return cfg
 
 
 # Keys whose value is one of a fixed set (checked by ``validate``, listed by the reference).
@@ -497,8 +524,7 @@ def load_config(
     for key in EXPERIMENT_KEYS:  # an experiment file is a superset of a plain config
         data.pop(key, None)
     cfg: ExperimentConfig = _from_dict(ExperimentConfig, data)
-    for assignment in overrides or []:
-        apply_override(cfg, assignment)
+    cfg = apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg
 

@@ -4,13 +4,12 @@ folder never mixes two experiments)."""
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import ExperimentConfig, PruneConfig, lottery_key
+from medxfer.config import ExperimentConfig, PruneConfig, lottery_key, with_values
 from medxfer.errors import MedxferError
 from medxfer.runs import make_run_dir
 from medxfer.train.checkpoint import atomic_write_json
@@ -73,11 +72,11 @@ def folder_key(p: PruneConfig) -> dict[str, Any]:
 def lottery_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config every lottery run trains: ``prune.image_size`` / ``prune.epochs`` (when set)
     replace the data size and the epochs, e.g. a cheaper lottery beside a full-size train."""
-    out = copy.deepcopy(cfg)
+    out = cfg
     if cfg.prune.image_size > 0:
-        out.data.image_size = cfg.prune.image_size
+        out = with_values(out, {"data.image_size": cfg.prune.image_size})
     if cfg.prune.epochs > 0:
-        out.train.epochs = cfg.prune.epochs
+        out = with_values(out, {"train.epochs": cfg.prune.epochs})
     return out
 
 

@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from medxfer.config import ExperimentConfig, config_from_dict, load_config
+from medxfer.config import ExperimentConfig, config_from_dict, load_config, with_values
 from medxfer.errors import MedxferError
 from medxfer.models import create_model
 from medxfer.models.registry import entry
@@ -293,10 +293,11 @@ def _finetune_cfg(cfg: ExperimentConfig, epochs: int, lr_scale: float) -> Experi
     """Same data and recipe as the dense run, ``lr_scale`` x its LR, ``prune.structured_warmup``
     epochs of warm-up, no freezing, no download."""
     out = finetune_config(cfg, lr_scale)
-    out.train.epochs = epochs or cfg.train.epochs
-    out.train.warmup_epochs = cfg.prune.structured_warmup
-    out.model.weights, out.model.freeze = "none", "none"  # prepare loads the dense weights
-    return out
+    return with_values(out, {
+        "train.epochs": epochs or cfg.train.epochs,
+        "train.warmup_epochs": cfg.prune.structured_warmup,
+        "model.weights": "none", "model.freeze": "none",  # prepare loads the dense weights
+    })  # fmt: skip
 
 
 def _prepare(
@@ -332,8 +333,7 @@ def _soft_phase(
 ) -> tuple[State, dict[str, Any]]:
     """Soft filter pruning of the whole network into ``run_dir`` (a resumable run that never
     sees the test split); returns its last weights, which the cut is made on, and a summary."""
-    cfg = copy.deepcopy(ft)
-    cfg.train.epochs = epochs
+    cfg = with_values(ft, {"train.epochs": epochs})
     schedule = soft_ratios(ratio, epochs)
     if is_complete(run_dir):
         check_reuse(cfg, run_dir)
@@ -437,8 +437,7 @@ def run_structured(
     rows: list[dict[str, Any]] = []
     for i in range(steps):  # steps 1..k-1 in out/step_<i>, the last one in out itself
         run_dir = out if i == steps - 1 else out / f"step_{i + 1}"
-        step_cfg = copy.deepcopy(ft)
-        step_cfg.train.epochs = epochs[i]
+        step_cfg = with_values(ft, {"train.epochs": epochs[i]})
         if is_complete(run_dir):
             check_reuse(step_cfg, run_dir)
             metrics = json.loads((run_dir / "metrics.json").read_text())
