@@ -10,6 +10,7 @@ from medxfer.config import (
     ExperimentConfig,
     apply_override,
     apply_overrides,
+    choices,
     drop_later_defaults,
     load_config,
     save_config,
@@ -107,3 +108,28 @@ def test_later_keys_are_hashed_only_away_from_their_defaults() -> None:
     low = load_config(None, ["tune.image_size=96"])
     assert low.fingerprint() == base.fingerprint()  # a trained run does not depend on tune
     assert study_fingerprint(low) != study_fingerprint(base)
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("data.color=cmyk", "['gray', 'rgb']"),
+        ("train.precision=fp8", "['auto', 'bf16', 'fp16', 'fp32']"),
+        ("gan.recipe=tpu", "['', 'cpu-64', 'gpu-128']"),
+        ("tune.pruner=fast", "['halving', 'hyperband', 'median', 'none']"),
+    ],
+)
+def test_literal_keys_are_checked_from_their_type_hints(override: str, allowed: str) -> None:
+    key, value = override.split("=")
+    with pytest.raises(MedxferError) as err:
+        load_config(None, [override])
+    assert err.value.message == f"{key}={value!r} is not allowed"
+    assert err.value.fix == f"use one of {allowed}"
+
+
+def test_choices_come_from_the_literal_type_hints() -> None:
+    allowed = choices()
+    assert allowed["data.color"] == ("gray", "rgb")
+    assert allowed["prune.weights"] == ("last", "best")
+    assert "prune.rewind" not in allowed  # epoch:K is not a fixed set
+    assert load_config(None, ["model.freeze=head"]).model.freeze == "head"

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,8 +27,9 @@ from medxfer.errors import MedxferError
 class DataConfig:
     root: str = ""  # folder or CSV manifest; "" = the embedded SYNTHETIC demo set
     image_size: int = 224  # side in px every image is resized to (square)
-    color: str = "gray"  # gray | rgb: what the cache stores; gray is copied to 3 channels
-    resize: str = "pad"  # pad (keep aspect ratio) | squash
+    # gray | rgb: what the cache stores; gray is copied to 3 channels
+    color: Literal["gray", "rgb"] = "gray"
+    resize: Literal["pad", "squash"] = "pad"  # pad (keep aspect ratio) | squash
     val_fraction: float = 0.15  # share of train carved off as validation (stratified)
     test_fraction: float = 0.15  # only used when the dataset has no test split of its own
     split_seed: int = 0  # seed of the validation (and carved test) split
@@ -61,14 +62,16 @@ class AugmentConfig:
     translate: float = 0.05  # fraction of the image size
     brightness: float = 0.15  # random shift in [-brightness, +brightness] (pixels in [0, 1])
     contrast: float = 0.15  # random contrast factor in [1 - contrast, 1 + contrast]
-    policy: str = "standard"  # standard | robust (adds appearance ops: docs/augmentation.md)
+    # standard | robust (adds appearance ops: docs/augmentation.md)
+    policy: Literal["standard", "robust"] = "standard"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "efficientnet_lite0"  # backbone name (`medxfer models` lists them)
     weights: str = "imagenet"  # imagenet | none | path/to/state_dict.pt
-    freeze: str = "none"  # none (full fine-tune) | head (train the head only) | unfreeze_after
+    # none (full fine-tune) | head (train the head only) | unfreeze_after
+    freeze: Literal["none", "head", "unfreeze_after"] = "none"
     unfreeze_epoch: int = 1  # with freeze=unfreeze_after: epochs of head-only training first
     dropout: float = -1.0  # < 0: keep the architecture's default
 
@@ -77,7 +80,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 10  # passes over the training split
     batch_size: int = 32  # images per optimizer step
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # adamw | sgd
     lr: float = 1e-3  # peak learning rate (after warm-up; cosine decay to the end)
     weight_decay: float = 0.05  # weight decay (not on biases and norm layers)
     momentum: float = 0.9  # SGD momentum (optimizer=sgd only)
@@ -88,8 +91,9 @@ class TrainConfig:
     early_stopping: int = 0  # patience in epochs on val balanced accuracy; 0 = off
     seed: int = 0  # seed of initialization, order, augmentation and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    channels_last: str = "auto"  # auto | true | false
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: AMP on CUDA, measured on CPU)
+    channels_last: Literal["auto", "true", "false"] = "auto"  # auto | true | false
+    # auto | fp32 | bf16 | fp16 (auto: AMP on CUDA, measured on CPU)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch default
     eval_batch_size: int = 64  # images per batch at evaluation
     steps_per_epoch: int = 0  # cap on optimizer steps per epoch; 0 = one pass over train
@@ -129,9 +133,11 @@ class TuneConfig:
     """``medxfer tune``: an Optuna study over ``space`` (dotted config key -> distribution)."""
 
     n_trials: int = 20  # finished (complete + pruned) trials the study ends with
-    metric: str = "val_balanced_accuracy"  # | val_accuracy | val_loss (minimised)
+    # the validation value the study optimises (val_loss is minimised, the others maximised)
+    metric: Literal["val_balanced_accuracy", "val_accuracy", "val_loss"] = "val_balanced_accuracy"
     seed: int = 0  # TPE sampler seed
-    pruner: str = "median"  # median | halving | hyperband | none
+    # median | halving | hyperband | none
+    pruner: Literal["median", "halving", "hyperband", "none"] = "median"
     startup_trials: int = 5  # median pruner: trials that are never pruned
     warmup_epochs: int = 1  # median pruner: epochs before a trial can be pruned
     epochs: int = 0  # per-trial epoch budget; 0 = train.epochs
@@ -168,7 +174,7 @@ class PruneConfig:
     # by `lr`, fine-tuned by `finetune` / `distill` and teach `distill`: last = the final epoch
     # (open_lth's and Frankle & Carbin's choice); best = best.pt, the epoch validation chose,
     # which is the model the results table reports as dense
-    weights: str = "last"
+    weights: Literal["last", "best"] = "last"
     image_size: int = 0  # every lottery run at this size; 0 = data.image_size
     epochs: int = 0  # epochs of every lottery run; 0 = train.epochs
     # `medxfer prune-structured`: L1-norm channel pruning of a trained run, then fine-tuning
@@ -227,11 +233,11 @@ class GanConfig:
     #   cpu-64   64 px, width 16, batch 32, n_critic 5, ema 0.995, 60 minutes (about 2,000
     #            generator steps on 2 CPU cores)
     #   gpu-128  128 px, width 64, batch 64, n_critic 5, ema 0.999, 20,000 steps or 60 minutes
-    recipe: str = ""  # "" | cpu-64 | gpu-128
+    recipe: Literal["", "cpu-64", "gpu-128"] = ""  # "" | cpu-64 | gpu-128
     # The quality gate (medxfer.gan.gate), on the training split only: a class whose synthetic
     # images fail it gets none in training, and the run uses this strategy instead:
     #   oversample (train.weighted_sampling) | class_weight (train.class_weight) | none
-    gate_fallback: str = "oversample"
+    gate_fallback: Literal["oversample", "class_weight", "none"] = "oversample"
     gate_images: int = 150  # images per class the gate's FID/KID/two-sample/TSTR look at
     gate_size: int = 96  # px the gate's Lite0 features see (the GAN images are 64 or 128 px)
 
@@ -344,6 +350,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return _from_dict(typ, value, key + ".")  # type: ignore[arg-type]
     if isinstance(typ, types.UnionType):
         typ = typing.get_args(typ)[0]
+    if (allowed := _literal_args(typ)) is not None:
+        typ = type(allowed[0])  # parsed as such; ``validate`` checks it is one of them
     try:
         if typ is bool:
             if isinstance(value, str):
@@ -436,25 +444,29 @@ def apply_overrides(cfg: ExperimentConfig, assignments: Iterable[str]) -> Experi
     return cfg
 
 
-# Keys whose value is one of a fixed set (checked by ``validate``, listed by the reference).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.color": ("gray", "rgb"),
-    "data.resize": ("pad", "squash"),
-    "augment.policy": ("standard", "robust"),
-    "model.freeze": ("none", "head", "unfreeze_after"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.channels_last": ("auto", "true", "false"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "prune.weights": ("last", "best"),
-    "gan.recipe": ("", "cpu-64", "gpu-128"),
-    "gan.gate_fallback": ("oversample", "class_weight", "none"),
-}
+def _literal_args(typ: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` type hint (None for any other type)."""
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else None
+
+
+def choices(cls: type | None = None) -> dict[str, tuple[str, ...]]:
+    """Dotted key -> allowed values of every field typed ``Literal[...]`` (all sections of
+    ``cls``, default ``ExperimentConfig``): what ``validate`` checks and the reference lists."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, typ in typing.get_type_hints(cls or ExperimentConfig).items():
+        if dataclasses.is_dataclass(typ):
+            assert isinstance(typ, type)
+            out |= {f"{name}.{k}": v for k, v in choices(typ).items()}
+        elif (allowed := _literal_args(typ)) is not None:
+            out[name] = allowed
+    return out
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+    for key, allowed in choices().items():  # the Literal[...] fields, from their type hints
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if value not in allowed:
             raise MedxferError(f"{key}={value!r} is not allowed", f"use one of {sorted(allowed)}")
     if cfg.data.image_size < 32:

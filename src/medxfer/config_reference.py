@@ -2,11 +2,11 @@
 
     python -m medxfer.config_reference > docs/reference/configuration.md
 
-Every key's type and default come from its dataclass field, its allowed values from
-``config.CHOICES``, and its meaning from the comments written beside the field in the source
-(the comment lines right above it and the comment at the end of its line). A key without a
-comment has no meaning to show: ``missing_meanings`` lists such keys and the test suite fails on
-them, so a new key cannot reach a release undocumented.
+Every key's type and default come from its dataclass field, its allowed values from its
+``Literal[...]`` type hint (``config.choices``), and its meaning from the comments written
+beside the field in the source (the comment lines right above it and the comment at the end of
+its line). A key without a comment has no meaning to show: ``missing_meanings`` lists such keys
+and the test suite fails on them, so a new key cannot reach a release undocumented.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from medxfer.config import CHOICES, ExperimentConfig
+from medxfer.config import ExperimentConfig, choices
 
 HEADER = """# Configuration reference
 
@@ -78,6 +78,8 @@ def field_meanings(cls: type) -> dict[str, str]:
 
 
 def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is typing.Literal:  # one of fixed values: the allowed column
+        return type(typing.get_args(typ)[0]).__name__
     return getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
 
 
@@ -93,6 +95,7 @@ def section_keys(cls: type, prefix: str) -> list[Key]:
     """The keys of one dataclass section (``prefix`` is ``"train."`` or ``""``)."""
     hints = typing.get_type_hints(cls)
     meanings = field_meanings(cls)
+    allowed = {prefix + k: v for k, v in choices(cls).items()}
     keys = []
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
@@ -102,7 +105,7 @@ def section_keys(cls: type, prefix: str) -> list[Key]:
             name=name,
             type=_type_name(hints[f.name]),
             default=json.dumps(_default(f)),
-            allowed=", ".join(CHOICES.get(name, ())),
+            allowed=", ".join(allowed.get(name, ())),
             meaning=meanings.get(f.name, ""),
         ))  # fmt: skip
     return keys
