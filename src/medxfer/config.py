@@ -177,29 +177,37 @@ class PruneConfig:
     weights: Literal["last", "best"] = "last"
     image_size: int = 0  # every lottery run at this size; 0 = data.image_size
     epochs: int = 0  # epochs of every lottery run; 0 = train.epochs
-    # `medxfer prune-structured`: L1-norm channel pruning of a trained run, then fine-tuning
-    structured_ratio: float = 0.0  # in (0, 1): channels removed per layer; 0 = by the speed-up
-    structured_speedup: float = 2.0  # MACs cut the ratio is chosen for (CPU time falls less)
-    structured_epochs: int = 0  # fine-tuning epochs; 0 = train.epochs of the dense run
+
+
+@dataclass(frozen=True)
+class StructuredConfig:
+    """L1-norm channel pruning of a trained run, then fine-tuning (``medxfer prune-structured``).
+
+    Plain ``train`` ignores it. These keys were ``prune.structured_*`` before (still read)."""
+
+    ratio: float = 0.0  # in (0, 1): channels removed per layer; 0 = by the speed-up
+    speedup: float = 2.0  # MACs cut the ratio is chosen for (CPU time falls less)
+    epochs: int = 0  # fine-tuning epochs; 0 = train.epochs of the dense run
     # fine-tuning learning rate = train.lr * this; 1.0 beat 0.3 on validation at equal epochs
     # (studies/results/structured-lr/result.json: brain +5.6 points balanced accuracy, chest -0.6)
-    structured_lr_scale: float = 1.0
+    lr_scale: float = 1.0
     # > 0: the dense model teaches its pruned copy while it is fine-tuned (knowledge
     # distillation, this weight on the soft term, 1 - it on the labels); 0 = labels only
-    structured_distill: float = 0.0
-    structured_temperature: float = 4.0  # softmax temperature of the distillation term
+    distill: float = 0.0
+    temperature: float = 4.0  # softmax temperature of the distillation term
+    # experimental: docs/studies/structured.md, 4 steps tested worse than 1 cut (0.867 vs 0.918)
     # > 1: prune iteratively, the cut reached in this many equal steps (a `ratio * i / steps`
     # share of every group's channels gone after step i), each step fine-tuned for its share
-    # of `structured_epochs` before the next one scores channels by L1 norm
-    structured_steps: int = 1
+    # of `epochs` before the next one scores channels by L1 norm
+    steps: int = 1
     # > 0: this many epochs of soft filter pruning on the whole network before the cut (He et
     # al. 2018, SFP): at the start of each, the channels the cut would remove (L1 norm, a share
     # ramped up to the ratio) are zeroed but keep training and may grow back; the cut then
-    # removes the channels that are smallest after them. Extra to `structured_epochs`.
-    structured_soft: int = 0
+    # removes the channels that are smallest after them. Extra to `epochs`.
+    soft: int = 0
     # learning-rate warm-up epochs of each structured fine-tune (the lottery's fine-tuning
     # baseline has none; a dense run usually has train.warmup_epochs)
-    structured_warmup: float = 0.0
+    warmup: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -253,6 +261,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
     gan: GanConfig = field(default_factory=GanConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
 
@@ -267,6 +276,7 @@ class ExperimentConfig:
         d.pop("tune")
         d["train"].pop("device")
         d.pop("prune")  # a trained run does not depend on it; keeps older run folders' hashes
+        d.pop("structured")  # likewise (these keys were prune.structured_* before)
         d.pop("trust")  # fitted after training from the trained model; never changes it
         d.pop("gan")  # the generator is trained separately; its images count via data.synthetic
         drop_later_defaults(d)
@@ -293,11 +303,6 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
     "augment": ("policy",),
     "tune": ("image_size",),
     "prune": (
-        "structured_distill",
-        "structured_temperature",
-        "structured_steps",
-        "structured_soft",
-        "structured_warmup",
         "distill",
         "distill_temperature",
         "weights",
@@ -318,14 +323,20 @@ def drop_later_defaults(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+# The `structured` keys a lottery folder or stage hash holds at their defaults: they were
+# ``prune.structured_*`` when those hashes were made (no lottery depends on them); the ones
+# added later were left out at their defaults, like ``LATER_KEYS``.
+LOTTERY_STRUCTURED_KEYS = ("ratio", "speedup", "epochs", "lr_scale")
+
+
 def lottery_key(p: PruneConfig) -> dict[str, Any]:
     """The prune settings as lottery folder and stage hashes see them: ``prune-structured``'s
-    own keys (``structured_*``) at their defaults, since no lottery depends on them, and the
+    own keys (``LOTTERY_STRUCTURED_KEYS``, as ``structured_*``) at their defaults, and the
     ``LATER_KEYS`` at their defaults left out, so folders made before a key existed keep their
     names."""
     d = asdict(p)
-    defaults = asdict(PruneConfig())
-    d |= {k: defaults[k] for k in d if k.startswith("structured_")}
+    defaults = asdict(StructuredConfig())
+    d |= {f"structured_{k}": defaults[k] for k in LOTTERY_STRUCTURED_KEYS}
     return drop_later_defaults({"prune": d})["prune"]
 
 
@@ -382,7 +393,53 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+# The channel-pruning keys were ``prune.structured_<name>`` before they got the `structured`
+# section. Config files, overrides and stored configs (run folders' config.yaml,
+# structured_settings.json, model files) that use the old names are read as
+# ``structured.<name>``, silently, so older run folders load and resume as before; what
+# medxfer writes uses the new section. This is the one place that maps them.
+LEGACY_PREFIX = "prune.structured_"
+
+
+def renamed_key(key: str) -> str:
+    """A dotted key as it is named now: ``prune.structured_ratio`` -> ``structured.ratio``."""
+    name = key.removeprefix(LEGACY_PREFIX)
+    if key.startswith(LEGACY_PREFIX) and name in _valid_names(StructuredConfig):
+        return "structured." + name
+    return key
+
+
+def legacy_override(assignment: str) -> str:
+    """A ``key=value`` override as spelled before: ``structured.ratio=0.5`` ->
+    ``prune.structured_ratio=0.5`` (what names were hashed with then); others unchanged."""
+    key, eq, value = assignment.partition("=")
+    name = key.strip().removeprefix("structured.")
+    if key.strip().startswith("structured.") and name in _valid_names(StructuredConfig):
+        return f"{LEGACY_PREFIX}{name}{eq}{value}"
+    return assignment
+
+
+def renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping (``ExperimentConfig`` level) with the old ``prune.structured_*`` keys
+    moved to ``structured`` (a key given under both names: the ``structured`` one wins)."""
+    prune = data.get("prune")
+    if not isinstance(prune, dict):
+        return data
+    old = {k: k.removeprefix("structured_") for k in prune
+           if renamed_key("prune." + k) != "prune." + k}  # fmt: skip
+    if not old:
+        return data
+    structured = data.get("structured") or {}
+    if not isinstance(structured, dict):
+        return data  # refused as "must be a mapping" below
+    moved = {new: prune[k] for k, new in old.items()}
+    return {**data, "prune": {k: v for k, v in prune.items() if k not in old},
+            "structured": moved | structured}  # fmt: skip
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if cls is ExperimentConfig:
+        data = renamed_keys(data)
     valid = _valid_names(cls)
     unknown = [k for k in data if k not in valid]
     if unknown:
@@ -419,7 +476,7 @@ def apply_override(cfg: ExperimentConfig, assignment: str) -> ExperimentConfig:
             f"override {assignment!r} is not of the form key=value", "e.g. train.lr=3e-4"
         )
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    parts = renamed_key(key.strip()).split(".")
     target: Any = cfg
     for i, part in enumerate(parts):
         valid = _valid_names(type(target))
@@ -477,12 +534,12 @@ def validate(cfg: ExperimentConfig) -> None:
             raise MedxferError(f"{key} must be 0 (= data.image_size) or at least 32")
     if cfg.prune.epochs < 0:
         raise MedxferError("prune.epochs must be >= 0 (0 = train.epochs)")
-    if not 1 <= cfg.prune.structured_steps <= 64:  # a model file replays each step on load
-        raise MedxferError("prune.structured_steps must be in 1..64 (1 = prune once)")
-    if cfg.prune.structured_warmup < 0:
-        raise MedxferError("prune.structured_warmup must be >= 0 (epochs of LR warm-up)")
-    if cfg.prune.structured_soft < 0:
-        raise MedxferError("prune.structured_soft must be >= 0 (0 = no soft pruning)")
+    if not 1 <= cfg.structured.steps <= 64:  # a model file replays each step on load
+        raise MedxferError("structured.steps must be in 1..64 (1 = prune once)")
+    if cfg.structured.warmup < 0:
+        raise MedxferError("structured.warmup must be >= 0 (epochs of LR warm-up)")
+    if cfg.structured.soft < 0:
+        raise MedxferError("structured.soft must be >= 0 (0 = no soft pruning)")
     if not 0 <= cfg.data.val_fraction < 1 or not 0 <= cfg.data.test_fraction < 1:
         raise MedxferError("data.val_fraction and data.test_fraction must be in [0, 1)")
     if not 0 < cfg.data.train_subset <= 1:

@@ -44,6 +44,7 @@ class Key:
     default: str
     allowed: str
     meaning: str
+    experimental: str = ""  # why the key is experimental; "" = it is not
 
 
 def _comments(source: str) -> dict[int, str]:
@@ -55,12 +56,34 @@ def _comments(source: str) -> dict[int, str]:
     return out
 
 
+EXPERIMENTAL = "experimental:"
+
+
 def field_meanings(cls: type) -> dict[str, str]:
-    """Each field of dataclass ``cls`` -> its comments (lines above it, then its own line)."""
+    """Each field of dataclass ``cls`` -> its comments (lines above it, then its own line),
+    without an ``# experimental: ...`` line (``field_experimental``)."""
+    return {name: " ".join(c for c in comments if not c.startswith(EXPERIMENTAL)).strip()
+            for name, comments in _field_comments(cls).items()}  # fmt: skip
+
+
+def field_experimental(cls: type) -> dict[str, str]:
+    """Each field of ``cls`` marked experimental -> why: a comment line above it that starts
+    with ``experimental:`` (a key a study added whose measurement did not support it; kept,
+    and tagged in the reference)."""
+    out = {}
+    for name, comments in _field_comments(cls).items():
+        for c in comments:
+            if c.startswith(EXPERIMENTAL):
+                out[name] = c.removeprefix(EXPERIMENTAL).strip()
+    return out
+
+
+def _field_comments(cls: type) -> dict[str, list[str]]:
+    """Each field of dataclass ``cls`` -> its comment lines (above it, then its own line)."""
     source = textwrap.dedent(inspect.getsource(cls))
     comments = _comments(source)
     lines = source.splitlines()
-    out: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
     (node,) = ast.parse(source).body
     assert isinstance(node, ast.ClassDef)
     for stmt in node.body:
@@ -73,7 +96,7 @@ def field_meanings(cls: type) -> dict[str, str]:
             line -= 1
         own = [comments[n] for n in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1)
                if n in comments]  # fmt: skip
-        out[stmt.target.id] = " ".join(above + own).strip()
+        out[stmt.target.id] = above + own
     return out
 
 
@@ -95,6 +118,7 @@ def section_keys(cls: type, prefix: str) -> list[Key]:
     """The keys of one dataclass section (``prefix`` is ``"train."`` or ``""``)."""
     hints = typing.get_type_hints(cls)
     meanings = field_meanings(cls)
+    experimental = field_experimental(cls)
     allowed = {prefix + k: v for k, v in choices(cls).items()}
     keys = []
     for f in dataclasses.fields(cls):
@@ -107,6 +131,7 @@ def section_keys(cls: type, prefix: str) -> list[Key]:
             default=json.dumps(_default(f)),
             allowed=", ".join(allowed.get(name, ())),
             meaning=meanings.get(f.name, ""),
+            experimental=experimental.get(f.name, ""),
         ))  # fmt: skip
     return keys
 
@@ -150,8 +175,11 @@ def render() -> str:
             parts.append(doc.splitlines()[0].replace("``", "`") + "\n\n")
         parts.append("| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n")
         for k in keys:
+            meaning = k.meaning
+            if k.experimental:  # a study added it and did not support it: kept, tagged
+                meaning = f"**experimental** ({k.experimental}). {meaning}"
             cells = [f"`{k.name}`", k.type, _cell(f"`{k.default}`"), _cell(k.allowed),
-                     _cell(k.meaning)]  # fmt: skip
+                     _cell(meaning)]  # fmt: skip
             parts.append("| " + " | ".join(cells) + " |\n")
     parts.append(
         "\n## `matrix` (experiment files)\n\n"
