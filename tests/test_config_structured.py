@@ -79,6 +79,15 @@ def test_legacy_override_spelling_keeps_folder_names() -> None:
     assert legacy_override("train.lr=0.1") == "train.lr=0.1"
 
 
+def test_a_command_line_key_replaces_a_matrix_axis_under_its_old_name(tmp_path: Path) -> None:
+    from medxfer.experiment.spec import load_experiment
+
+    f = tmp_path / "exp.yaml"
+    f.write_text("matrix:\n  prune.structured_ratio: [0.2, 0.3]\n")
+    exp = load_experiment(f, ["structured.ratio=0.5"])
+    assert exp.matrix == {} and exp.base.structured.ratio == 0.5
+
+
 def _digest(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -24,6 +24,7 @@ from medxfer.config import (
     apply_override,
     apply_overrides,
     load_config,
+    renamed_key,
     validate,
     with_values,
 )
@@ -178,8 +179,8 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
             "matrix must map config keys to non-empty lists",
             "e.g. matrix: {model.arch: [googlenet, resnet50]}",
         )
-    overridden = {o.split("=", 1)[0].strip() for o in plain}
-    matrix = {k: list(v) for k, v in matrix.items() if k not in overridden}
+    overridden = {renamed_key(o.split("=", 1)[0].strip()) for o in plain}  # old names too
+    matrix = {k: list(v) for k, v in matrix.items() if renamed_key(k) not in overridden}
     base = load_config(p, plain)
     base = _resolve_root(base, p)
     for key, values in matrix.items():  # every value must be a valid override of the base
