@@ -192,7 +192,7 @@ def main() -> None:
     tag = f"{args.structured_speedup:g}x-{args.structured_epochs}ep-lr{args.structured_lr_scale:g}"
     struct_dir = folder / ("structured" if tag == "2.5x-3ep-lr0.3" else f"structured-{tag}")
     struct_cmd = [*medxfer_cmd(), "prune-structured", str(lottery / "level_0" / "dense"),
-                  f"prune.structured_lr_scale={args.structured_lr_scale}",
+                  f"structured.lr_scale={args.structured_lr_scale}",
                   "--out", str(struct_dir), "--speedup", str(args.structured_speedup),
                   "--epochs", str(args.structured_epochs), "--no-latency"]  # fmt: skip
     _, seconds["structured"] = run(struct_cmd, folder / "structured.log")

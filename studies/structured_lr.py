@@ -3,11 +3,12 @@
     python studies/structured_lr.py <dense run> [<dense run> ...] [--scales 0.3 1.0]
         [--speedup 2.5] [--epochs 8] [--out-dir DIR]
 
-The default `prune.structured_lr_scale` (0.3x the dense run's learning rate) was set before the
-pruning benchmark measured 1.0x better, but that comparison also changed the epochs (3 -> 8).
-This runs `medxfer prune-structured` on the same dense runs with the same ratio and epochs and
-only the scale changed (no latency: accuracy is the question), and records val and test
-accuracy of each. Writes studies/results/structured-lr/result.json.
+The default `structured.lr_scale` (then `prune.structured_lr_scale`; 0.3x the dense run's
+learning rate) was set before the pruning benchmark measured 1.0x better, but that comparison
+also changed the epochs (3 -> 8). This runs `medxfer prune-structured` on the same dense runs
+with the same ratio and epochs and only the scale changed (no latency: accuracy is the
+question), and records val and test accuracy of each. Writes
+studies/results/structured-lr/result.json.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main() -> None:
         for scale in args.scales:
             out = args.out_dir / f"{dense.parent.name}-{dense.name}-lr{scale:g}"
             cmd = [*medxfer_cmd(), "prune-structured", str(dense),
-                   f"prune.structured_lr_scale={scale}", *args.extra, "--speedup",
+                   f"structured.lr_scale={scale}", *args.extra, "--speedup",
                    str(args.speedup), "--epochs", str(args.epochs), "--out", str(out),
                    "--no-latency"]  # fmt: skip
             _, seconds = run(cmd)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,9 +8,13 @@ import pytest
 from medxfer.config import (
     LATER_KEYS,
     ExperimentConfig,
+    apply_override,
+    apply_overrides,
+    choices,
     drop_later_defaults,
     load_config,
     save_config,
+    with_values,
 )
 from medxfer.errors import MedxferError
 
@@ -54,8 +59,30 @@ def test_yaml_then_overrides_roundtrip(tmp_path: Path) -> None:
 def test_fingerprint_ignores_output_location() -> None:
     a, b = ExperimentConfig(), ExperimentConfig(out_dir="elsewhere", name="other")
     assert a.fingerprint() == b.fingerprint()
-    b.train.lr = 0.5
+    b = with_values(b, {"train.lr": 0.5})
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_config_is_frozen_and_with_values_replaces_nested_sections() -> None:
+    cfg = ExperimentConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 0.5  # type: ignore[misc]
+    out = with_values(cfg, {"train.threads": 1, "data.root": "x", "name": "n"})
+    assert (out.train.threads, out.data.root, out.name) == (1, "x", "n")
+    assert (cfg.train.threads, cfg.data.root, cfg.name) == (0, "", "run")  # unchanged
+    assert out.model is cfg.model  # untouched sections are shared (they are frozen)
+
+
+def test_apply_overrides_returns_a_new_config_and_keeps_its_messages() -> None:
+    cfg = ExperimentConfig()
+    out = apply_overrides(cfg, ["train.lr=0.5", "augment.hflip=off"])
+    assert (out.train.lr, out.augment.hflip, cfg.train.lr) == (0.5, False, 1e-3)
+    with pytest.raises(MedxferError, match=r"unknown config key 'train\.nope'"):
+        apply_override(cfg, "train.nope=1")
+    with pytest.raises(MedxferError, match="not of the form key=value"):
+        apply_override(cfg, "train.lr")
+    with pytest.raises(MedxferError, match="has no sub-keys"):
+        apply_override(cfg, "name.x=1")
 
 
 def test_shipped_configs_load() -> None:
@@ -81,3 +108,28 @@ def test_later_keys_are_hashed_only_away_from_their_defaults() -> None:
     low = load_config(None, ["tune.image_size=96"])
     assert low.fingerprint() == base.fingerprint()  # a trained run does not depend on tune
     assert study_fingerprint(low) != study_fingerprint(base)
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("data.color=cmyk", "['gray', 'rgb']"),
+        ("train.precision=fp8", "['auto', 'bf16', 'fp16', 'fp32']"),
+        ("gan.recipe=tpu", "['', 'cpu-64', 'gpu-128']"),
+        ("tune.pruner=fast", "['halving', 'hyperband', 'median', 'none']"),
+    ],
+)
+def test_literal_keys_are_checked_from_their_type_hints(override: str, allowed: str) -> None:
+    key, value = override.split("=")
+    with pytest.raises(MedxferError) as err:
+        load_config(None, [override])
+    assert err.value.message == f"{key}={value!r} is not allowed"
+    assert err.value.fix == f"use one of {allowed}"
+
+
+def test_choices_come_from_the_literal_type_hints() -> None:
+    allowed = choices()
+    assert allowed["data.color"] == ("gray", "rgb")
+    assert allowed["prune.weights"] == ("last", "best")
+    assert "prune.rewind" not in allowed  # epoch:K is not a fixed set
+    assert load_config(None, ["model.freeze=head"]).model.freeze == "head"

@@ -6,7 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from medxfer.config_reference import field_meanings, missing_meanings, render
+from medxfer.config_reference import (
+    field_experimental,
+    field_meanings,
+    missing_meanings,
+    render,
+)
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "configuration.md"
 
@@ -38,3 +43,18 @@ def test_meanings_come_from_the_comments_above_and_beside_a_field() -> None:
         "above": "above the field, over two lines and beside it",
         "bare": "",
     }
+
+
+@dataclass
+class _Experimental:
+    # experimental: docs/studies/x.md, no gain
+    # what it does
+    tried: int = 0  # in units
+
+
+def test_an_experimental_line_is_a_tag_not_a_meaning() -> None:
+    assert field_meanings(_Experimental) == {"tried": "what it does in units"}
+    assert field_experimental(_Experimental) == {"tried": "docs/studies/x.md, no gain"}
+    assert "| `structured.steps` | int | `1` |  | **experimental** (docs/studies/structured.md" in (
+        render()
+    )

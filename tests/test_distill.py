@@ -86,12 +86,12 @@ def test_prune_structured_distills(
     monkeypatch.setenv("MEDXFER_CACHE", str(tmp_path / "cache"))
     dense = tmp_path / "dense"
     assert main(["train", "--data", str(synth_root), "--run-dir", str(dense), *FAST]) == 0
-    assert main(["prune-structured", str(dense), "prune.structured_distill=1.5",
+    assert main(["prune-structured", str(dense), "structured.distill=1.5",
                  "--ratio", "0.5", "--out", str(tmp_path / "bad")]) == 2  # fmt: skip
     assert "outside (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before any work
     runs = {}
-    for name, extra in (("plain", []), ("distilled", ["prune.structured_distill=0.7"])):
+    for name, extra in (("plain", []), ("distilled", ["structured.distill=0.7"])):
         out = tmp_path / name
         # an override after an option still counts (cli.parse)
         args = ["prune-structured", str(dense), "train.lr=0.01", "--ratio", "0.5", *extra]
@@ -101,8 +101,8 @@ def test_prune_structured_distills(
         assert not any(k.startswith("teacher") for k in best)  # only the student is saved
     assert runs["plain"]["finetune"]["distill"] is None
     # a finished folder is bound to its distillation settings, not reported as another's
-    for folder, extra in (("plain", ["prune.structured_distill=0.7"]),
-                          ("distilled", ["prune.structured_distill=0.5"])):  # fmt: skip
+    for folder, extra in (("plain", ["structured.distill=0.7"]),
+                          ("distilled", ["structured.distill=0.5"])):  # fmt: skip
         args = ["prune-structured", str(dense), "train.lr=0.01", "--ratio", "0.5", *extra]
         assert main([*args, "--out", str(tmp_path / folder), "--no-latency"]) == 2
         assert "other settings" in capsys.readouterr().err

@@ -272,14 +272,16 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
         "augment.policy=standard",
     ]  # the file's augmentation when the folder was made
     names = {}
-    extras = ([], ["prune.distill=0.7"], ["prune.structured_distill=0.7"],
-              ["prune.weights=last"], ["prune.weights=best"])  # fmt: skip
+    extras = ([], ["prune.distill=0.7"], ["structured.distill=0.7"],
+              ["prune.structured_distill=0.7"], ["prune.weights=last"],
+              ["prune.weights=best"])  # fmt: skip
     for extra in extras:
         exp = load_experiment(REPO / "configs" / "pneumonia-cpu.yaml", [*over, *extra])
         cell = exp.cells()[0]
         ctx = Context(exp, cell, copy.deepcopy(cell.cfg), "medxfer run")
         names[len(extra) and extra[0]] = lottery_dir(ctx).name, fingerprint("prune", ctx)
-    assert names[0] == names["prune.structured_distill=0.7"] == ("prune-9b08eee9ff", "9b08eee9ff")
+    assert names[0] == names["structured.distill=0.7"] == ("prune-9b08eee9ff", "9b08eee9ff")
+    assert names["prune.structured_distill=0.7"] == names[0]  # the old name of that key
     assert names["prune.distill=0.7"][0] == "prune-9b08eee9ff"  # adds a run, same folder
     assert names["prune.distill=0.7"][1] != "9b08eee9ff"  # the stage itself reruns
     assert names["prune.weights=last"] == names[0]  # the default, as before the key existed

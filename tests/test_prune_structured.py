@@ -270,7 +270,7 @@ def test_iterative_structured_pruning_steps_resume_and_rebuild(
     assert main(args) == 0  # complete: only re-reports
     assert json.loads((out / "structured.json").read_text())["pruned"] == report["pruned"]
     with pytest.raises(MedxferError, match="other settings"):  # the folder is bound to 2 steps
-        one_step = ["train.lr=0.01", "prune.structured_ratio=0.5", "prune.structured_epochs=3"]
+        one_step = ["train.lr=0.01", "structured.ratio=0.5", "structured.epochs=3"]
         run_structured(dense_run, out, overrides=one_step, latency=False)
     assert main([*base, "--steps", "5", "--out", str(tmp_path / "x")]) == 2  # 3 epochs < 5 steps
 
@@ -308,7 +308,7 @@ def test_soft_pruning_phase_resumes_and_feeds_the_cut(
     on; a run killed inside it resumes to the same weights; the final network rebuilds."""
     out = tmp_path / "soft"
     args = ["prune-structured", str(dense_run), "train.lr=0.01", "--ratio", "0.5", "--epochs",
-            "1", "--soft", "2", "prune.structured_warmup=0.5", "--out", str(out),
+            "1", "--soft", "2", "structured.warmup=0.5", "--out", str(out),
             "--no-latency"]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "structured.json").read_text())
@@ -349,12 +349,12 @@ def test_soft_pruning_phase_resumes_and_feeds_the_cut(
 
 
 def test_structured_warmup_reaches_each_finetune() -> None:
-    """The fine-tune has no warm-up unless ``prune.structured_warmup`` asks for one (the dense
+    """The fine-tune has no warm-up unless ``structured.warmup`` asks for one (the dense
     run's own warm-up is not inherited, as before the key existed)."""
     dense = load_config(None, ["train.warmup_epochs=2", "train.lr=0.01"])
     assert _finetune_cfg(dense, 3, 0.5).train.warmup_epochs == 0.0
-    warm = load_config(None, ["train.warmup_epochs=2", "prune.structured_warmup=0.5"])
+    warm = load_config(None, ["train.warmup_epochs=2", "structured.warmup=0.5"])
     ft = _finetune_cfg(warm, 3, 1.0)
     assert ft.train.warmup_epochs == 0.5 and ft.train.epochs == 3
-    with pytest.raises(MedxferError, match="structured_warmup"):
-        load_config(None, ["prune.structured_warmup=-1"])
+    with pytest.raises(MedxferError, match=r"structured\.warmup must be >= 0"):
+        load_config(None, ["structured.warmup=-1"])

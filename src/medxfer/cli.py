@@ -498,15 +498,19 @@ def _add_prune_structured_parser(sub: argparse._SubParsersAction[argparse.Argume
 def _cmd_prune_structured(args: argparse.Namespace) -> int:
     import hashlib
 
+    from medxfer.config import legacy_override
     from medxfer.prune.structured import run_structured
     from medxfer.runs import replace_output_dir, run_inputs
 
     flags = {"ratio": args.ratio, "speedup": args.speedup, "epochs": args.epochs,
              "steps": args.steps, "soft": args.soft}  # fmt: skip
-    overrides = [f"prune.structured_{k}={v}" for k, v in flags.items() if v is not None]
+    overrides = [f"structured.{k}={v}" for k, v in flags.items() if v is not None]
     overrides += list(args.overrides)
     run = Path(args.run)
-    tag = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
+    # named by the overrides as spelled before the structured section (prune.structured_*),
+    # so a rerun of an older command finds its folder
+    named = [legacy_override(o) for o in overrides]
+    tag = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:8]
     out = Path(args.out) if args.out else run.with_name(f"{run.name}-structured-{tag}")
     replace_output_dir(out, force=args.force, inputs=run_inputs(run))
     report = run_structured(run, out, overrides=overrides, latency=not args.no_latency,

@@ -13,21 +13,23 @@ import json
 import math
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from medxfer.errors import MedxferError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # folder or CSV manifest; "" = the embedded SYNTHETIC demo set
     image_size: int = 224  # side in px every image is resized to (square)
-    color: str = "gray"  # gray | rgb: what the cache stores; gray is copied to 3 channels
-    resize: str = "pad"  # pad (keep aspect ratio) | squash
+    # gray | rgb: what the cache stores; gray is copied to 3 channels
+    color: Literal["gray", "rgb"] = "gray"
+    resize: Literal["pad", "squash"] = "pad"  # pad (keep aspect ratio) | squash
     val_fraction: float = 0.15  # share of train carved off as validation (stratified)
     test_fraction: float = 0.15  # only used when the dataset has no test split of its own
     split_seed: int = 0  # seed of the validation (and carved test) split
@@ -50,7 +52,7 @@ class DataConfig:
     allow_outside_root: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig:
     enabled: bool = True  # false = no training augmentation at all
     hflip: bool = True  # random horizontal flips (off where laterality matters)
@@ -60,23 +62,25 @@ class AugmentConfig:
     translate: float = 0.05  # fraction of the image size
     brightness: float = 0.15  # random shift in [-brightness, +brightness] (pixels in [0, 1])
     contrast: float = 0.15  # random contrast factor in [1 - contrast, 1 + contrast]
-    policy: str = "standard"  # standard | robust (adds appearance ops: docs/augmentation.md)
+    # standard | robust (adds appearance ops: docs/augmentation.md)
+    policy: Literal["standard", "robust"] = "standard"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "efficientnet_lite0"  # backbone name (`medxfer models` lists them)
     weights: str = "imagenet"  # imagenet | none | path/to/state_dict.pt
-    freeze: str = "none"  # none (full fine-tune) | head (train the head only) | unfreeze_after
+    # none (full fine-tune) | head (train the head only) | unfreeze_after
+    freeze: Literal["none", "head", "unfreeze_after"] = "none"
     unfreeze_epoch: int = 1  # with freeze=unfreeze_after: epochs of head-only training first
     dropout: float = -1.0  # < 0: keep the architecture's default
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10  # passes over the training split
     batch_size: int = 32  # images per optimizer step
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # adamw | sgd
     lr: float = 1e-3  # peak learning rate (after warm-up; cosine decay to the end)
     weight_decay: float = 0.05  # weight decay (not on biases and norm layers)
     momentum: float = 0.9  # SGD momentum (optimizer=sgd only)
@@ -87,8 +91,9 @@ class TrainConfig:
     early_stopping: int = 0  # patience in epochs on val balanced accuracy; 0 = off
     seed: int = 0  # seed of initialization, order, augmentation and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    channels_last: str = "auto"  # auto | true | false
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: AMP on CUDA, measured on CPU)
+    channels_last: Literal["auto", "true", "false"] = "auto"  # auto | true | false
+    # auto | fp32 | bf16 | fp16 (auto: AMP on CUDA, measured on CPU)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch default
     eval_batch_size: int = 64  # images per batch at evaluation
     steps_per_epoch: int = 0  # cap on optimizer steps per epoch; 0 = one pass over train
@@ -97,13 +102,13 @@ class TrainConfig:
     bn_recalibrate: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     n_bootstrap: int = 1000  # bootstrap resamples of the 95% intervals
     tta: bool = False  # average predictions over the image and the flips used in training
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrustConfig:
     """Per-image trust after training (medxfer.evaluate.trust); it never changes the model."""
 
@@ -123,14 +128,16 @@ def default_space() -> dict[str, dict[str, Any]]:
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig:
     """``medxfer tune``: an Optuna study over ``space`` (dotted config key -> distribution)."""
 
     n_trials: int = 20  # finished (complete + pruned) trials the study ends with
-    metric: str = "val_balanced_accuracy"  # | val_accuracy | val_loss (minimised)
+    # the validation value the study optimises (val_loss is minimised, the others maximised)
+    metric: Literal["val_balanced_accuracy", "val_accuracy", "val_loss"] = "val_balanced_accuracy"
     seed: int = 0  # TPE sampler seed
-    pruner: str = "median"  # median | halving | hyperband | none
+    # median | halving | hyperband | none
+    pruner: Literal["median", "halving", "hyperband", "none"] = "median"
     startup_trials: int = 5  # median pruner: trials that are never pruned
     warmup_epochs: int = 1  # median pruner: epochs before a trial can be pruned
     epochs: int = 0  # per-trial epoch budget; 0 = train.epochs
@@ -142,7 +149,7 @@ class TuneConfig:
     space: dict[str, dict[str, Any]] = field(default_factory=default_space)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneConfig:
     """Lottery-ticket pruning (``medxfer prune``); plain ``train`` ignores it."""
 
@@ -167,35 +174,43 @@ class PruneConfig:
     # by `lr`, fine-tuned by `finetune` / `distill` and teach `distill`: last = the final epoch
     # (open_lth's and Frankle & Carbin's choice); best = best.pt, the epoch validation chose,
     # which is the model the results table reports as dense
-    weights: str = "last"
+    weights: Literal["last", "best"] = "last"
     image_size: int = 0  # every lottery run at this size; 0 = data.image_size
     epochs: int = 0  # epochs of every lottery run; 0 = train.epochs
-    # `medxfer prune-structured`: L1-norm channel pruning of a trained run, then fine-tuning
-    structured_ratio: float = 0.0  # in (0, 1): channels removed per layer; 0 = by the speed-up
-    structured_speedup: float = 2.0  # MACs cut the ratio is chosen for (CPU time falls less)
-    structured_epochs: int = 0  # fine-tuning epochs; 0 = train.epochs of the dense run
+
+
+@dataclass(frozen=True)
+class StructuredConfig:
+    """L1-norm channel pruning of a trained run, then fine-tuning (``medxfer prune-structured``).
+
+    Plain ``train`` ignores it. These keys were ``prune.structured_*`` before (still read)."""
+
+    ratio: float = 0.0  # in (0, 1): channels removed per layer; 0 = by the speed-up
+    speedup: float = 2.0  # MACs cut the ratio is chosen for (CPU time falls less)
+    epochs: int = 0  # fine-tuning epochs; 0 = train.epochs of the dense run
     # fine-tuning learning rate = train.lr * this; 1.0 beat 0.3 on validation at equal epochs
     # (studies/results/structured-lr/result.json: brain +5.6 points balanced accuracy, chest -0.6)
-    structured_lr_scale: float = 1.0
+    lr_scale: float = 1.0
     # > 0: the dense model teaches its pruned copy while it is fine-tuned (knowledge
     # distillation, this weight on the soft term, 1 - it on the labels); 0 = labels only
-    structured_distill: float = 0.0
-    structured_temperature: float = 4.0  # softmax temperature of the distillation term
+    distill: float = 0.0
+    temperature: float = 4.0  # softmax temperature of the distillation term
+    # experimental: docs/studies/structured.md, 4 steps tested worse than 1 cut (0.867 vs 0.918)
     # > 1: prune iteratively, the cut reached in this many equal steps (a `ratio * i / steps`
     # share of every group's channels gone after step i), each step fine-tuned for its share
-    # of `structured_epochs` before the next one scores channels by L1 norm
-    structured_steps: int = 1
+    # of `epochs` before the next one scores channels by L1 norm
+    steps: int = 1
     # > 0: this many epochs of soft filter pruning on the whole network before the cut (He et
     # al. 2018, SFP): at the start of each, the channels the cut would remove (L1 norm, a share
     # ramped up to the ratio) are zeroed but keep training and may grow back; the cut then
-    # removes the channels that are smallest after them. Extra to `structured_epochs`.
-    structured_soft: int = 0
+    # removes the channels that are smallest after them. Extra to `epochs`.
+    soft: int = 0
     # learning-rate warm-up epochs of each structured fine-tune (the lottery's fine-tuning
     # baseline has none; a dense run usually has train.warmup_epochs)
-    structured_warmup: float = 0.0
+    warmup: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class GanConfig:
     """WGAN-GP synthesis of minority-class images (``medxfer gan``); plain ``train`` ignores it."""
 
@@ -226,16 +241,16 @@ class GanConfig:
     #   cpu-64   64 px, width 16, batch 32, n_critic 5, ema 0.995, 60 minutes (about 2,000
     #            generator steps on 2 CPU cores)
     #   gpu-128  128 px, width 64, batch 64, n_critic 5, ema 0.999, 20,000 steps or 60 minutes
-    recipe: str = ""  # "" | cpu-64 | gpu-128
+    recipe: Literal["", "cpu-64", "gpu-128"] = ""  # "" | cpu-64 | gpu-128
     # The quality gate (medxfer.gan.gate), on the training split only: a class whose synthetic
     # images fail it gets none in training, and the run uses this strategy instead:
     #   oversample (train.weighted_sampling) | class_weight (train.class_weight) | none
-    gate_fallback: str = "oversample"
+    gate_fallback: Literal["oversample", "class_weight", "none"] = "oversample"
     gate_images: int = 150  # images per class the gate's FID/KID/two-sample/TSTR look at
     gate_size: int = 96  # px the gate's Lite0 features see (the GAN images are 64 or 128 px)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "run"  # run name: the prefix of run folders, the experiment folder
     out_dir: str = "runs"  # where run and experiment folders are written
@@ -246,6 +261,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
     gan: GanConfig = field(default_factory=GanConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
 
@@ -260,6 +276,7 @@ class ExperimentConfig:
         d.pop("tune")
         d["train"].pop("device")
         d.pop("prune")  # a trained run does not depend on it; keeps older run folders' hashes
+        d.pop("structured")  # likewise (these keys were prune.structured_* before)
         d.pop("trust")  # fitted after training from the trained model; never changes it
         d.pop("gan")  # the generator is trained separately; its images count via data.synthetic
         drop_later_defaults(d)
@@ -286,11 +303,6 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
     "augment": ("policy",),
     "tune": ("image_size",),
     "prune": (
-        "structured_distill",
-        "structured_temperature",
-        "structured_steps",
-        "structured_soft",
-        "structured_warmup",
         "distill",
         "distill_temperature",
         "weights",
@@ -311,14 +323,20 @@ def drop_later_defaults(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+# The `structured` keys a lottery folder or stage hash holds at their defaults: they were
+# ``prune.structured_*`` when those hashes were made (no lottery depends on them); the ones
+# added later were left out at their defaults, like ``LATER_KEYS``.
+LOTTERY_STRUCTURED_KEYS = ("ratio", "speedup", "epochs", "lr_scale")
+
+
 def lottery_key(p: PruneConfig) -> dict[str, Any]:
     """The prune settings as lottery folder and stage hashes see them: ``prune-structured``'s
-    own keys (``structured_*``) at their defaults, since no lottery depends on them, and the
+    own keys (``LOTTERY_STRUCTURED_KEYS``, as ``structured_*``) at their defaults, and the
     ``LATER_KEYS`` at their defaults left out, so folders made before a key existed keep their
     names."""
     d = asdict(p)
-    defaults = asdict(PruneConfig())
-    d |= {k: defaults[k] for k in d if k.startswith("structured_")}
+    defaults = asdict(StructuredConfig())
+    d |= {f"structured_{k}": defaults[k] for k in LOTTERY_STRUCTURED_KEYS}
     return drop_later_defaults({"prune": d})["prune"]
 
 
@@ -343,6 +361,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return _from_dict(typ, value, key + ".")  # type: ignore[arg-type]
     if isinstance(typ, types.UnionType):
         typ = typing.get_args(typ)[0]
+    if (allowed := _literal_args(typ)) is not None:
+        typ = type(allowed[0])  # parsed as such; ``validate`` checks it is one of them
     try:
         if typ is bool:
             if isinstance(value, str):
@@ -373,7 +393,53 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+# The channel-pruning keys were ``prune.structured_<name>`` before they got the `structured`
+# section. Config files, overrides and stored configs (run folders' config.yaml,
+# structured_settings.json, model files) that use the old names are read as
+# ``structured.<name>``, silently, so older run folders load and resume as before; what
+# medxfer writes uses the new section. This is the one place that maps them.
+LEGACY_PREFIX = "prune.structured_"
+
+
+def renamed_key(key: str) -> str:
+    """A dotted key as it is named now: ``prune.structured_ratio`` -> ``structured.ratio``."""
+    name = key.removeprefix(LEGACY_PREFIX)
+    if key.startswith(LEGACY_PREFIX) and name in _valid_names(StructuredConfig):
+        return "structured." + name
+    return key
+
+
+def legacy_override(assignment: str) -> str:
+    """A ``key=value`` override as spelled before: ``structured.ratio=0.5`` ->
+    ``prune.structured_ratio=0.5`` (what names were hashed with then); others unchanged."""
+    key, eq, value = assignment.partition("=")
+    name = key.strip().removeprefix("structured.")
+    if key.strip().startswith("structured.") and name in _valid_names(StructuredConfig):
+        return f"{LEGACY_PREFIX}{name}{eq}{value}"
+    return assignment
+
+
+def renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping (``ExperimentConfig`` level) with the old ``prune.structured_*`` keys
+    moved to ``structured`` (a key given under both names: the ``structured`` one wins)."""
+    prune = data.get("prune")
+    if not isinstance(prune, dict):
+        return data
+    old = {k: k.removeprefix("structured_") for k in prune
+           if renamed_key("prune." + k) != "prune." + k}  # fmt: skip
+    if not old:
+        return data
+    structured = data.get("structured") or {}
+    if not isinstance(structured, dict):
+        return data  # refused as "must be a mapping" below
+    moved = {new: prune[k] for k, new in old.items()}
+    return {**data, "prune": {k: v for k, v in prune.items() if k not in old},
+            "structured": moved | structured}  # fmt: skip
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if cls is ExperimentConfig:
+        data = renamed_keys(data)
     valid = _valid_names(cls)
     unknown = [k for k in data if k not in valid]
     if unknown:
@@ -385,14 +451,32 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def apply_override(cfg: ExperimentConfig, assignment: str) -> None:
-    """Apply one ``section.key=value`` override in place (YAML-parsed value)."""
+def _replaced(obj: Any, parts: list[str], value: Any) -> Any:
+    """``obj`` (a frozen dataclass) with the field at the dotted path ``parts`` set to ``value``."""
+    if len(parts) == 1:
+        return dataclasses.replace(obj, **{parts[0]: value})
+    inner = _replaced(getattr(obj, parts[0]), parts[1:], value)
+    return dataclasses.replace(obj, **{parts[0]: inner})
+
+
+def with_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentConfig:
+    """A copy of ``cfg`` with dotted keys set, e.g. ``with_values(cfg, {"train.threads": 1})``:
+    the config is frozen, so this (``dataclasses.replace`` on the nested sections) is how code
+    changes it. Values are taken as given (typed); ``apply_override`` parses text."""
+    out = cfg
+    for key, value in values.items():
+        out = _replaced(out, key.split("."), value)
+    return out
+
+
+def apply_override(cfg: ExperimentConfig, assignment: str) -> ExperimentConfig:
+    """``cfg`` with one ``section.key=value`` override applied (YAML-parsed value)."""
     if "=" not in assignment:
         raise MedxferError(
             f"override {assignment!r} is not of the form key=value", "e.g. train.lr=3e-4"
         )
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    parts = renamed_key(key.strip()).split(".")
     target: Any = cfg
     for i, part in enumerate(parts):
         valid = _valid_names(type(target))
@@ -406,28 +490,40 @@ def apply_override(cfg: ExperimentConfig, assignment: str) -> None:
             if not dataclasses.is_dataclass(target):
                 raise MedxferError(f"config key {'.'.join(parts[: i + 1])!r} has no sub-keys")
     value = yaml.safe_load(raw) if raw.strip() else ""
-    setattr(target, parts[-1], _coerce(value, _field_type(type(target), parts[-1]), key))
+    coerced = _coerce(value, _field_type(type(target), parts[-1]), key)
+    return with_values(cfg, {".".join(parts): coerced})
 
 
-# Keys whose value is one of a fixed set (checked by ``validate``, listed by the reference).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.color": ("gray", "rgb"),
-    "data.resize": ("pad", "squash"),
-    "augment.policy": ("standard", "robust"),
-    "model.freeze": ("none", "head", "unfreeze_after"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.channels_last": ("auto", "true", "false"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "prune.weights": ("last", "best"),
-    "gan.recipe": ("", "cpu-64", "gpu-128"),
-    "gan.gate_fallback": ("oversample", "class_weight", "none"),
-}
+def apply_overrides(cfg: ExperimentConfig, assignments: Iterable[str]) -> ExperimentConfig:
+    """``cfg`` with each ``section.key=value`` override applied in turn (not validated)."""
+    for assignment in assignments:
+        cfg = apply_override(cfg, assignment)
+    return cfg
+
+
+def _literal_args(typ: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` type hint (None for any other type)."""
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else None
+
+
+def choices(cls: type | None = None) -> dict[str, tuple[str, ...]]:
+    """Dotted key -> allowed values of every field typed ``Literal[...]`` (all sections of
+    ``cls``, default ``ExperimentConfig``): what ``validate`` checks and the reference lists."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, typ in typing.get_type_hints(cls or ExperimentConfig).items():
+        if dataclasses.is_dataclass(typ):
+            assert isinstance(typ, type)
+            out |= {f"{name}.{k}": v for k, v in choices(typ).items()}
+        elif (allowed := _literal_args(typ)) is not None:
+            out[name] = allowed
+    return out
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+    for key, allowed in choices().items():  # the Literal[...] fields, from their type hints
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if value not in allowed:
             raise MedxferError(f"{key}={value!r} is not allowed", f"use one of {sorted(allowed)}")
     if cfg.data.image_size < 32:
@@ -438,12 +534,12 @@ def validate(cfg: ExperimentConfig) -> None:
             raise MedxferError(f"{key} must be 0 (= data.image_size) or at least 32")
     if cfg.prune.epochs < 0:
         raise MedxferError("prune.epochs must be >= 0 (0 = train.epochs)")
-    if not 1 <= cfg.prune.structured_steps <= 64:  # a model file replays each step on load
-        raise MedxferError("prune.structured_steps must be in 1..64 (1 = prune once)")
-    if cfg.prune.structured_warmup < 0:
-        raise MedxferError("prune.structured_warmup must be >= 0 (epochs of LR warm-up)")
-    if cfg.prune.structured_soft < 0:
-        raise MedxferError("prune.structured_soft must be >= 0 (0 = no soft pruning)")
+    if not 1 <= cfg.structured.steps <= 64:  # a model file replays each step on load
+        raise MedxferError("structured.steps must be in 1..64 (1 = prune once)")
+    if cfg.structured.warmup < 0:
+        raise MedxferError("structured.warmup must be >= 0 (epochs of LR warm-up)")
+    if cfg.structured.soft < 0:
+        raise MedxferError("structured.soft must be >= 0 (0 = no soft pruning)")
     if not 0 <= cfg.data.val_fraction < 1 or not 0 <= cfg.data.test_fraction < 1:
         raise MedxferError("data.val_fraction and data.test_fraction must be in [0, 1)")
     if not 0 < cfg.data.train_subset <= 1:
@@ -497,8 +593,7 @@ def load_config(
     for key in EXPERIMENT_KEYS:  # an experiment file is a superset of a plain config
         data.pop(key, None)
     cfg: ExperimentConfig = _from_dict(ExperimentConfig, data)
-    for assignment in overrides or []:
-        apply_override(cfg, assignment)
+    cfg = apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg
 

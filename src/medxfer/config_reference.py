@@ -2,11 +2,11 @@
 
     python -m medxfer.config_reference > docs/reference/configuration.md
 
-Every key's type and default come from its dataclass field, its allowed values from
-``config.CHOICES``, and its meaning from the comments written beside the field in the source
-(the comment lines right above it and the comment at the end of its line). A key without a
-comment has no meaning to show: ``missing_meanings`` lists such keys and the test suite fails on
-them, so a new key cannot reach a release undocumented.
+Every key's type and default come from its dataclass field, its allowed values from its
+``Literal[...]`` type hint (``config.choices``), and its meaning from the comments written
+beside the field in the source (the comment lines right above it and the comment at the end of
+its line). A key without a comment has no meaning to show: ``missing_meanings`` lists such keys
+and the test suite fails on them, so a new key cannot reach a release undocumented.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from medxfer.config import CHOICES, ExperimentConfig
+from medxfer.config import ExperimentConfig, choices
 
 HEADER = """# Configuration reference
 
@@ -44,6 +44,7 @@ class Key:
     default: str
     allowed: str
     meaning: str
+    experimental: str = ""  # why the key is experimental; "" = it is not
 
 
 def _comments(source: str) -> dict[int, str]:
@@ -55,12 +56,34 @@ def _comments(source: str) -> dict[int, str]:
     return out
 
 
+EXPERIMENTAL = "experimental:"
+
+
 def field_meanings(cls: type) -> dict[str, str]:
-    """Each field of dataclass ``cls`` -> its comments (lines above it, then its own line)."""
+    """Each field of dataclass ``cls`` -> its comments (lines above it, then its own line),
+    without an ``# experimental: ...`` line (``field_experimental``)."""
+    return {name: " ".join(c for c in comments if not c.startswith(EXPERIMENTAL)).strip()
+            for name, comments in _field_comments(cls).items()}  # fmt: skip
+
+
+def field_experimental(cls: type) -> dict[str, str]:
+    """Each field of ``cls`` marked experimental -> why: a comment line above it that starts
+    with ``experimental:`` (a key a study added whose measurement did not support it; kept,
+    and tagged in the reference)."""
+    out = {}
+    for name, comments in _field_comments(cls).items():
+        for c in comments:
+            if c.startswith(EXPERIMENTAL):
+                out[name] = c.removeprefix(EXPERIMENTAL).strip()
+    return out
+
+
+def _field_comments(cls: type) -> dict[str, list[str]]:
+    """Each field of dataclass ``cls`` -> its comment lines (above it, then its own line)."""
     source = textwrap.dedent(inspect.getsource(cls))
     comments = _comments(source)
     lines = source.splitlines()
-    out: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
     (node,) = ast.parse(source).body
     assert isinstance(node, ast.ClassDef)
     for stmt in node.body:
@@ -73,11 +96,13 @@ def field_meanings(cls: type) -> dict[str, str]:
             line -= 1
         own = [comments[n] for n in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1)
                if n in comments]  # fmt: skip
-        out[stmt.target.id] = " ".join(above + own).strip()
+        out[stmt.target.id] = above + own
     return out
 
 
 def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is typing.Literal:  # one of fixed values: the allowed column
+        return type(typing.get_args(typ)[0]).__name__
     return getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
 
 
@@ -93,6 +118,8 @@ def section_keys(cls: type, prefix: str) -> list[Key]:
     """The keys of one dataclass section (``prefix`` is ``"train."`` or ``""``)."""
     hints = typing.get_type_hints(cls)
     meanings = field_meanings(cls)
+    experimental = field_experimental(cls)
+    allowed = {prefix + k: v for k, v in choices(cls).items()}
     keys = []
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
@@ -102,8 +129,9 @@ def section_keys(cls: type, prefix: str) -> list[Key]:
             name=name,
             type=_type_name(hints[f.name]),
             default=json.dumps(_default(f)),
-            allowed=", ".join(CHOICES.get(name, ())),
+            allowed=", ".join(allowed.get(name, ())),
             meaning=meanings.get(f.name, ""),
+            experimental=experimental.get(f.name, ""),
         ))  # fmt: skip
     return keys
 
@@ -147,8 +175,11 @@ def render() -> str:
             parts.append(doc.splitlines()[0].replace("``", "`") + "\n\n")
         parts.append("| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n")
         for k in keys:
+            meaning = k.meaning
+            if k.experimental:  # a study added it and did not support it: kept, tagged
+                meaning = f"**experimental** ({k.experimental}). {meaning}"
             cells = [f"`{k.name}`", k.type, _cell(f"`{k.default}`"), _cell(k.allowed),
-                     _cell(k.meaning)]  # fmt: skip
+                     _cell(meaning)]  # fmt: skip
             parts.append("| " + " | ".join(cells) + " |\n")
     parts.append(
         "\n## `matrix` (experiment files)\n\n"

@@ -82,9 +82,11 @@ def _recipe(meta: dict[str, Any], path: Path) -> tuple[float, int]:
         if settings.exists():
             s = json.loads(settings.read_text())
             return float(s["ratio"]), int(s.get("steps", 1))
-    prune = meta.get("config", {}).get("prune", {})
-    if prune.get("structured_ratio"):
-        return float(prune["structured_ratio"]), int(prune.get("structured_steps", 1))
+    from medxfer.config import renamed_keys  # old files name them prune.structured_*
+
+    structured = renamed_keys(meta.get("config", {})).get("structured", {})
+    if structured.get("ratio"):
+        return float(structured["ratio"]), int(structured.get("steps", 1))
     raise MedxferError(
         f"{path}: cannot tell which cut made this structured model (no structured_settings.json "
         "beside it)",

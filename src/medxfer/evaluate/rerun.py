@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import ExperimentConfig, load_config
+from medxfer.config import ExperimentConfig, load_config, with_values
 from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import compute_metrics
 from medxfer.evaluate.unlabelled import STORED
@@ -50,7 +50,7 @@ def evaluate_run(
     if bad:
         raise MedxferError(f"only eval.* settings can change here, not {bad}", "train a new run")
     cfg = load_config(run_dir / "config.yaml", overrides)
-    locate_data(cfg, run_dir, data)
+    cfg = locate_data(cfg, run_dir, data)
     c = compute_mod.resolve(cfg.train)
     s = build(cfg, c)
     ckpt = load_checkpoint(run_dir / f"{checkpoint}.pt")
@@ -76,23 +76,21 @@ def evaluate_run(
     return out, results
 
 
-def locate_data(cfg: ExperimentConfig, run_dir: Path, data: Path | None) -> None:
-    """Point ``cfg.data.root`` at the run's dataset: ``data`` when given, else the root as
-    written if it exists from here, else the absolute path the run recorded in data.json (a
-    relative root was relative to where training ran)."""
+def locate_data(cfg: ExperimentConfig, run_dir: Path, data: Path | None) -> ExperimentConfig:
+    """``cfg`` with ``data.root`` pointed at the run's dataset: ``data`` when given, else the
+    root as written if it exists from here, else the absolute path the run recorded in
+    data.json (a relative root was relative to where training ran)."""
     if data is not None:
         if not data.exists():
             raise MedxferError(f"--data {data} does not exist", "pass the run's dataset folder")
-        cfg.data.root = str(data.resolve())
-        return
+        return with_values(cfg, {"data.root": str(data.resolve())})
     root = cfg.data.root
     if not root or Path(root).expanduser().exists():
-        return
+        return cfg
     info = run_dir / "data.json"
     recorded = json.loads(info.read_text()).get("root_absolute") if info.exists() else None
     if recorded and Path(recorded).exists():
-        cfg.data.root = recorded
-        return
+        return with_values(cfg, {"data.root": recorded})
     raise MedxferError(
         f"the run's dataset {root} is not found from {Path.cwd()}",
         "pass --data with the dataset folder (or CSV manifest) it was trained on",

@@ -246,7 +246,7 @@ def reference_outputs(
 def validation_arrays(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The uint8 images and labels of the validation split of the run that wrote ``meta``,
     rebuilt from the configuration stored in its checkpoint."""
-    from medxfer.config import config_from_dict
+    from medxfer.config import config_from_dict, with_values
     from medxfer.data.prepare import prepare
 
     if "config" not in meta:
@@ -254,8 +254,8 @@ def validation_arrays(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             "this model file does not record its training configuration",
             "pass the run folder of `medxfer train` or `prune` (its best.pt)",
         )
-    cfg = config_from_dict(meta["config"])
-    cfg.data.synthetic = ""  # generated images only ever join the training split
+    # generated images only ever join the training split
+    cfg = with_values(config_from_dict(meta["config"]), {"data.synthetic": ""})
     try:
         data = prepare(cfg.data)
     except MedxferError as err:

@@ -11,7 +11,6 @@ command-line override of a matrix key replaces that axis (``model.arch=resnet18`
 
 from __future__ import annotations
 
-import copy
 import itertools
 import re
 from dataclasses import dataclass, field, fields
@@ -20,7 +19,15 @@ from typing import Any
 
 import yaml
 
-from medxfer.config import ExperimentConfig, apply_override, load_config, validate
+from medxfer.config import (
+    ExperimentConfig,
+    apply_override,
+    apply_overrides,
+    load_config,
+    renamed_key,
+    validate,
+    with_values,
+)
 from medxfer.errors import MedxferError
 
 STAGES = ("audit", "gan", "tune", "train", "prune", "evaluate", "report")
@@ -78,10 +85,8 @@ class Experiment:
         keys = list(self.matrix)
         out = []
         for combo in itertools.product(*(self.matrix[k] for k in keys)):
-            cfg = copy.deepcopy(self.base)
             values = dict(zip(keys, combo, strict=True))
-            for key, value in values.items():
-                apply_override(cfg, f"{key}={_yaml_scalar(value)}")
+            cfg = apply_overrides(self.base, [f"{k}={_yaml_scalar(v)}" for k, v in values.items()])
             validate(cfg)
             name = cell_name(values)
             out.append(Cell(name, cfg, self.dir / name, values))
@@ -138,15 +143,16 @@ def _split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     return plain, extra
 
 
-def _resolve_root(cfg: ExperimentConfig, path: Path | None) -> None:
+def _resolve_root(cfg: ExperimentConfig, path: Path | None) -> ExperimentConfig:
     """A relative data.root that is absent from here is looked up beside the repository, so
     ``configs/cpu-*.yaml`` work from any folder (``../shared/data/<name>`` from the repo)."""
     root = cfg.data.root
     if not root or Path(root).is_absolute() or Path(root).exists() or path is None:
-        return
+        return cfg
     repo = path.resolve().parent.parent
     if (repo / root).exists():
-        cfg.data.root = str((repo / root).resolve())
+        return with_values(cfg, {"data.root": str((repo / root).resolve())})
+    return cfg
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
@@ -173,21 +179,18 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
             "matrix must map config keys to non-empty lists",
             "e.g. matrix: {model.arch: [googlenet, resnet50]}",
         )
-    overridden = {o.split("=", 1)[0].strip() for o in plain}
-    matrix = {k: list(v) for k, v in matrix.items() if k not in overridden}
+    overridden = {renamed_key(o.split("=", 1)[0].strip()) for o in plain}  # old names too
+    matrix = {k: list(v) for k, v in matrix.items() if renamed_key(k) not in overridden}
     base = load_config(p, plain)
-    _resolve_root(base, p)
+    base = _resolve_root(base, p)
     for key, values in matrix.items():  # every value must be a valid override of the base
         for value in values:
-            probe = copy.deepcopy(base)
-            apply_override(probe, f"{key}={_yaml_scalar(value)}")
+            apply_override(base, f"{key}={_yaml_scalar(value)}")
     if "data.root" in matrix:
         matrix["data.root"] = [_rooted(v, p) for v in matrix["data.root"]]
     return Experiment(p, base, stages, report, matrix, list(overrides or []))
 
 
 def _rooted(value: Any, path: Path | None) -> Any:
-    probe = ExperimentConfig()
-    probe.data.root = str(value)
-    _resolve_root(probe, path)
-    return probe.data.root
+    probe = with_values(ExperimentConfig(), {"data.root": str(value)})
+    return _resolve_root(probe, path).data.root

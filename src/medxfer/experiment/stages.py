@@ -15,14 +15,13 @@ never reuses an old result. Every stage resumes with its package's own resume (t
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import ExperimentConfig, drop_later_defaults, lottery_key
+from medxfer.config import ExperimentConfig, drop_later_defaults, lottery_key, with_values
 from medxfer.errors import MedxferError
 from medxfer.experiment.spec import Cell, Experiment
 from medxfer.train.checkpoint import atomic_write_json
@@ -114,19 +113,17 @@ def run_gan(ctx: Context) -> dict[str, Any]:
 
 
 def after_gan(ctx: Context, outputs: dict[str, Any]) -> None:
-    from medxfer.config import apply_override
+    from medxfer.config import apply_overrides
 
     if outputs.get("admitted"):
-        ctx.cfg.data.synthetic = outputs["manifest"]
-    for assignment in outputs.get("fallback", {}).get("overrides", []):
-        apply_override(ctx.cfg, assignment)
+        ctx.cfg = with_values(ctx.cfg, {"data.synthetic": outputs["manifest"]})
+    ctx.cfg = apply_overrides(ctx.cfg, outputs.get("fallback", {}).get("overrides", []))
 
 
 def run_tune(ctx: Context) -> dict[str, Any]:
     from medxfer.tune import StudyOptions, run_study
 
-    cfg = copy.deepcopy(ctx.cfg)
-    cfg.out_dir = str(ctx.cell.dir)  # the study folder: <cell>/tune/<study>/
+    cfg = with_values(ctx.cfg, {"out_dir": str(ctx.cell.dir)})  # study: <cell>/tune/<study>/
     summary = run_study(cfg, StudyOptions())
     if summary["best"] is None:
         raise MedxferError(

@@ -16,14 +16,13 @@ validation balanced accuracy. Writes comparison.json, comparison.md and comparis
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medxfer.config import ExperimentConfig, apply_override
+from medxfer.config import ExperimentConfig, apply_overrides
 from medxfer.data.generated import MINORITY_BELOW, minority_classes, read_generated
 from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import run_summary
@@ -49,11 +48,9 @@ def strategy_config(
     """``cfg`` without any imbalance fix, then the strategy's overrides."""
     if name not in STRATEGIES:
         raise MedxferError(f"unknown strategy {name!r}", f"use any of {', '.join(STRATEGIES)}")
-    out = copy.deepcopy(cfg)
     base = ["train.class_weight=false", "train.weighted_sampling=false", "data.synthetic="]
-    for assignment in base + STRATEGIES[name]:
-        apply_override(out, assignment.format(manifest=manifest, ratio=ratio))
-    return out
+    assignments = base + STRATEGIES[name]
+    return apply_overrides(cfg, [a.format(manifest=manifest, ratio=ratio) for a in assignments])
 
 
 def _synthetic_manifest(
@@ -201,8 +198,7 @@ def compare_strategies(
         run_dir = out_dir / name
         run_cfg = strategy_config(cfg, name, str(synth or ""), gan_ratio)
         if name.startswith("gan") and gate is not None:  # the gated GAN: what failed falls back
-            for assignment in gate["fallback"]["overrides"]:
-                apply_override(run_cfg, assignment)
+            run_cfg = apply_overrides(run_cfg, gate["fallback"]["overrides"])
         if (run_dir / "metrics.json").exists():
             check_reuse(run_cfg, run_dir)
         else:

@@ -16,7 +16,6 @@ resumes). ``conditional=false`` trains one unconditional GAN per minority class 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -29,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from medxfer.config import ExperimentConfig, GanConfig
+from medxfer.config import ExperimentConfig, GanConfig, with_values
 from medxfer.errors import MedxferError
 from medxfer.gan.data import GanData, classes_to_model, load_train_split, resolve_device
 from medxfer.gan.loop import GanLoop, step_generator
@@ -60,11 +59,9 @@ def with_recipe(cfg: ExperimentConfig) -> ExperimentConfig:
     if name not in RECIPES:
         raise MedxferError(f"gan.recipe={name!r} is unknown", f"use one of {', '.join(RECIPES)}")
     default = GanConfig()
-    out = copy.deepcopy(cfg)
-    for key, value in RECIPES[name].items():
-        if getattr(cfg.gan, key) == getattr(default, key):
-            setattr(out.gan, key, value)
-    return out
+    unset = {f"gan.{key}": value for key, value in RECIPES[name].items()
+             if getattr(cfg.gan, key) == getattr(default, key)}  # fmt: skip
+    return with_values(cfg, unset)
 
 
 def gan_fingerprint(cfg: ExperimentConfig) -> str:

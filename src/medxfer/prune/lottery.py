@@ -21,7 +21,6 @@ continued by running the same command again.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from medxfer.config import ExperimentConfig
+from medxfer.config import ExperimentConfig, with_values
 from medxfer.errors import MedxferError
 from medxfer.models import create_model
 from medxfer.models.registry import entry
@@ -327,10 +326,7 @@ def dense_teacher(cfg: ExperimentConfig, out_dir: Path, s: Settings, weight: flo
 
 def finetune_config(cfg: ExperimentConfig, lr_scale: float) -> ExperimentConfig:
     """The fine-tuning baseline: same epochs, ``lr_scale`` times the learning rate, no warm-up."""
-    out = copy.deepcopy(cfg)
-    out.train.lr = cfg.train.lr * lr_scale
-    out.train.warmup_epochs = 0.0
-    return out
+    return with_values(cfg, {"train.lr": cfg.train.lr * lr_scale, "train.warmup_epochs": 0.0})
 
 
 def run_lottery(

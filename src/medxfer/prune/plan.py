@@ -4,14 +4,13 @@ folder never mixes two experiments)."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import ExperimentConfig, PruneConfig, lottery_key
+from medxfer.config import ExperimentConfig, PruneConfig, lottery_key, with_values
 from medxfer.errors import MedxferError
 from medxfer.runs import make_run_dir
 from medxfer.train.checkpoint import atomic_write_json
@@ -92,11 +91,11 @@ def lottery_folder(cfg: ExperimentConfig, target_sparsity: float | None) -> Path
 def lottery_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config every lottery run trains: ``prune.image_size`` / ``prune.epochs`` (when set)
     replace the data size and the epochs, e.g. a cheaper lottery beside a full-size train."""
-    out = copy.deepcopy(cfg)
+    out = cfg
     if cfg.prune.image_size > 0:
-        out.data.image_size = cfg.prune.image_size
+        out = with_values(out, {"data.image_size": cfg.prune.image_size})
     if cfg.prune.epochs > 0:
-        out.train.epochs = cfg.prune.epochs
+        out = with_values(out, {"train.epochs": cfg.prune.epochs})
     return out
 
 

@@ -5,9 +5,9 @@ group of coupled layers (a conv, its BatchNorm, the depthwise conv and the next 
 channels, the branches of a residual sum) the channels with the smallest L1 norm are removed,
 the same fraction in every layer (Li et al. 2017), so dense CPU kernels do less work. The
 classification head keeps its outputs. The pruned network is fine-tuned with ``fit``.
-With ``prune.structured_steps = k > 1`` the cut is reached in k equal steps, each fine-tuned
+With ``structured.steps = k > 1`` the cut is reached in k equal steps, each fine-tuned
 before the next one scores the channels (iterative pruning; steps 1..k-1 in ``step_<i>/``).
-With ``prune.structured_soft = s > 0`` the whole network first trains s epochs with the
+With ``structured.soft = s > 0`` the whole network first trains s epochs with the
 channels to cut zeroed at each epoch's start and free to grow back (soft filter pruning, in
 ``soft/``); the cut is then made on its last weights.
 
@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from medxfer.config import ExperimentConfig, config_from_dict, load_config
+from medxfer.config import ExperimentConfig, config_from_dict, load_config, with_values
 from medxfer.errors import MedxferError
 from medxfer.models import create_model
 from medxfer.models.registry import entry
@@ -290,13 +290,14 @@ def load_structured(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _finetune_cfg(cfg: ExperimentConfig, epochs: int, lr_scale: float) -> ExperimentConfig:
-    """Same data and recipe as the dense run, ``lr_scale`` x its LR, ``prune.structured_warmup``
+    """Same data and recipe as the dense run, ``lr_scale`` x its LR, ``structured.warmup``
     epochs of warm-up, no freezing, no download."""
     out = finetune_config(cfg, lr_scale)
-    out.train.epochs = epochs or cfg.train.epochs
-    out.train.warmup_epochs = cfg.prune.structured_warmup
-    out.model.weights, out.model.freeze = "none", "none"  # prepare loads the dense weights
-    return out
+    return with_values(out, {
+        "train.epochs": epochs or cfg.train.epochs,
+        "train.warmup_epochs": cfg.structured.warmup,
+        "model.weights": "none", "model.freeze": "none",  # prepare loads the dense weights
+    })  # fmt: skip
 
 
 def _prepare(
@@ -315,7 +316,7 @@ def _step_epochs(total: int, steps: int) -> list[int]:
     if total < steps:
         raise MedxferError(
             f"{steps} pruning steps need at least {steps} fine-tuning epochs, not {total}",
-            "raise --epochs or lower prune.structured_steps",
+            "raise --epochs or lower structured.steps",
         )
     return [total // steps] * (steps - 1) + [total - total // steps * (steps - 1)]
 
@@ -332,8 +333,7 @@ def _soft_phase(
 ) -> tuple[State, dict[str, Any]]:
     """Soft filter pruning of the whole network into ``run_dir`` (a resumable run that never
     sees the test split); returns its last weights, which the cut is made on, and a summary."""
-    cfg = copy.deepcopy(ft)
-    cfg.train.epochs = epochs
+    cfg = with_values(ft, {"train.epochs": epochs})
     schedule = soft_ratios(ratio, epochs)
     if is_complete(run_dir):
         check_reuse(cfg, run_dir)
@@ -397,34 +397,34 @@ def run_structured(
     """Prune ``source``'s best weights by channels, fine-tune into ``out``, report (resumable).
     ``command``: the command line, recorded in the report (that of the call that wrote it).
 
-    ``prune.structured_ratio`` (> 0) fixes the ratio; otherwise the smallest ratio that cuts
-    MACs by ``prune.structured_speedup`` is used. Returns (and writes) ``structured.json``.
+    ``structured.ratio`` (> 0) fixes the ratio; otherwise the smallest ratio that cuts
+    MACs by ``structured.speedup`` is used. Returns (and writes) ``structured.json``.
     """
     state, meta = dense_source(source)
     cfg = load_config(source / "config.yaml", overrides)
-    p, arch, size, n = cfg.prune, meta["arch"], int(meta["image_size"]), len(meta["classes"])
+    p, arch, size, n = cfg.structured, meta["arch"], int(meta["image_size"]), len(meta["classes"])
     head = entry(arch).head
     dense = create_model(arch, weights="none", num_classes=n).model.eval()
     dense.load_state_dict(state)
     teacher = None  # checked before any work starts
-    if p.structured_distill:
-        teacher = Teacher(dense, p.structured_distill, p.structured_temperature)
-    ratio = p.structured_ratio
+    if p.distill:
+        teacher = Teacher(dense, p.distill, p.temperature)
+    ratio = p.ratio
     if ratio:
         check_ratio(ratio)
     else:  # the search costs minutes on a busy CPU: a rerun takes the ratio it found before
         old = out / "structured_settings.json"
         found = json.loads(old.read_text()).get("ratio") if old.exists() else None
-        ratio = found or ratio_for_speedup(dense, head, size, p.structured_speedup)
-    ft = _finetune_cfg(cfg, p.structured_epochs, p.structured_lr_scale)
+        ratio = found or ratio_for_speedup(dense, head, size, p.speedup)
+    ft = _finetune_cfg(cfg, p.epochs, p.lr_scale)
     settings: dict[str, Any] = {"source": str(source.resolve()), "ratio": ratio,
                                 "config": ft.to_dict()}  # fmt: skip
-    if teacher is not None:  # the config's fingerprint leaves prune.* out
+    if teacher is not None:  # the config's fingerprint leaves structured.* out
         settings["distill"] = {"weight": teacher.alpha, "temperature": teacher.temperature}
-    steps = p.structured_steps
+    steps = p.steps
     if steps > 1:  # folders of one-step runs stay bound as before
         settings["steps"] = steps
-    soft = p.structured_soft
+    soft = p.soft
     if soft:  # likewise
         settings["soft_epochs"] = soft
     ratios, epochs = step_ratios(ratio, steps), _step_epochs(ft.train.epochs, steps)
@@ -437,8 +437,7 @@ def run_structured(
     rows: list[dict[str, Any]] = []
     for i in range(steps):  # steps 1..k-1 in out/step_<i>, the last one in out itself
         run_dir = out if i == steps - 1 else out / f"step_{i + 1}"
-        step_cfg = copy.deepcopy(ft)
-        step_cfg.train.epochs = epochs[i]
+        step_cfg = with_values(ft, {"train.epochs": epochs[i]})
         if is_complete(run_dir):
             check_reuse(step_cfg, run_dir)
             metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -463,14 +462,14 @@ def run_structured(
         "source_run": str(source), "run_dir": str(out), "model_file": str(out / MODEL_FILE),
         "method": "L1-norm channel pruning (Torch-Pruning MetaPruner, MagnitudeImportance p=1, "
                   "same ratio per layer group, channels rounded to 8, head outputs kept)",
-        "ratio": ratio, "target_macs_speedup": None if p.structured_ratio else p.structured_speedup,
+        "ratio": ratio, "target_macs_speedup": None if p.ratio else p.speedup,
         "dense": before | _test_scores(dense_metrics), "pruned": after | _test_scores(metrics),
         "macs_speedup": before["macs"] / after["macs"],
         "params_fraction": after["params"] / before["params"],
         "finetune": {"epochs": ft.train.epochs, "lr": ft.train.lr,
                      "best_epoch": metrics.get("best_epoch"),
-                     "distill": p.structured_distill or None,
-                     "temperature": p.structured_temperature if p.structured_distill else None},
+                     "distill": p.distill or None,
+                     "temperature": p.temperature if p.distill else None},
     }  # fmt: skip
     if steps > 1:
         report["method"] += f", iteratively in {steps} steps, each fine-tuned before the next"

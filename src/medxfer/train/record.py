@@ -37,7 +37,7 @@ def config_values(cfg: ExperimentConfig) -> dict[str, Any]:
     """The config as ``ExperimentConfig.fingerprint`` hashes it, flattened to dotted keys,
     without ``EXECUTION_KEYS``."""
     d = cfg.to_dict()
-    for key in ("out_dir", "name", "tune", "prune", "gan"):
+    for key in ("out_dir", "name", "tune", "prune", "structured", "gan"):
         d.pop(key)
     drop_later_defaults(d)
     flat = {f"{sec}.{k}": v for sec, part in d.items() for k, v in part.items()}

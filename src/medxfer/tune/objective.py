@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import optuna
 
-from medxfer.config import ExperimentConfig
+from medxfer.config import ExperimentConfig, with_values
 from medxfer.errors import MedxferError
 from medxfer.runs import config_inputs, remove_run_dir
 from medxfer.train.loop import EpochCallback, fit
@@ -40,10 +40,11 @@ def trial_config(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentCo
     """The config one trial trains: the sampled values, then the per-trial budget."""
     cfg = apply_params(base, values)
     if base.tune.epochs > 0 and "train.epochs" not in values:
-        cfg.train.epochs = base.tune.epochs
-    cfg.data.train_subset = min(1.0, cfg.data.train_subset * base.tune.train_subset)
+        cfg = with_values(cfg, {"train.epochs": base.tune.epochs})
+    subset = min(1.0, cfg.data.train_subset * base.tune.train_subset)
+    cfg = with_values(cfg, {"data.train_subset": subset})
     if base.tune.image_size > 0 and "data.image_size" not in values:
-        cfg.data.image_size = base.tune.image_size
+        cfg = with_values(cfg, {"data.image_size": base.tune.image_size})
     return cfg
 
 
@@ -90,7 +91,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = trial_config(self.cfg, suggest(trial, self.params))
         if self.threads and cfg.train.threads == 0:
-            cfg.train.threads = self.threads
+            cfg = with_values(cfg, {"train.threads": self.threads})
         run_dir = self.study_dir / "trials" / str(trial.number)
         if run_dir.exists():  # a leftover of an earlier attempt under this number: start fresh
             remove_run_dir(run_dir, inputs=config_inputs(cfg))

@@ -13,7 +13,6 @@ instead of after hours of trials.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 
 import optuna
 
-from medxfer.config import ExperimentConfig, apply_override, validate
+from medxfer.config import ExperimentConfig, apply_overrides, validate
 from medxfer.errors import MedxferError
 
 TYPES = ("float", "int", "categorical")
@@ -135,9 +134,7 @@ def assignment(key: str, value: Any) -> str:
 
 def apply_params(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
     """A copy of ``cfg`` with the sampled values set; checked like a config file."""
-    out = copy.deepcopy(cfg)
-    for key, value in params.items():
-        apply_override(out, assignment(key, value))
+    out = apply_overrides(cfg, [assignment(key, value) for key, value in params.items()])
     validate(out)
     return out
 
