@@ -270,3 +270,27 @@ def test_image_store_gathers_across_parts() -> None:
     assert np.array_equal(store[4].numpy(), whole[4])
     with pytest.raises(IndexError):
         ImageStore([a], np.array([5]))
+
+
+def _rss_file_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_gathers_leave_the_map_out_of_resident_memory(tmp_path: Path) -> None:
+    """Reading every image of a memory-mapped cache, in batches and in one large gather, gives
+    the stored pixels and leaves the process's file-backed resident memory about where it was:
+    the pages stay in the shared page cache, not in this process."""
+    data = np.random.default_rng(0).integers(0, 256, (1500, 128, 128), dtype=np.uint8)
+    np.save(tmp_path / "c.npy", data)  # 24 MB
+    store = ImageStore([np.load(tmp_path / "c.npy", mmap_mode="r")])
+    before = _rss_file_mb()
+    for start in range(0, 1500, 32):
+        batch = store[np.arange(start, min(start + 32, 1500))]
+    assert torch.equal(batch, torch.from_numpy(data[-(1500 % 32) :]))
+    rows = np.random.default_rng(1).permutation(1500)
+    assert torch.equal(store[rows], torch.from_numpy(data[rows]))  # chunked, in order
+    assert _rss_file_mb() - before < 8

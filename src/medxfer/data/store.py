@@ -3,16 +3,25 @@
 ``Prepared.images[idx]`` gathers just those images into a fresh uint8 tensor, so a batch, a
 split or a class costs memory for what it holds and the cache itself stays in the page cache,
 shared by every process that maps it. No code writes to the cache through this view.
+
+After each gather the map's pages are released from the process (``MADV_DONTNEED``): they stay
+in the shared page cache for the next read and for other processes, but stop counting in this
+process's resident memory. Without it, a kernel that maps whole page-cache folios around each
+fault left about 230 KB resident per 50 KB image read (5,000 random images of a 3 GB cache:
+1.16 GB resident), so a process's RSS grew with the dataset it sampled from.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
+from contextlib import suppress
 
 import numpy as np
 import torch
 
 Index = torch.Tensor | np.ndarray | Sequence[int] | slice | int
+CHUNK = 256  # images gathered between two releases of the map's pages
 
 
 class ImageStore:
@@ -25,6 +34,7 @@ class ImageStore:
         if len({p.shape[1:] for p in parts}) != 1:
             raise ValueError(f"arrays of different image shapes: {[p.shape for p in parts]}")
         self.parts = [np.asarray(p) for p in parts]  # still backed by the memory map
+        self.maps = [_mapping(p) for p in parts]
         self.offsets = np.cumsum([0] + [len(p) for p in parts])
         total = int(self.offsets[-1])
         self.rows = np.arange(total, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
@@ -64,6 +74,23 @@ class ImageStore:
 
     def __getitem__(self, idx: Index) -> torch.Tensor:
         rows = self._positions(idx)
+        if np.ndim(rows) == 0 or len(rows) <= CHUNK or all(m is None for m in self.maps):
+            try:
+                return self._gather(rows)
+            finally:
+                self._release()
+        out = torch.empty((len(rows), *self.shape[1:]), dtype=torch.uint8)
+        for start in range(0, len(rows), CHUNK):  # a large gather releases as it goes
+            out[start : start + CHUNK] = self._gather(rows[start : start + CHUNK])
+            self._release()
+        return out
+
+    def _release(self) -> None:
+        for m in self.maps:
+            if m is not None:
+                _release(m)
+
+    def _gather(self, rows: np.ndarray) -> torch.Tensor:
         if len(self.parts) == 1:
             return torch.from_numpy(np.take(self.parts[0], rows, axis=0))
         flat = np.atleast_1d(rows)
@@ -74,3 +101,25 @@ class ImageStore:
             if sel.any():
                 out[sel] = np.take(part, flat[sel] - self.offsets[k], axis=0)
         return torch.from_numpy(out if np.ndim(rows) else out[0])
+
+
+def _mapping(array: np.ndarray) -> mmap.mmap | None:
+    """The ``mmap`` behind ``array`` (a memory map or a view of one), else None."""
+    obj: object = array
+    for _ in range(8):
+        m = getattr(obj, "_mmap", None)
+        if isinstance(m, mmap.mmap):
+            return m
+        if isinstance(obj, mmap.mmap):
+            return obj
+        obj = getattr(obj, "base", None)
+        if obj is None:
+            return None
+    return None
+
+
+def _release(m: mmap.mmap) -> None:
+    """Unmap ``m``'s pages from this process; the page cache keeps them (read-only map)."""
+    if hasattr(mmap, "MADV_DONTNEED"):
+        with suppress(OSError, ValueError):  # a closed map, or a platform without madvise
+            m.madvise(mmap.MADV_DONTNEED)
