@@ -20,6 +20,7 @@ from torch import nn
 from medxfer.cli import main
 from medxfer.config import load_config
 from medxfer.errors import MedxferError
+from medxfer.evaluate.finish import evaluate_trained
 from medxfer.evaluate.predict import load_trained
 from medxfer.models import create_model
 from medxfer.models.registry import entry
@@ -271,7 +272,7 @@ def test_iterative_structured_pruning_steps_resume_and_rebuild(
     assert json.loads((out / "structured.json").read_text())["pruned"] == report["pruned"]
     with pytest.raises(MedxferError, match="other settings"):  # the folder is bound to 2 steps
         one_step = ["train.lr=0.01", "prune.structured_ratio=0.5", "prune.structured_epochs=3"]
-        run_structured(dense_run, out, overrides=one_step, latency=False)
+        run_structured(dense_run, out, evaluate=evaluate_trained, overrides=one_step, latency=False)
     assert main([*base, "--steps", "5", "--out", str(tmp_path / "x")]) == 2  # 3 epochs < 5 steps
 
 
