@@ -335,7 +335,7 @@ def test_soft_pruning_phase_resumes_and_feeds_the_cut(
     def kill(epoch: int, row: dict[str, Any]) -> None:
         raise KeyboardInterrupt
 
-    def killed_after_one_epoch(cfg: Any, run_dir: Path, **kw: Any) -> dict[str, Any]:
+    def killed_after_one_epoch(cfg: Any, run_dir: Path, **kw: Any) -> Any:
         return real_fit(cfg, run_dir, callbacks=(kill,), **kw)
 
     again = [*args[:-3], "--out", str(tmp_path / "again"), "--no-latency"]
