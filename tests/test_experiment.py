@@ -153,12 +153,12 @@ def test_demo_end_to_end(demo: Path) -> None:
 def test_rerun_skips_completed_stages(
     demo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import medxfer.train.loop
+    import medxfer.evaluate.finish
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a completed stage was run again")
 
-    monkeypatch.setattr(medxfer.train.loop, "fit", no_training)
+    monkeypatch.setattr(medxfer.evaluate.finish, "fit", no_training)
     markers = {p: p.stat().st_mtime_ns for p in (demo / "stages").glob("*.json")}
     assert main(["run", str(DEMO), *tiny_overrides(demo.parents[1])]) == 0
     assert capsys.readouterr().out.strip() == str(demo)

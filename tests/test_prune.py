@@ -10,6 +10,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from medxfer.cli import main
 from medxfer.config import ExperimentConfig, load_config
 from medxfer.errors import MedxferError
+from medxfer.evaluate.finish import evaluate_trained, fit_and_evaluate
 from medxfer.models import create_model
 from medxfer.prune.export import (
     compact,
@@ -171,6 +173,11 @@ def test_mask_that_does_not_fit_is_one_clear_error() -> None:
         compact(plain_state_dict(_tiny(seed=3)), pruned)  # a dense checkpoint, not this mask's
 
 
+def _lottery(cfg: ExperimentConfig, out: Path, **kw: Any) -> dict[str, Any]:
+    """``run_lottery`` evaluating its runs as the commands do."""
+    return run_lottery(cfg, out, evaluate=evaluate_trained, **kw)
+
+
 def _settings(**over: object):  # type: ignore[no-untyped-def]
     kw = {
         "levels": 1,
@@ -294,10 +301,10 @@ def test_resumed_level_equals_uninterrupted(
         raise _Stop
 
     with pytest.raises(_Stop):
-        run_lottery(cfg, out, callbacks=(stop,), **kw)  # type: ignore[arg-type]
+        _lottery(cfg, out, callbacks=(stop,), **kw)
     ticket = run_dir(out, 1, "ticket")
     assert (ticket / "last.pt").exists() and not (ticket / "metrics.json").exists()
-    run_lottery(cfg, out, **kw)  # type: ignore[arg-type]
+    _lottery(cfg, out, **kw)
     a = torch.load(run_dir(lottery, 1, "ticket") / "last.pt", weights_only=True)
     b = torch.load(ticket / "last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
@@ -306,10 +313,10 @@ def test_resumed_level_equals_uninterrupted(
     mb = json.loads((ticket / "metrics.json").read_text())["test"]
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
     with pytest.raises(MedxferError, match="other settings"):
-        run_lottery(cfg, out, levels=1, rewind="init", controls=False)
+        _lottery(cfg, out, levels=1, rewind="init", controls=False)
     # the controls only add runs: switched on later, the finished ticket is kept
     before = (ticket / "metrics.json").stat().st_mtime_ns
-    summary = run_lottery(cfg, out, **kw | {"controls": True})  # type: ignore[arg-type]
+    summary = _lottery(cfg, out, **kw | {"controls": True})
     assert set(summary["levels"][1]["runs"]) == {"ticket", "random_reinit", "random_mask"}
     assert (ticket / "metrics.json").stat().st_mtime_ns == before
     for kind in ("random_reinit", "random_mask"):
@@ -331,7 +338,7 @@ def test_finetune_baseline_is_added_to_a_finished_lottery(
     before = ticket.stat().st_mtime_ns
     cfg = load_config(None, [f"data.root={synth_root}", *FAST])
     kw = {"levels": 1, "rewind": "epoch:1", "controls": False}
-    summary = run_lottery(cfg, out, finetune=True, **kw)  # type: ignore[arg-type]
+    summary = _lottery(cfg, out, finetune=True, **kw)
     assert ticket.stat().st_mtime_ns == before  # found complete, not trained again
     assert set(summary["levels"][1]["runs"]) == {"ticket", "finetune"}
     ft = run_dir(out, 1, "finetune")
@@ -344,7 +351,7 @@ def test_finetune_baseline_is_added_to_a_finished_lottery(
     history = json.loads((ft / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]  # from the trained weights, all epochs
     with pytest.raises(MedxferError, match="other settings"):  # other settings still refused
-        run_lottery(cfg, out, finetune=True, levels=1, rewind="init", controls=False)
+        _lottery(cfg, out, finetune=True, levels=1, rewind="init", controls=False)
 
 
 def test_distillation_baseline_is_added_and_bound_to_its_settings(
@@ -361,7 +368,7 @@ def test_distillation_baseline_is_added_and_bound_to_its_settings(
     before = ticket.stat().st_mtime_ns
     cfg = load_config(None, [f"data.root={synth_root}", *FAST])
     kw = {"levels": 1, "rewind": "epoch:1", "controls": False}
-    summary = run_lottery(cfg, out, distill=0.7, distill_temperature=2.0, **kw)  # type: ignore[arg-type]
+    summary = _lottery(cfg, out, distill=0.7, distill_temperature=2.0, **kw)
     assert ticket.stat().st_mtime_ns == before
     assert set(summary["levels"][1]["runs"]) == {"ticket", "distill"}
     run = run_dir(out, 1, "distill")
@@ -378,13 +385,13 @@ def test_distillation_baseline_is_added_and_bound_to_its_settings(
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     # the same start as the plain fine-tune, another loss
-    plain = run_lottery(cfg, out, finetune=True, distill=0.7, distill_temperature=2.0, **kw)  # type: ignore[arg-type]
+    plain = _lottery(cfg, out, finetune=True, distill=0.7, distill_temperature=2.0, **kw)
     assert set(plain["levels"][1]["runs"]) == {"ticket", "finetune", "distill"}
     ft = json.loads((run_dir(out, 1, "finetune") / "history.json").read_text())
     assert ft[0]["train_loss"] != pytest.approx(history[0]["train_loss"])
     for other in ({"distill": 0.5}, {"distill": 0.7, "distill_temperature": 4.0}):
         with pytest.raises(MedxferError, match=r"was distilled with weight 0\.7"):
-            run_lottery(cfg, out, **kw | other)  # type: ignore[arg-type]
+            _lottery(cfg, out, **kw | other)
 
 
 def test_distilled_lottery_teaches_ticket_and_controls_alike(
@@ -399,7 +406,7 @@ def test_distilled_lottery_teaches_ticket_and_controls_alike(
                                                                 "settings.json"))  # fmt: skip
     cfg = load_config(None, [f"data.root={synth_root}", *FAST])
     kw = {"levels": 1, "fraction": 0.2, "rewind": "epoch:1"}
-    summary = run_lottery(cfg, out, ticket_distill=0.7, distill_temperature=2.0, **kw)  # type: ignore[arg-type]
+    summary = _lottery(cfg, out, ticket_distill=0.7, distill_temperature=2.0, **kw)
     assert set(summary["levels"][1]["runs"]) == {"ticket", "random_reinit", "random_mask"}
     taught = {"weight": 0.7, "temperature": 2.0}
     for kind in ("ticket", "random_reinit", "random_mask"):
@@ -421,7 +428,7 @@ def test_distilled_lottery_teaches_ticket_and_controls_alike(
     assert "distilled" not in summary["levels"][0]["runs"]["dense"]
     for other in ({}, {"ticket_distill": 0.5}, {"ticket_distill": 0.7}):  # T 4, not 2
         with pytest.raises(MedxferError, match="other settings"):
-            run_lottery(cfg, out, **kw | other)  # type: ignore[arg-type]
+            _lottery(cfg, out, **kw | other)
     with pytest.raises(MedxferError, match=r"outside \(0, 1\]"):
         _settings(ticket_distill=1.5)
 
@@ -443,7 +450,7 @@ def test_lottery_can_prune_the_epoch_validation_chose(
     torch.save(best, dense / "best.pt")
     cfg = load_config(None, [f"data.root={synth_root}", *FAST])
     kw = {"levels": 1, "fraction": 0.2, "rewind": "lr", "controls": False, "finetune": True}
-    run_lottery(cfg, out, weights="best", **kw)  # type: ignore[arg-type]
+    _lottery(cfg, out, weights="best", **kw)
     full, ticket = Mask.load(dense / "mask.pt"), Mask.load(run_dir(out, 1, "ticket") / "mask.pt")
     chosen = trained_state(dense, "best")
     expected = prune_count(chosen, full, full.kept - ticket.kept)
@@ -455,7 +462,7 @@ def test_lottery_can_prune_the_epoch_validation_chose(
     for kind in ("ticket", "finetune"):
         assert json.loads((run_dir(out, 1, kind) / "prune.json").read_text())["weights"] == "best"
     with pytest.raises(MedxferError, match="other settings"):
-        run_lottery(cfg, out, **kw)  # type: ignore[arg-type]
+        _lottery(cfg, out, **kw)
     with pytest.raises(MedxferError, match="not understood"):
         _settings(weights="final")
     with pytest.raises(MedxferError, match=r"prune\.weights='final' is not allowed"):
@@ -587,14 +594,13 @@ def test_lottery_adopts_a_finished_dense_run_and_lottery_overrides(
     make a cheaper lottery, which then trains its own level 0."""
     from medxfer.prune.lottery import save_init
     from medxfer.prune.plan import lottery_config
-    from medxfer.train.loop import fit
 
     cfg = load_config(None, [f"data.root={synth_root}", *FAST, "train.epochs=2"])
     dense = tmp_path / "train"
-    fit(cfg, dense, prepare_model=save_init(dense))
+    fit_and_evaluate(cfg, dense, prepare_model=save_init(dense))
     before = (dense / "history.json").read_text()
     out = tmp_path / "lth"
-    run_lottery(cfg, out, levels=1, fraction=0.3, controls=False, dense_run=dense)
+    _lottery(cfg, out, levels=1, fraction=0.3, controls=False, dense_run=dense)
     level0 = run_dir(out, 0, "dense")
     assert json.loads((level0 / "adopted.json").read_text()) == {"adopted_from": str(dense)}
     assert (level0 / "history.json").read_text() == before  # copied, not retrained
@@ -610,7 +616,7 @@ def test_lottery_adopts_a_finished_dense_run_and_lottery_overrides(
                                "prune.epochs=1", "prune.image_size=40"])  # fmt: skip
     assert lottery_config(cheap).train.epochs == 1 and lottery_config(cheap).data.image_size == 40
     out2 = tmp_path / "lth-cheap"
-    run_lottery(cheap, out2, levels=1, fraction=0.3, controls=False, dense_run=dense)
+    _lottery(cheap, out2, levels=1, fraction=0.3, controls=False, dense_run=dense)
     assert not (run_dir(out2, 0, "dense") / "adopted.json").exists()  # another config: trained
     for kind in ((0, "dense"), (1, "ticket")):
         trained = load_config(run_dir(out2, *kind) / "config.yaml")

@@ -20,6 +20,7 @@ from torch import nn
 from medxfer.cli import main
 from medxfer.config import load_config
 from medxfer.errors import MedxferError
+from medxfer.evaluate.finish import evaluate_trained
 from medxfer.evaluate.predict import load_trained
 from medxfer.models import create_model
 from medxfer.models.registry import entry
@@ -271,7 +272,7 @@ def test_iterative_structured_pruning_steps_resume_and_rebuild(
     assert json.loads((out / "structured.json").read_text())["pruned"] == report["pruned"]
     with pytest.raises(MedxferError, match="other settings"):  # the folder is bound to 2 steps
         one_step = ["train.lr=0.01", "structured.ratio=0.5", "structured.epochs=3"]
-        run_structured(dense_run, out, overrides=one_step, latency=False)
+        run_structured(dense_run, out, evaluate=evaluate_trained, overrides=one_step, latency=False)
     assert main([*base, "--steps", "5", "--out", str(tmp_path / "x")]) == 2  # 3 epochs < 5 steps
 
 
@@ -334,7 +335,7 @@ def test_soft_pruning_phase_resumes_and_feeds_the_cut(
     def kill(epoch: int, row: dict[str, Any]) -> None:
         raise KeyboardInterrupt
 
-    def killed_after_one_epoch(cfg: Any, run_dir: Path, **kw: Any) -> dict[str, Any]:
+    def killed_after_one_epoch(cfg: Any, run_dir: Path, **kw: Any) -> Any:
         return real_fit(cfg, run_dir, callbacks=(kill,), **kw)
 
     again = [*args[:-3], "--out", str(tmp_path / "again"), "--no-latency"]

@@ -15,6 +15,7 @@ import torch
 
 from medxfer.cli import main
 from medxfer.config import load_config
+from medxfer.evaluate.finish import fit_and_evaluate
 from medxfer.train.loop import fit
 
 FAST = [
@@ -103,16 +104,16 @@ class _Stop(Exception):
 
 def test_resume_equals_uninterrupted(synth_root: Path, tmp_path: Path) -> None:
     cfg = _cfg(synth_root, tmp_path, "train.epochs=3", "train.steps_per_epoch=4")
-    fit(cfg, tmp_path / "straight")
+    fit_and_evaluate(cfg, tmp_path / "straight")
 
     def kill_after_first(epoch: int, row: dict[str, object]) -> None:
         if epoch == 0:
             raise _Stop
 
     with pytest.raises(_Stop):
-        fit(cfg, tmp_path / "killed", callbacks=(kill_after_first,))
+        fit_and_evaluate(cfg, tmp_path / "killed", callbacks=(kill_after_first,))
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    fit(cfg, tmp_path / "killed", resume=True)
+    fit_and_evaluate(cfg, tmp_path / "killed", resume=True)
     assert _same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
     a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["test"]
     b = json.loads((tmp_path / "killed" / "metrics.json").read_text())["test"]
@@ -172,7 +173,9 @@ def test_freezing_policies(synth_root: Path, tmp_path: Path, freeze: str) -> Non
     cfg = _cfg(synth_root, tmp_path, f"model.freeze={freeze}", "model.unfreeze_epoch=1", *opts)
     torch.manual_seed(cfg.train.seed)  # fit builds the model right after this seed
     init = create_model("resnet18", weights="none", num_classes=4).model.state_dict()
-    fit(cfg, tmp_path / freeze)
+    trained = fit(cfg, tmp_path / freeze)
+    # fit ends after training: evaluation and metrics.json are evaluate.finish's
+    assert trained.best_path.exists() and not (tmp_path / freeze / "metrics.json").exists()
     final = torch.load(tmp_path / freeze / "last.pt", weights_only=False)["model"]
     backbone = [k for k in init if not k.startswith("fc.")]
     unchanged = all(torch.equal(init[k], final[k]) for k in backbone)

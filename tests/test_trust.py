@@ -125,12 +125,12 @@ def test_conformal_accurate_model_keeps_nominal_coverage() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from medxfer.data.synthetic import make_synthetic
-    from medxfer.train.loop import fit
+    from medxfer.evaluate.finish import fit_and_evaluate
 
     base = tmp_path_factory.mktemp("trust")
     root = make_synthetic(base / "set", size=64, seed=0)
     cfg = load_config(None, [f"data.root={root}", f"out_dir={base}", *FAST])
-    metrics = fit(cfg, base / "run")
+    metrics = fit_and_evaluate(cfg, base / "run")
     return {"run": base / "run", "root": root, "metrics": metrics}
 
 

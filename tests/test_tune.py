@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from medxfer.cli import main
 from medxfer.config import ExperimentConfig, load_config
 from medxfer.errors import MedxferError
+from medxfer.evaluate.finish import evaluate_trained
 from medxfer.tune import Objective, StudyOptions, parse_space, run_study
 from medxfer.tune.objective import report_callback
 from medxfer.tune.storage import open_storage
@@ -62,7 +63,10 @@ class RecordingTrial(optuna.trial.FixedTrial):
 def test_objective_reports_every_epoch_and_never_tests(synth_root: Path, tmp_path: Path) -> None:
     cfg = _cfg(synth_root, tmp_path)
     trial = RecordingTrial({"train.lr": 1e-3, "train.weight_decay": 1e-3})
-    value = Objective(cfg, parse_space(cfg.tune.space, cfg), tmp_path / "s")(trial)  # type: ignore[arg-type]
+    objective = Objective(
+        cfg, parse_space(cfg.tune.space, cfg), tmp_path / "s", evaluate=evaluate_trained
+    )
+    value = objective(trial)  # type: ignore[arg-type]
     assert [step for _, step in trial.reports] == [0, 1]  # tune.epochs=2, not train.epochs=3
     assert value == max(v for v, _ in trial.reports)
     run = tmp_path / "s" / "trials" / "0"
@@ -128,7 +132,11 @@ def test_bad_settings_fail_before_any_trial(
     synth_root: Path, tmp_path: Path, override: str, needle: str
 ) -> None:
     with pytest.raises(MedxferError, match=needle):
-        run_study(_cfg(synth_root, tmp_path, override), StudyOptions(n_trials=1))
+        run_study(
+            _cfg(synth_root, tmp_path, override),
+            StudyOptions(n_trials=1),
+            evaluate=evaluate_trained,
+        )
     assert not (tmp_path / "tune").exists()
 
 
@@ -159,10 +167,10 @@ def _orphan(summary: dict[str, Any], cfg: ExperimentConfig) -> tuple[int, dict[s
 
 def test_killed_study_resumes_to_exactly_n_trials(synth_root: Path, tmp_path: Path) -> None:
     cfg = _cfg(synth_root, tmp_path)
-    first = run_study(cfg, StudyOptions(n_trials=1))
+    first = run_study(cfg, StudyOptions(n_trials=1), evaluate=evaluate_trained)
     assert (first["complete"] + first["pruned"], first["failed"]) == (1, 0)
     number, params = _orphan(first, cfg)
-    summary = run_study(cfg, StudyOptions(n_trials=3, retrain=True))
+    summary = run_study(cfg, StudyOptions(n_trials=3, retrain=True), evaluate=evaluate_trained)
     assert summary["study_dir"] == first["study_dir"]  # the same study, resumed
     assert summary["retried_trials"] == [number]
     study = _study(summary)
@@ -183,7 +191,9 @@ def test_killed_study_resumes_to_exactly_n_trials(synth_root: Path, tmp_path: Pa
     assert best.train.lr == pytest.approx(summary["best"]["params"]["train.lr"])
     assert best.train.epochs == 3 and best.model.arch == "resnet18"  # the full budget
     assert summary["retrain"]["test"]["balanced_accuracy"] >= 0  # evaluated once on test
-    again = run_study(cfg, StudyOptions(n_trials=3))  # complete: runs no trial
+    again = run_study(
+        cfg, StudyOptions(n_trials=3), evaluate=evaluate_trained
+    )  # complete: runs no trial
     assert len(_study(again).trials) == len(study.trials)
 
 
@@ -198,7 +208,7 @@ def test_sigkill_mid_trial_then_resume(synth_root: Path, tmp_path: Path) -> None
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    summary = run_study(cfg, StudyOptions(n_trials=2))
+    summary = run_study(cfg, StudyOptions(n_trials=2), evaluate=evaluate_trained)
     study = _study(summary)
     assert study.trials[0].state == TrialState.FAIL and summary["retried_trials"] == [0]
     assert study.trials[1].params == study.trials[0].params  # the killed trial, run again
@@ -207,7 +217,9 @@ def test_sigkill_mid_trial_then_resume(synth_root: Path, tmp_path: Path) -> None
 
 def _two_workers(root: Path, tmp_path: Path, storage: str | None, n: int) -> optuna.Study:
     cfg = _cfg(root, tmp_path, "tune.pruner=none", f"name=w{uuid.uuid4().hex[:8]}")
-    summary = run_study(cfg, StudyOptions(n_trials=n, workers=2, storage=storage))
+    summary = run_study(
+        cfg, StudyOptions(n_trials=n, workers=2, storage=storage), evaluate=evaluate_trained
+    )
     assert summary["worker_exit_codes"] == [0, 0]
     study = _study(summary, storage)
     done = _finished(study)

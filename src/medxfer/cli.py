@@ -37,8 +37,8 @@ console = Console(stderr=True)
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from medxfer.config import load_config
+    from medxfer.evaluate.finish import fit_and_evaluate
     from medxfer.runs import config_inputs, is_complete, prepare_run_dir, run_dir_for
-    from medxfer.train.loop import fit
     from medxfer.train.record import check_reuse
 
     overrides = list(args.overrides)
@@ -58,7 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not cfg.data.root and is_main:
         console.print("[bold yellow]data: the embedded SYNTHETIC demo set (not medical images)")
-    fit(cfg, run_dir, resume=resume)
+    fit_and_evaluate(cfg, run_dir, resume=resume)
     if is_main:
         print(run_dir)
     return 0
@@ -66,6 +66,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from medxfer.config import load_config
+    from medxfer.evaluate.finish import evaluate_trained
     from medxfer.tune import StudyOptions, run_study
 
     overrides = list(args.overrides)
@@ -82,7 +83,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         study_name=args.study_name,
         retrain=args.retrain,
     )
-    summary = run_study(cfg, opts)
+    summary = run_study(cfg, opts, evaluate=evaluate_trained)
     done = summary["complete"] + summary["pruned"]
     console.print(
         f"study {summary['study_name']}: {done}/{summary['n_trials']} trials finished "
@@ -254,6 +255,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         console.print(json.dumps(report, indent=2))
         print(Path(args.export) / "export" / "export.json")
         return 0
+    from medxfer.evaluate.finish import evaluate_trained
     from medxfer.prune.lottery import run_lottery
 
     overrides = list(args.overrides)
@@ -283,7 +285,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not cfg.data.root:
         console.print("[bold yellow]data: the embedded SYNTHETIC demo set (not medical images)")
     run_lottery(
-        cfg, out, levels=p.levels, fraction=p.fraction,
+        cfg, out, evaluate=evaluate_trained, levels=p.levels, fraction=p.fraction,
         target_sparsity=target, rewind=p.rewind, controls=p.controls,
         include_head=p.include_head, finetune=p.finetune, finetune_lr_scale=p.finetune_lr_scale,
         distill=p.distill, distill_temperature=p.distill_temperature, weights=p.weights,
@@ -499,6 +501,7 @@ def _cmd_prune_structured(args: argparse.Namespace) -> int:
     import hashlib
 
     from medxfer.config import legacy_override
+    from medxfer.evaluate.finish import evaluate_trained
     from medxfer.prune.structured import run_structured
     from medxfer.runs import replace_output_dir, run_inputs
 
@@ -513,8 +516,14 @@ def _cmd_prune_structured(args: argparse.Namespace) -> int:
     tag = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:8]
     out = Path(args.out) if args.out else run.with_name(f"{run.name}-structured-{tag}")
     replace_output_dir(out, force=args.force, inputs=run_inputs(run))
-    report = run_structured(run, out, overrides=overrides, latency=not args.no_latency,
-                            command=["medxfer", *args.argv])  # fmt: skip
+    report = run_structured(
+        run,
+        out,
+        evaluate=evaluate_trained,
+        overrides=overrides,
+        latency=not args.no_latency,
+        command=["medxfer", *args.argv],
+    )
     keys = ("ratio", "macs_speedup", "params_fraction", "dense", "pruned", "latency")
     console.print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
     print(out / "structured.json")
@@ -570,9 +579,10 @@ def _add_gan_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_gan(args: argparse.Namespace) -> int:
+    from medxfer.evaluate.finish import evaluate_trained
     from medxfer.gan.commands import run
 
-    return run(args)
+    return run(args, evaluate=evaluate_trained)
 
 
 def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

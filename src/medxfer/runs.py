@@ -5,16 +5,23 @@ creation time, version). ``--force`` replaces a folder only through ``remove_run
 refuses anything without that marker and anything that is, or holds, what the command reads
 (data, a source run), the current directory, the home folder or a file-system root: nothing
 medxfer did not make is ever deleted.
+
+``run_summary`` and ``split_shift`` read a finished run's metrics.json (pure functions of its
+dicts, re-exported by ``medxfer.evaluate.metrics``): they live here, below ``train``, so that
+the lottery summary and the GAN strategy comparison may quote runs without importing
+evaluation.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from medxfer.config import ExperimentConfig
 from medxfer.errors import MedxferError
@@ -150,3 +157,72 @@ def prepare_run_dir(
             "add --resume to continue it, or --force to start again",
         )
     return False
+
+
+def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The flat record that benchmarks and comparisons quote from a run's ``metrics.json``:
+    test accuracy, balanced accuracy and macro-F1 with their 95% intervals, per-class recall,
+    the validation score the model was selected on, and what training cost and saw."""
+    t = metrics["test"]
+    ci = t.get("ci95", {})
+    return {
+        "test_accuracy": t["accuracy"],
+        "test_accuracy_ci95": ci.get("accuracy"),
+        "test_balanced_accuracy": t["balanced_accuracy"],
+        "test_balanced_accuracy_ci95": ci.get("balanced_accuracy"),
+        "test_macro_f1": t["macro_f1"],
+        "test_auroc_macro_ovr": t.get("auroc_macro_ovr"),
+        "test_ece": t.get("ece"),
+        "per_class_recall": t["per_class_recall"],
+        "val_balanced_accuracy": metrics["val"]["balanced_accuracy"],
+        "best_epoch": metrics["best_epoch"],
+        "train_seconds": round(metrics["train_seconds"], 1),
+        "train_counts": metrics["data"]["counts"]["train"],
+    }
+
+
+# split_shift's defaults: a recall gap this large, and this unlikely under chance alone
+SHIFT_MIN_GAP = 0.10
+SHIFT_ALPHA = 0.01
+
+
+def split_shift(
+    val: dict[str, Any],
+    test: dict[str, Any],
+    *,
+    min_gap: float = SHIFT_MIN_GAP,
+    alpha: float = SHIFT_ALPHA,
+) -> list[dict[str, Any]]:
+    """Per class, where validation and test disagree: recall on each split, the class's share
+    of each split, and whether the recall gap is both large (``min_gap``) and beyond chance.
+
+    Validation is carved from the training split, so every choice made on it (tuning, the
+    checkpoint, the pruned level) assumes test images look like validation images. A class
+    whose recall differs between the two by more than sampling noise says that assumption
+    fails for it: the test split likely comes from elsewhere (another site, period, or
+    labeller), and validation cannot guide choices for that class. Chance is a two-sided
+    two-proportion z-test on the recall counts, Bonferroni-corrected over the classes; classes
+    absent from either split are skipped. The checkpoint was picked on validation, which makes
+    its validation recall slightly optimistic; the ``min_gap`` floor keeps that selection bias
+    from being flagged. Input: two ``compute_metrics`` results of one model.
+    """
+    names = [c for c in test["class_names"] if c in val["class_names"]]
+    out = []
+    for name in names:
+        v, t = val["per_class"][name], test["per_class"][name]
+        n1, n2 = v["support"], t["support"]
+        if not n1 or not n2 or v["recall"] is None or t["recall"] is None:
+            continue
+        x1, x2 = round(v["recall"] * n1), round(t["recall"] * n2)
+        pooled = (x1 + x2) / (n1 + n2)
+        se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+        gap = t["recall"] - v["recall"]
+        p = 1.0 if se == 0 else math.erfc(abs(gap) / se / math.sqrt(2))
+        out.append({
+            "class": name,
+            "val_recall": v["recall"], "test_recall": t["recall"], "gap": gap,
+            "val_share": n1 / val["n"], "test_share": n2 / test["n"],
+            "p_value": p,
+            "shifted": abs(gap) >= min_gap and p < alpha / max(len(names), 1),
+        })  # fmt: skip
+    return out

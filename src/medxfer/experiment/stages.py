@@ -3,7 +3,7 @@
 audit     medxfer.data.audit on the dataset          -> audit/audit.json
 gan       medxfer.gan: train, sample, gate           -> gan-<fp>/ (data.synthetic or fallback)
 tune      medxfer.tune.run_study                     -> tune/<study>/ (sets the best params)
-train     medxfer.train.loop.fit, best params        -> train-<fp>/ (a normal run folder)
+train     medxfer.evaluate.finish.fit_and_evaluate   -> train-<fp>/ (best params; a run folder)
 prune     medxfer.prune.run_lottery                  -> prune-<fp>/ (levels, controls)
 evaluate  test metrics of both models + Grad-CAM      -> evaluate-<fp>/evaluation.json
 report    medxfer.report                             -> report.html, report.md
@@ -121,10 +121,11 @@ def after_gan(ctx: Context, outputs: dict[str, Any]) -> None:
 
 
 def run_tune(ctx: Context) -> dict[str, Any]:
+    from medxfer.evaluate.finish import evaluate_trained
     from medxfer.tune import StudyOptions, run_study
 
     cfg = with_values(ctx.cfg, {"out_dir": str(ctx.cell.dir)})  # study: <cell>/tune/<study>/
-    summary = run_study(cfg, StudyOptions())
+    summary = run_study(cfg, StudyOptions(), evaluate=evaluate_trained)
     if summary["best"] is None:
         raise MedxferError(
             "tuning: no trial completed",
@@ -141,9 +142,9 @@ def after_tune(ctx: Context, outputs: dict[str, Any]) -> None:
 
 
 def run_train(ctx: Context) -> dict[str, Any]:
+    from medxfer.evaluate.finish import fit_and_evaluate
     from medxfer.prune.lottery import save_init
     from medxfer.runs import is_complete, prepare_run_dir
-    from medxfer.train.loop import fit
     from medxfer.train.record import check_reuse
 
     run_dir = ctx.cell.dir / f"train-{ctx.cfg.fingerprint()}"
@@ -153,7 +154,9 @@ def run_train(ctx: Context) -> dict[str, Any]:
     else:
         resume = prepare_run_dir(run_dir, resume=True, force=False)
         # init.pt lets the prune stage adopt this run as its dense level 0
-        metrics = fit(ctx.cfg, run_dir, resume=resume, prepare_model=save_init(run_dir))
+        metrics = fit_and_evaluate(
+            ctx.cfg, run_dir, resume=resume, prepare_model=save_init(run_dir)
+        )
     return {"run_dir": str(run_dir), "test": _short(metrics.get("test"))}
 
 
@@ -177,6 +180,7 @@ def lottery_dir(ctx: Context) -> Path:
 
 
 def run_prune(ctx: Context) -> dict[str, Any]:
+    from medxfer.evaluate.finish import evaluate_trained
     from medxfer.prune import run_lottery
 
     p, cfg = ctx.cfg.prune, ctx.cfg
@@ -184,6 +188,7 @@ def run_prune(ctx: Context) -> dict[str, Any]:
     summary = run_lottery(
         cfg,
         out,
+        evaluate=evaluate_trained,
         levels=p.levels,
         fraction=p.fraction,
         target_sparsity=p.target_sparsity or None,

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from medxfer.config import ExperimentConfig, load_config
 from medxfer.errors import MedxferError
+from medxfer.train.trained import Evaluate
 
 console = Console(stderr=True)
 
@@ -85,7 +86,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace, evaluate: Evaluate) -> int:
     from medxfer.gan.compare import compare_strategies
 
     cfg = _config(args)
@@ -102,6 +103,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         manifest=Path(args.manifest) if args.manifest else None,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         quality=not args.no_quality,
+        evaluate=evaluate,
     )
     console.print((out / "comparison.md").read_text())
     if summary.get("quality"):
@@ -115,11 +117,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, evaluate: Evaluate) -> int:
+    """``evaluate``: how ``gan compare`` tests each strategy's run after ``fit``
+    (``medxfer.evaluate.finish.evaluate_trained``; this layer lies below evaluation)."""
+    if args.gan_cmd == "compare":
+        return cmd_compare(args, evaluate)
     handlers = {
         "train": cmd_train,
         "sample": cmd_sample,
         "quality": cmd_quality,
-        "compare": cmd_compare,
     }
     return handlers[args.gan_cmd](args)

@@ -25,9 +25,10 @@ import numpy as np
 from medxfer.config import ExperimentConfig, apply_overrides
 from medxfer.data.generated import MINORITY_BELOW, minority_classes, read_generated
 from medxfer.errors import MedxferError
-from medxfer.evaluate.metrics import run_summary
 from medxfer.gan.report import bootstrap_class_metrics, comparison_plot, markdown_table
+from medxfer.runs import run_summary
 from medxfer.train.checkpoint import atomic_write_json, atomic_write_text
+from medxfer.train.trained import Evaluate
 
 STRATEGIES: dict[str, list[str]] = {
     "none": [],
@@ -179,8 +180,11 @@ def compare_strategies(
     manifest: Path | None = None,
     checkpoint: Path | None = None,
     quality: bool = True,
+    evaluate: Evaluate,
 ) -> dict[str, Any]:
-    """Train each strategy into ``out_dir/<strategy>``; write and return the comparison."""
+    """Train each strategy into ``out_dir/<strategy>``; write and return the comparison.
+    ``evaluate``: what tests each run after ``fit`` and writes its metrics.json
+    (``medxfer.evaluate.finish.evaluate_trained``, passed in by the command)."""
     from medxfer.gan.quality import gan_quality
     from medxfer.train.loop import fit
     from medxfer.train.record import check_reuse
@@ -202,7 +206,7 @@ def compare_strategies(
         if (run_dir / "metrics.json").exists():
             check_reuse(run_cfg, run_dir)
         else:
-            fit(run_cfg, run_dir, resume=True, trust=False)
+            evaluate(fit(run_cfg, run_dir, resume=True), trust=False)
         runs[name] = run_dir
     first = json.loads((runs[names[0]] / "metrics.json").read_text())["data"]
     real_counts = (first.get("synthetic_images") or {}).get("real_train_counts") or first["counts"][

@@ -49,6 +49,7 @@ from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkp
 from medxfer.train.distill import Teacher
 from medxfer.train.loop import EpochCallback, fit
 from medxfer.train.record import check_reuse
+from medxfer.train.trained import Evaluate
 
 console = Console(stderr=True)
 State = dict[str, torch.Tensor]
@@ -73,6 +74,7 @@ def _train(
     run: Path,
     prepare: Callable[[nn.Module], None],
     callbacks: tuple[EpochCallback, ...],
+    evaluate: Evaluate,
     start_epoch: int = 0,
     teacher: Teacher | None = None,
 ) -> None:
@@ -80,9 +82,9 @@ def _train(
         check_reuse(cfg, run)
         console.print(f"already complete: {run}")
         return
-    fit(cfg, run, resume=(run / "last.pt").exists(), prepare_model=prepare,
-        callbacks=callbacks, start_epoch=start_epoch, warn_shift=False,
-        teacher=teacher, trust=False)  # fmt: skip
+    trained = fit(cfg, run, resume=(run / "last.pt").exists(), prepare_model=prepare,
+                  callbacks=callbacks, start_epoch=start_epoch, teacher=teacher)  # fmt: skip
+    evaluate(trained, warn_shift=False, trust=False)
 
 
 def blank_model(arch: str, state: State) -> nn.Module:
@@ -133,7 +135,11 @@ def adopt_dense(cfg: ExperimentConfig, out_dir: Path, s: Settings, dense: Path) 
 
 
 def train_dense(
-    cfg: ExperimentConfig, out_dir: Path, s: Settings, callbacks: tuple[EpochCallback, ...]
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    s: Settings,
+    callbacks: tuple[EpochCallback, ...],
+    evaluate: Evaluate,
 ) -> None:
     """Level 0: the dense run; keeps ``init.pt`` and, for ``epoch:K``, ``rewind_epochK.pt``."""
     run, k = run_dir(out_dir, 0, "dense"), s.rewind_epoch
@@ -154,7 +160,7 @@ def train_dense(
         if k and epoch == k - 1:
             atomic_save(plain_state_dict(model[0]), rewind_file)
 
-    _train(cfg, run, prepare, (keep_rewind_point, *callbacks))
+    _train(cfg, run, prepare, (keep_rewind_point, *callbacks), evaluate)
     if k and not rewind_file.exists():
         raise MedxferError(
             f"level 0 ended before epoch {k}, so there is no state to rewind to",
@@ -227,6 +233,8 @@ def train_level(
     kept: int,
     s: Settings,
     callbacks: tuple[EpochCallback, ...] = (),
+    *,
+    evaluate: Evaluate,
 ) -> None:
     """Prune, rewind and retrain the ticket of ``level``, then its controls and baseline."""
     src = source_dir(out_dir, level)
@@ -261,7 +269,7 @@ def train_level(
     if s.distill:
         jobs.append(("distill", mask, trained))
     for kind, kind_mask, state in jobs:
-        _train_pruned(cfg, out_dir, level, kind, kind_mask, state, s, callbacks)
+        _train_pruned(cfg, out_dir, level, kind, kind_mask, state, s, callbacks, evaluate)
 
 
 def _train_pruned(
@@ -273,6 +281,7 @@ def _train_pruned(
     state: Callable[[nn.Module], State],
     s: Settings,
     callbacks: tuple[EpochCallback, ...],
+    evaluate: Evaluate,
 ) -> None:
     run = run_dir(out_dir, level, kind)
     # the dense model teaches the distill baseline and, in a distilled lottery, every other run
@@ -297,7 +306,7 @@ def _train_pruned(
         teacher = dense_teacher(cfg, out_dir, s, weight)
     atomic_write_json(info, run / "prune.json")
     console.print(f"level {level} {kind}: sparsity {mask.sparsity:.4f}")
-    _train(run_cfg, run, make_prepare(mask, state), callbacks, start, teacher)
+    _train(run_cfg, run, make_prepare(mask, state), callbacks, evaluate, start, teacher)
 
 
 def check_run(run: Path, distill: dict[str, Any]) -> None:
@@ -333,6 +342,7 @@ def run_lottery(
     cfg: ExperimentConfig,
     out_dir: Path,
     *,
+    evaluate: Evaluate,
     levels: int,
     fraction: float = 0.2,
     target_sparsity: float | None = None,
@@ -352,7 +362,9 @@ def run_lottery(
 
     Every run trains ``lottery_config(cfg)`` (``prune.image_size`` / ``prune.epochs`` applied).
     ``dense_run``: a finished run of that same config (made with ``save_init``) becomes level 0
-    instead of a second dense training (see ``adopt_dense``)."""
+    instead of a second dense training (see ``adopt_dense``). ``evaluate``: what tests each
+    run after ``fit`` and writes its metrics.json (``medxfer.evaluate.finish.evaluate_trained``,
+    passed in by the command: this layer lies below evaluation)."""
     from medxfer.prune.report import shift_lines, write_summary
 
     cfg = lottery_config(cfg)
@@ -364,10 +376,10 @@ def run_lottery(
     )  # fmt: skip
     bind_folder(out_dir, s)
     if dense_run is None or not adopt_dense(cfg, out_dir, s, dense_run):
-        train_dense(cfg, out_dir, s, callbacks)
+        train_dense(cfg, out_dir, s, callbacks, evaluate)
     kept = kept_schedule(Mask.load(run_dir(out_dir, 0, "dense") / "mask.pt").total, s)
     for level in range(1, levels + 1):
-        train_level(cfg, out_dir, level, kept[level], s, callbacks)
+        train_level(cfg, out_dir, level, kept[level], s, callbacks, evaluate=evaluate)
     summary = write_summary(out_dir, s.levels)
     for line in shift_lines(summary):  # once per lottery; its runs do not each warn
         console.print(f"[yellow]warning:[/] {line}")

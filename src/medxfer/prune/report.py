@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from medxfer.evaluate.metrics import split_shift
 from medxfer.prune.mask import Mask
+from medxfer.runs import split_shift
 from medxfer.train.checkpoint import atomic_write_json
 
 KINDS = ("dense", "ticket", "random_reinit", "random_mask", "finetune", "distill")

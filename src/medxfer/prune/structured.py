@@ -46,6 +46,7 @@ from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkp
 from medxfer.train.distill import Teacher
 from medxfer.train.loop import fit
 from medxfer.train.record import check_reuse
+from medxfer.train.trained import Evaluate
 
 State = dict[str, torch.Tensor]
 console = Console(stderr=True)
@@ -330,6 +331,7 @@ def _soft_phase(
     size: int,
     epochs: int,
     teacher: Teacher | None,
+    evaluate: Evaluate,
 ) -> tuple[State, dict[str, Any]]:
     """Soft filter pruning of the whole network into ``run_dir`` (a resumable run that never
     sees the test split); returns its last weights, which the cut is made on, and a summary."""
@@ -348,9 +350,10 @@ def _soft_phase(
         def load(model: nn.Module) -> None:
             model.load_state_dict(state)
 
-        metrics = fit(cfg, run_dir, resume=(run_dir / "last.pt").exists(),
+        trained = fit(cfg, run_dir, resume=(run_dir / "last.pt").exists(),
                       prepare_model=load, teacher=teacher,
-                      evaluate_test=False, epoch_start=zero)  # fmt: skip
+                      recalibrate=False, epoch_start=zero)  # fmt: skip
+        metrics = evaluate(trained, evaluate_test=False)
     last = load_checkpoint(run_dir / "last.pt")
     history = last["history"]
     summary = {"epochs": epochs, "zeroed_share": schedule, "lr": cfg.train.lr,
@@ -389,6 +392,7 @@ def run_structured(
     source: Path,
     out: Path,
     *,
+    evaluate: Evaluate,
     overrides: list[str] | None = None,
     latency: bool = True,
     repeats: int = 20,
@@ -399,6 +403,8 @@ def run_structured(
 
     ``structured.ratio`` (> 0) fixes the ratio; otherwise the smallest ratio that cuts
     MACs by ``structured.speedup`` is used. Returns (and writes) ``structured.json``.
+    ``evaluate``: what tests each fine-tuning run after ``fit`` and writes its metrics.json
+    (``medxfer.evaluate.finish.evaluate_trained``, passed in by the command).
     """
     state, meta = dense_source(source)
     cfg = load_config(source / "config.yaml", overrides)
@@ -432,7 +438,9 @@ def run_structured(
     start = state  # the weights the cut is made on
     soft_report: dict[str, Any] | None = None
     if soft:
-        start, soft_report = _soft_phase(ft, out / "soft", state, head, ratio, size, soft, teacher)
+        start, soft_report = _soft_phase(
+            ft, out / "soft", state, head, ratio, size, soft, teacher, evaluate
+        )
     states: list[State] = []  # the chosen weights of each finished step
     rows: list[dict[str, Any]] = []
     for i in range(steps):  # steps 1..k-1 in out/step_<i>, the last one in out itself
@@ -446,9 +454,10 @@ def run_structured(
                 console.print(f"structured step {i + 1}/{steps}: "
                               f"{ratio * (i + 1) / steps:.0%} of the channels removed")  # fmt: skip
             prepare = _prepare(start, head, ratios[: i + 1], states, size)
-            metrics = fit(step_cfg, run_dir, resume=(run_dir / "last.pt").exists(),
-                          prepare_model=prepare, teacher=teacher,
-                          evaluate_test=run_dir == out, trust=False)  # fmt: skip
+            tested = run_dir == out  # the steps before the last never see the test split
+            trained = fit(step_cfg, run_dir, resume=(run_dir / "last.pt").exists(),
+                          prepare_model=prepare, teacher=teacher, recalibrate=tested)  # fmt: skip
+            metrics = evaluate(trained, evaluate_test=tested, trust=False)
         rows.append(_step_row(ratio * (i + 1) / steps, epochs[i], metrics))
         if run_dir != out:
             states.append(load_checkpoint(run_dir / "best.pt")["model"])

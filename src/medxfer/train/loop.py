@@ -1,7 +1,8 @@
 """``fit``: train with checkpoints every epoch, keep the best by validation balanced accuracy,
 re-estimate its BatchNorm statistics on the un-augmented training images (kept when validation
-balanced accuracy does not drop; ``train.bn_recalibrate``), then evaluate that model once on the
-untouched test split.
+balanced accuracy does not drop; ``train.bn_recalibrate``), and return that model as a
+``TrainedRun``. Evaluating it once on the untouched test split (and writing metrics.json) is
+``medxfer.evaluate.finish``.
 
 Resume contract: every random choice of epoch ``e`` is seeded from (seed, e), and the last
 checkpoint holds model, optimizer, scheduler, scaler, history and early-stopping state, so a run
@@ -27,7 +28,6 @@ from rich.console import Console
 from medxfer.config import ExperimentConfig, config_text
 from medxfer.data.loader import BatchLoader
 from medxfer.errors import MedxferError
-from medxfer.evaluate.metrics import compute_metrics, format_summary, shift_warnings
 from medxfer.runs import make_run_dir
 from medxfer.train import compute as compute_mod
 from medxfer.train.checkpoint import (
@@ -41,6 +41,7 @@ from medxfer.train.distill import DistillationLoss, Teacher
 from medxfer.train.epoch import loss_from_probs, predict_probs, train_one_epoch
 from medxfer.train.record import check_resume, record
 from medxfer.train.setup import Setup, build, frozen_modules, set_trainable
+from medxfer.train.trained import TrainedRun
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 EpochStart = Callable[[torch.nn.Module, int], None]
@@ -120,29 +121,24 @@ def fit(
     resume: bool = False,
     callbacks: tuple[EpochCallback, ...] = (),
     prepare_model: Callable[[torch.nn.Module], None] | None = None,
-    evaluate_test: bool = True,
+    recalibrate: bool = True,
     start_epoch: int = 0,
-    warn_shift: bool = True,
     teacher: Teacher | None = None,
     epoch_start: EpochStart | None = None,
-    trust: bool = True,
-) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``; return the final metrics (also in metrics.json).
+) -> TrainedRun:
+    """Train ``cfg`` into ``run_dir``; return the trained run with its best model loaded
+    (``medxfer.evaluate.finish.evaluate_trained`` evaluates it and writes metrics.json).
 
     ``prepare_model`` is called on the bare network after it is built and before training (or
     resuming) starts: the hook later stages use to load a rewound state or attach pruning masks.
     ``callbacks`` are called after every epoch with (epoch, history row).
-    ``evaluate_test=False`` never runs the model on the test split (tuning trials), and skips
-    the BatchNorm recalibration (a trial's value is its best per-epoch validation score).
+    ``recalibrate=False`` skips the BatchNorm recalibration (``train.bn_recalibrate``): tuning
+    trials, whose value is their best per-epoch validation score, and runs never tested.
     ``start_epoch=k`` begins a fresh run at epoch ``k`` of the schedule (epochs before it are
     skipped and the LR schedule is advanced past them): late rewinding retrains from epoch k.
-    ``warn_shift=False``: no console warning for classes that validation and test disagree on
-    (a lottery prints one summary for all its runs instead).
     ``teacher``: distill from this trained model besides the labels (``DistillationLoss``).
     ``epoch_start(model, epoch)`` is called on the bare network before each epoch trains (also
     the first epoch after a resume): soft pruning zeroes channels there.
-    ``trust=False``: no per-image trust statistics at the end (lottery levels, fine-tuning
-    steps and strategy comparisons; ``medxfer trust RUN`` fits them later on demand).
     """
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
@@ -237,17 +233,7 @@ def fit(
                 console.print(f"early stopping: no val improvement for {stale} epochs")
             break
     seconds = time.perf_counter() - t_start
-    return finish(
-        cfg,
-        run_dir,
-        s,
-        c,
-        history,
-        seconds,
-        evaluate_test=evaluate_test,
-        warn_shift=warn_shift,
-        trust=trust,
-    )
+    return _trained(cfg, run_dir, s, c, history, seconds, recalibrate=recalibrate)
 
 
 def _check_finite(row: dict[str, Any], run_dir: Path, *, has_val: bool) -> None:
@@ -274,7 +260,7 @@ def _skip_schedule(s: Setup, epochs: int, cap: int) -> None:
         s.sched.step()
 
 
-def finish(
+def _trained(
     cfg: ExperimentConfig,
     run_dir: Path,
     s: Setup,
@@ -282,87 +268,27 @@ def finish(
     history: list[dict[str, Any]],
     seconds: float,
     *,
-    evaluate_test: bool = True,
-    warn_shift: bool = True,
-    trust: bool = True,
-) -> dict[str, Any]:
-    """Evaluate the best checkpoint on val and test; write metrics.json and the figures.
-
-    With ``evaluate_test=False`` only the validation split is evaluated."""
+    recalibrate: bool = True,
+) -> TrainedRun:
+    """Load the best checkpoint into the model (on every rank) and recalibrate its BatchNorm
+    statistics once (``recalibrate`` and ``train.bn_recalibrate``; saved into best.pt)."""
     _record_ranks(run_dir, s, c)
     compute_mod.barrier(c)
-    best = load_checkpoint(run_dir / "best.pt")
+    best_path = run_dir / "best.pt"
+    best = load_checkpoint(best_path)
     _bare(s.model).load_state_dict(best["model"])
     recal = best.get("bn_recalibration")  # present: done before this run was interrupted
-    if recal is None and evaluate_test and cfg.train.bn_recalibrate:
+    if recal is None and recalibrate and cfg.train.bn_recalibrate:
         row = [h for h in history if h.get("epoch") == best["epoch"] + 1]
         # the best epoch's validation score is that of best.pt as saved: no second pass
         recal = recalibrate_batchnorm(s, c, cfg, row[0]["val_balanced_accuracy"] if row else None)
         if recal is not None and c.is_main:
             best |= {"model": _bare(s.model).state_dict(), "bn_recalibration": recal}
-            atomic_save(best, run_dir / "best.pt")
+            atomic_save(best, best_path)
         compute_mod.barrier(c)
-    results: dict[str, Any] = {
-        "run_dir": str(run_dir),
-        "best_epoch": best["epoch"] + 1,
-        "epochs_run": len(history),
-        "train_seconds": sum(h["train_seconds"] for h in history),
-        "fit_seconds_this_call": seconds,
-        "data": {"root": s.data.info["root"], "synthetic": s.data.info["synthetic"],
-                 "counts": s.data.info["counts"], "classes": s.data.classes,
-                 "dropped_leaks": len(s.data.info.get("dropped_leaks", [])),
-                 "synthetic_images": s.data.info.get("synthetic_images"),
-                 "patients": s.data.info.get("patients")},
-        "model": {"arch": cfg.model.arch, "weights": cfg.model.weights,
-                  "preprocess": s.built.preprocess.source},
-        "compute": {"device": str(c.device), "channels_last": c.channels_last,
-                    "precision": str(c.dtype) if c.dtype else "fp32", "world_size": c.world,
-                    "threads": torch.get_num_threads()},
-    }  # fmt: skip
-    if recal is not None:
-        results["bn_recalibration"] = recal
-    splits = [("val", s.val_loader), ("test", s.test_loader)][: 2 if evaluate_test else 1]
-    for split, loader in splits:
-        if len(loader.indices) == 0:
-            continue
-        probs, labels = predict_probs(s.model, loader, c, tta=tta_flips(cfg), desc=f"  {split}")
-        if c.is_main:
-            results[split] = compute_metrics(
-                labels, probs, s.data.classes, n_bootstrap=cfg.eval.n_bootstrap, seed=cfg.train.seed
-            )
-            if split == "test":
-                _save_figures(run_dir, labels, probs, s.data.classes, history)
-            # val: the reference of `medxfer shift`, usable where the training data is not
-            save_predictions(run_dir / f"{split}_predictions.npz", probs, labels, cfg, c)
-    if c.is_main and evaluate_test and trust and cfg.trust.enabled:
-        results["trust"] = _fit_trust(run_dir, s, best["meta"], cfg)
-    if c.is_main:
-        atomic_write_json(results, run_dir / "metrics.json")  # written last: marks the run complete
-        if "test" in results:
-            console.print(f"test: {format_summary(results['test'])}")
-            if "val" in results and warn_shift:
-                for line in shift_warnings(results["val"], results["test"]):
-                    console.print(f"[yellow]warning:[/] {line}")
-        console.print(f"run folder: {run_dir}")
-    compute_mod.barrier(c)
-    return results
-
-
-def _fit_trust(
-    run_dir: Path, s: Setup, meta: dict[str, Any], cfg: ExperimentConfig
-) -> dict[str, Any]:
-    """Per-image trust statistics of the best model (``medxfer.evaluate.trust``): detectors
-    fitted on the training images, thresholds and conformal sets on validation, then test
-    scored once with them."""
-    from medxfer.evaluate.trust_run import after_training, summary_line
-
-    console.print("fitting per-image trust scores (train/val) and scoring test")
-    out = after_training(run_dir, _bare(s.model), meta, s.data, cfg)
-    if "skipped" in out:
-        console.print(f"[yellow]trust scores skipped:[/] {out['skipped']}")
-    elif "test" in out:
-        console.print(f"  {summary_line(out['test'])} ({out['seconds']:.1f} s)")
-    return out
+    return TrainedRun(cfg=cfg, run_dir=run_dir, best_path=best_path, best_epoch=best["epoch"],
+                      meta=best["meta"], history=history, seconds=seconds,
+                      bn_recalibration=recal, setup=s, compute=c)  # fmt: skip
 
 
 def plain_train_loader(s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig) -> BatchLoader:
@@ -448,15 +374,3 @@ def _record_ranks(run_dir: Path, s: Setup, c: compute_mod.Compute) -> None:
     dist.all_gather_object(sums, state_checksum(s.model))
     if c.is_main:
         atomic_write_json({"world_size": c.world, "state_checksums": sums}, run_dir / "ddp.json")
-
-
-def _save_figures(
-    run_dir: Path,
-    labels: np.ndarray,
-    probs: np.ndarray,
-    classes: list[str],
-    history: list[dict[str, Any]],
-) -> None:
-    from medxfer.evaluate.figures import save_all_figures
-
-    save_all_figures(run_dir, labels, probs, classes, history, prefix="test")

@@ -2,7 +2,7 @@
 
 ``Objective`` follows the Optuna examples' pattern (a callable class holding config and data):
 
-    study.optimize(Objective(cfg, params, study_dir), n_trials=20)
+    study.optimize(Objective(cfg, params, study_dir, evaluate=evaluate_trained), n_trials=20)
 
 Each epoch reports the validation metric to the trial, so the pruner can stop a poor trial early;
 the objective value is the best validation metric over the epochs.
@@ -20,6 +20,7 @@ from medxfer.config import ExperimentConfig, with_values
 from medxfer.errors import MedxferError
 from medxfer.runs import config_inputs, remove_run_dir
 from medxfer.train.loop import EpochCallback, fit
+from medxfer.train.trained import Evaluate
 from medxfer.tune.search_space import Param, apply_params, suggest
 
 Direction = Literal["maximize", "minimize"]
@@ -79,9 +80,11 @@ class Objective:
         params: list[Param],
         study_dir: Path,
         *,
+        evaluate: Evaluate,
         threads: int = 0,
     ) -> None:
         self.cfg = cfg
+        self.evaluate = evaluate  # metrics.json of the trial (val only), written after fit
         self.params = params
         self.study_dir = study_dir
         self.metric = cfg.tune.metric
@@ -102,12 +105,13 @@ class Objective:
             seen.append(float(row[self.metric]))
 
         try:
-            result = fit(
+            trained = fit(
                 cfg,
                 run_dir,
                 callbacks=(keep, report_callback(trial, self.metric)),
-                evaluate_test=False,
+                recalibrate=False,
             )
+            result = self.evaluate(trained, evaluate_test=False)
         except MedxferError as err:
             trial.set_user_attr("error", err.message)
             raise

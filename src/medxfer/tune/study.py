@@ -19,6 +19,7 @@ import optuna
 
 from medxfer.config import ExperimentConfig, drop_later_defaults, save_config
 from medxfer.errors import MedxferError
+from medxfer.train.trained import Evaluate
 from medxfer.tune import workers
 from medxfer.tune.objective import METRICS, best_config, direction
 from medxfer.tune.report import write_reports
@@ -95,8 +96,12 @@ def open_study(
     return study
 
 
-def run_study(cfg: ExperimentConfig, opts: StudyOptions) -> dict[str, Any]:
-    """Run the study to ``n_trials`` finished trials; return the summary (summary.json)."""
+def run_study(cfg: ExperimentConfig, opts: StudyOptions, *, evaluate: Evaluate) -> dict[str, Any]:
+    """Run the study to ``n_trials`` finished trials; return the summary (summary.json).
+
+    ``evaluate``: what evaluates each trial (validation only) and the retrained best config
+    after ``fit`` (``medxfer.evaluate.finish.evaluate_trained``, passed in by the command:
+    this layer lies below evaluation; a module-level function, as workers are spawned)."""
     n = check_settings(cfg, opts)
     params = parse_space(cfg.tune.space, cfg)
     name = opts.study_name or f"{cfg.name}-{study_fingerprint(cfg)}"
@@ -106,7 +111,7 @@ def run_study(cfg: ExperimentConfig, opts: StudyOptions) -> dict[str, Any]:
     save_config(cfg, _mkdir(study_dir) / "config.yaml")
     retried = recover_interrupted(study)
     t0 = time.perf_counter()
-    job = workers.Job(cfg, params, study_dir, name, opts.storage, n, opts.timeout)
+    job = workers.Job(cfg, params, study_dir, name, opts.storage, n, opts.timeout, evaluate)
     codes = workers.run(job, opts.workers) if workers.finished(study) < n else []
     study = optuna.load_study(study_name=name, storage=storage)
     extra = {"storage": describe(opts.storage, study_dir), "workers": opts.workers,
@@ -115,12 +120,14 @@ def run_study(cfg: ExperimentConfig, opts: StudyOptions) -> dict[str, Any]:
              "direction": METRICS[cfg.tune.metric]}  # fmt: skip
     summary = write_reports(study, cfg, study_dir, n, extra)
     if opts.retrain and summary["best"] is not None:
-        summary["retrain"] = retrain(cfg, summary["best"], study_dir)
+        summary["retrain"] = retrain(cfg, summary["best"], study_dir, evaluate)
         (study_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def retrain(cfg: ExperimentConfig, best: dict[str, Any], study_dir: Path) -> dict[str, Any]:
+def retrain(
+    cfg: ExperimentConfig, best: dict[str, Any], study_dir: Path, evaluate: Evaluate
+) -> dict[str, Any]:
     """Train the best trial's config with the full budget; evaluate it once on the test split.
 
     One folder per best trial (``retrain-<number>``): a study extended later may find another."""
@@ -135,7 +142,7 @@ def retrain(cfg: ExperimentConfig, best: dict[str, Any], study_dir: Path) -> dic
         results: dict[str, Any] = json.loads((run_dir / "metrics.json").read_text())
     else:
         resume = prepare_run_dir(run_dir, resume=True, force=False)
-        results = fit(run_cfg, run_dir, resume=resume)
+        results = evaluate(fit(run_cfg, run_dir, resume=resume))
     return {"run_dir": str(run_dir), "test": results.get("test"), "val": results.get("val")}
 
 

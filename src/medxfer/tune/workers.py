@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from medxfer.config import ExperimentConfig, TuneConfig
 from medxfer.parallel import fresh_context
+from medxfer.train.trained import Evaluate
 from medxfer.tune.objective import Objective
 from medxfer.tune.search_space import Param
 from medxfer.tune.storage import open_storage, worker_id
@@ -42,6 +43,7 @@ class Job:
     storage: str | None
     n_trials: int
     timeout: float | None
+    evaluate: Evaluate  # a module-level function (medxfer.evaluate.finish.evaluate_trained)
 
 
 class SurplusTrial(Exception):
@@ -152,7 +154,9 @@ def work(
     )
     if len(study.get_trials(deepcopy=False, states=BUSY)) >= job.n_trials:
         return
-    objective = Objective(job.cfg, job.params, job.study_dir, threads=threads)
+    objective = Objective(
+        job.cfg, job.params, job.study_dir, evaluate=job.evaluate, threads=threads
+    )
     study.optimize(
         Guard(objective, job.n_trials),
         timeout=job.timeout,
