@@ -294,3 +294,16 @@ def test_gathers_leave_the_map_out_of_resident_memory(tmp_path: Path) -> None:
     rows = np.random.default_rng(1).permutation(1500)
     assert torch.equal(store[rows], torch.from_numpy(data[rows]))  # chunked, in order
     assert _rss_file_mb() - before < 8
+
+
+def test_only_read_only_maps_are_released(tmp_path: Path) -> None:
+    """A copy-on-write map keeps the changes made to it: the store releases only maps opened
+    read-only (the decode cache's)."""
+    np.save(tmp_path / "c.npy", np.zeros((4, 8, 8), np.uint8))
+    cow = np.load(tmp_path / "c.npy", mmap_mode="c")
+    cow[0] = 7
+    store = ImageStore([cow])
+    assert store.maps == [None]
+    assert int(store[0].max()) == 7 and int(store[np.arange(4)][0].max()) == 7
+    ro = ImageStore([np.load(tmp_path / "c.npy", mmap_mode="r")])
+    assert ro.maps[0] is not None

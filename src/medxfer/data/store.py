@@ -104,17 +104,14 @@ class ImageStore:
 
 
 def _mapping(array: np.ndarray) -> mmap.mmap | None:
-    """The ``mmap`` behind ``array`` (a memory map or a view of one), else None."""
+    """The ``mmap`` behind ``array`` when it is a read-only ``np.memmap`` (or a view of one),
+    else None: releasing the pages of a copy-on-write map would drop its changes."""
     obj: object = array
-    for _ in range(8):
-        m = getattr(obj, "_mmap", None)
-        if isinstance(m, mmap.mmap):
-            return m
-        if isinstance(obj, mmap.mmap):
-            return obj
+    while obj is not None:
+        if isinstance(obj, np.memmap):
+            m = getattr(obj, "_mmap", None)
+            return m if obj.mode == "r" and isinstance(m, mmap.mmap) else None
         obj = getattr(obj, "base", None)
-        if obj is None:
-            return None
     return None
 
 
