@@ -15,7 +15,8 @@ quality gate (training split only; a failing class falls back to oversampling). 
 follows --recipe (default cpu-64: DiffAugment, EMA, at most --gan-minutes minutes of training
 per dataset). The winner is picked on validation. The test split is the dataset's
 official one, never used for training or model selection. Writes
-bench/results/imbalance/<dataset>[-<variant>].json.
+bench/results/imbalance/<dataset>[-<variant>][-<recipe>].json (no recipe suffix for cpu-64).
+    python bench/imbalance.py chest-xray-pneumonia --variant viral25 --recipe cpu-64-projected
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ GAN = [
 RECIPES = {  # the gan.recipe presets (medxfer.gan.trainer.RECIPES), or the plain WGAN-GP
     "cpu-64": ["gan.recipe=cpu-64", "gan.conditional=true", "gan.seed=0"],
     "gpu-128": ["gan.recipe=gpu-128", "gan.conditional=true", "gan.seed=0"],
+    "cpu-64-projected": ["gan.recipe=cpu-64-projected", "gan.conditional=true", "gan.seed=0"],
     "plain": GAN,
 }
 DATASETS: dict[str, list[str]] = {
@@ -130,6 +132,8 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     args = p.parse_args()
     name = args.dataset + ("" if args.variant == "full" else f"-{args.variant}")
+    if args.recipe != "cpu-64":  # the default recipe keeps the plain name
+        name += f"-{args.recipe}"
     smoke = args.dataset == "smoke"
     data = [] if smoke else ["--data", str(args.data_root / args.dataset)]
     protocol = [*CLASSIFIER, *RECIPES[args.recipe], f"gan.max_minutes={args.gan_minutes}",

@@ -237,11 +237,17 @@ class GanConfig:
     # DiffAugment (Zhao et al. 2020): translation, cutout and brightness/contrast, differentiable,
     # applied to the real and the fake batch before the critic (and its gradient penalty)
     diffaugment: bool = True
+    # the critic: plain = the paper's WGAN-GP critic, learnt from the images (gradient penalty);
+    # projected = small heads on frozen ImageNet EfficientNet-Lite0 features (Projected GAN,
+    # Sauer et al. 2021), hinge loss, no gradient penalty (gp_weight is ignored)
+    critic: Literal["plain", "projected"] = "plain"
     # a named schedule filling every key above still at its default (a key you set wins):
     #   cpu-64   64 px, width 16, batch 32, n_critic 5, ema 0.995, 60 minutes (about 2,000
     #            generator steps on 2 CPU cores)
     #   gpu-128  128 px, width 64, batch 64, n_critic 5, ema 0.999, 20,000 steps or 60 minutes
-    recipe: Literal["", "cpu-64", "gpu-128"] = ""  # "" | cpu-64 | gpu-128
+    #   cpu-64-projected   64 px, critic projected, width 32, batch 32, n_critic 1, lr 2e-4,
+    #            beta2 0.99, ema 0.995, 60 minutes
+    recipe: Literal["", "cpu-64", "gpu-128", "cpu-64-projected"] = ""
     # The quality gate (medxfer.gan.gate), on the training split only: a class whose synthetic
     # images fail it gets none in training, and the run uses this strategy instead:
     #   oversample (train.weighted_sampling) | class_weight (train.class_weight) | none

@@ -3,7 +3,8 @@
 Computed on the training split only (never validation or test), per synthesised class:
 
     two-sample accuracy   held-out accuracy of a classifier telling real from synthetic
-                          (lite0 features): at most TWO_SAMPLE_MAX
+                          (EfficientNet-Lite features, see feature_variant):
+                          at most TWO_SAMPLE_MAX
     TSTR / TRTR           the class's recall when the classifier learns that class from
                           synthetic images instead of real ones, over its recall with real
                           ones (fit on half the real training images, scored on the other
@@ -160,14 +161,22 @@ def _distances(real: np.ndarray, synth: np.ndarray, seed: int) -> dict[str, Any]
     }
 
 
-def _features(groups: dict[str, torch.Tensor], size: int) -> dict[str, np.ndarray]:
-    """Lite0 features of every group in one pass (one model build)."""
+def feature_variant(critic: str) -> int:
+    """Which EfficientNet-Lite judges a GAN's images: Lite0, unless the critic was trained on
+    Lite0's own features (``gan.critic=projected``). Such a generator learns to match exactly
+    those features, and could pass a gate that measures them without looking right; Lite2 has
+    other weights and widths, so its images are judged through Lite2 instead."""
+    return 2 if critic == "projected" else 0
+
+
+def _features(groups: dict[str, torch.Tensor], size: int, variant: int) -> dict[str, np.ndarray]:
+    """Lite features of every group in one pass (one model build)."""
     from medxfer.gan.quality import lite0_features
 
     names = [k for k, v in groups.items() if len(v)]
     if not names:
         return {}
-    feats = lite0_features(torch.cat([groups[k] for k in names]), size=size)
+    feats = lite0_features(torch.cat([groups[k] for k in names]), size=size, variant=variant)
     ends = np.cumsum([len(groups[k]) for k in names])
     return dict(zip(names, np.split(feats, ends[:-1]), strict=True))
 
@@ -179,10 +188,11 @@ def run_gate(
     n_images: int = 150,
     size: int = 96,
     seed: int = 0,
+    variant: int = 0,
 ) -> dict[str, Any]:
     """Judge each class of ``synth`` (uint8 images) against ``real`` (the training split's
     images of every class, same resolution); FID/KID/two-sample/TSTR on at most ``n_images``
-    per class, memorisation on all of them."""
+    per class, memorisation on all of them; features by EfficientNet-Lite``variant``."""
     import time
 
     from medxfer.gan.quality import extractor
@@ -198,6 +208,7 @@ def run_gate(
         {f"real/{c}": pick(x) for c, x in real.items()}
         | {f"synth/{c}": pick(synth[c]) for c in judged},
         size,
+        variant,
     )
     real_f = {c: feats[f"real/{c}"] for c in real if f"real/{c}" in feats}
     tstr = tstr_by_class(real_f, {c: feats[f"synth/{c}"] for c in judged}, seed)
@@ -217,7 +228,7 @@ def run_gate(
     return {
         "split": "training split only (real images the GAN learnt from; never val or test)",
         "thresholds": thresholds(),
-        "extractor": extractor(size),
+        "extractor": extractor(size, variant),
         "per_class": per_class,
         "passed": [c for c, m in per_class.items() if m["passed"]],
         "failed": [c for c, m in per_class.items() if not m["passed"]],

