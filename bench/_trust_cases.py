@@ -162,6 +162,14 @@ def near_case(
     return row
 
 
+def policy_of(folder: Path) -> str:
+    """The run's augment.policy (standard for runs made before the key existed)."""
+    import yaml
+
+    cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    return str((cfg.get("augment") or {}).get("policy", "standard"))
+
+
 def robust_case(
     score: Scorer,
     folder: Path,
@@ -172,14 +180,22 @@ def robust_case(
     base_acc: float,
     seed: int,
 ) -> dict[str, Any]:
-    """Accuracy of a run trained with augment.policy=robust on the test split and on the
-    severity-3 shifts, against the base run's (kept in the work folder like a scored case)."""
+    """The two augmentation policies compared: ``folder`` is the same recipe as the base run
+    with the other augment.policy (one of the two must be robust). Accuracy on the test split
+    and on the severity-3 shifts; the gain is robust minus standard (kept in the work folder
+    like a scored case)."""
     model, meta = load_trained(folder)
     model, _ = folded_for_inference(model, meta)
     if list(meta["classes"]) != list(base.meta["classes"]):
         raise MedxferError(
             f"{folder} has classes {meta['classes']}, the base run {base.meta['classes']}",
             "pass a run on the same dataset",
+        )
+    policies = {"base": policy_of(base.folder), "other": policy_of(folder)}
+    if sorted(policies.values()) != ["robust", "standard"]:
+        raise MedxferError(
+            f"the runs' augment.policy are {policies['base']} (base) and {policies['other']}",
+            "pass a run of the same recipe with the other policy (robust against standard)",
         )
     stored = score.work / "cases" / "robust" / "accuracy.json"
     weights = model_file(folder)
@@ -191,17 +207,30 @@ def robust_case(
         )
         stored.parent.mkdir(parents=True, exist_ok=True)
         stored.write_text(json.dumps(known))
-    test, shifted = known["test"], known["severity3"]
     base3 = {r["shift"]: r["accuracy"] for r in base_rows if r["severity"] == 3}
-    gain = 100 * (np.mean(list(shifted.values())) - np.mean([base3[sh] for sh in SHIFTS]))
+    by_policy = {
+        policies["base"]: {"run": str(base.folder), "test": base_acc, "severity3": base3},
+        policies["other"]: {
+            "run": str(folder),
+            "test": known["test"],
+            "severity3": known["severity3"],
+        },
+    }
+    robust, standard = by_policy["robust"], by_policy["standard"]
+    gain = np.mean([robust["severity3"][sh] for sh in SHIFTS]) - np.mean(
+        [standard["severity3"][sh] for sh in SHIFTS]
+    )
     return {
         "run": str(folder),
-        "test_accuracy": test,
-        "severity3_accuracy": shifted,
-        "base_test_accuracy": base_acc,
-        "base_severity3_accuracy": base3,
-        "covariate_gain_points": round(float(gain), 2),
-        "id_cost_points": round(100 * (base_acc - test), 2),
+        "base_policy": policies["base"],
+        "robust_run": robust["run"],
+        "standard_run": standard["run"],
+        "test_accuracy": robust["test"],
+        "severity3_accuracy": robust["severity3"],
+        "standard_test_accuracy": standard["test"],
+        "standard_severity3_accuracy": standard["severity3"],
+        "covariate_gain_points": round(float(100 * gain), 2),
+        "id_cost_points": round(100 * (standard["test"] - robust["test"]), 2),
     }
 
 

@@ -1,7 +1,7 @@
 """How far the per-image trust flags hold: a shift suite built from the data at hand.
 
     python bench/trust.py RUN [--other-data DIR] [--held-out-class NAME (--held-out-run RUN |
-        --train-held-out [OVERRIDE ...])] [--robust-run RUN] [--limit N] [--source-size 256]
+        --train-held-out [OVERRIDE ...])] [--policy-run RUN] [--limit N] [--source-size 256]
 
 RUN is a finished `medxfer train` run; its trust statistics (`medxfer.evaluate.trust`, fitted
 on its training and validation images when the run has none) give every threshold. The
@@ -15,6 +15,11 @@ official test split is only evaluated: it is the in-distribution set, against
 - covariate shifts (`medxfer.evaluate.shifts`, severities 1-3, labels kept): applied to the
   test images decoded at --source-size (the brain set's stored 256 px by default), then
   resized to the model's input size as every image is.
+
+--policy-run compares the two augmentation policies: it is the same recipe trained with the
+other augment.policy (the dataset configs use robust, so RUN is normally the robust run and
+--policy-run the standard one); the summary gives robust minus standard on the severity-3
+shifts and the in-distribution cost.
 
 Scored cases are kept in the work folder (--work-dir) and reused by a later call. Writes
 bench/results/trust-<dataset>.json (summary keys at the top, full tables below, targets met or
@@ -68,7 +73,11 @@ def parse_args() -> argparse.Namespace:
         metavar="OVERRIDE",
         help="train that run here (with these overrides of the run's config)",
     )
-    p.add_argument("--robust-run", type=abspath, help="a run trained with augment.policy=robust")
+    p.add_argument(
+        "--policy-run",
+        type=abspath,
+        help="the same recipe trained with the other augment.policy (robust against standard)",
+    )
     p.add_argument("--limit", type=int, default=0, help="images per case (0: all)")
     p.add_argument("--source-size", type=int, default=256, help="size the shifts act at")
     p.add_argument("--seed", type=int, default=0)
@@ -124,9 +133,9 @@ def main() -> None:
         far = far_cases(score, base, ref, other, args.limit, args.seed)
         near = near_case(score, base, held, args.held_out_class, args) if held else None
         robust = None
-        if args.robust_run is not None:
+        if args.policy_run is not None:
             robust = robust_case(
-                score, args.robust_run, base, idx, source, covariate, test["accuracy"], args.seed
+                score, args.policy_run, base, idx, source, covariate, test["accuracy"], args.seed
             )
     shifted = [r for r in covariate if r["kind"] == "covariate"]
     keys = summary(test, shifted, far, near, robust, float(base.trust.record["coverage"]))
@@ -138,7 +147,7 @@ def main() -> None:
     save(f"trust-{dataset}", keys | {
         "targets": targets(keys, dataset), "dataset": dataset,
         "runs": {"base": str(base.folder), "held_out": near and near["run"],
-                 "robust": robust and robust["run"]},
+                 "policy": robust and robust["run"]},
         "data": {"test": base.data["root"], "other": other and str(other),
                  "synthetic": next((r["data"] for r in far if r["case"] == "synthetic"), None)},
         "trust": trust_record(base),
