@@ -115,7 +115,7 @@ def test_later_keys_are_hashed_only_away_from_their_defaults() -> None:
     [
         ("data.color=cmyk", "['gray', 'rgb']"),
         ("train.precision=fp8", "['auto', 'bf16', 'fp16', 'fp32']"),
-        ("gan.recipe=tpu", "['', 'cpu-64', 'gpu-128']"),
+        ("gan.recipe=tpu", "['', 'cpu-64', 'cpu-64-projected', 'gpu-128']"),
         ("tune.pruner=fast", "['halving', 'hyperband', 'median', 'none']"),
     ],
 )
