@@ -106,3 +106,15 @@ def test_projected_recipe_and_fingerprint() -> None:
     assert gan_fingerprint(load_config(None, ["gan.critic=projected"])) != gan_fingerprint(plain)
     # generators trained before the key existed keep their fingerprint (value before it)
     assert gan_fingerprint(plain) == "2c00ba593e87"
+
+
+def test_minibatch_std_sees_a_collapsed_batch() -> None:
+    from medxfer.gan.projected import minibatch_std
+
+    torch.manual_seed(0)
+    same = torch.randn(1, 3, 4, 4).expand(8, -1, -1, -1).contiguous()
+    spread = torch.randn(8, 3, 4, 4)
+    a, b = minibatch_std(same), minibatch_std(spread)
+    assert a.shape == (8, 4, 4, 4) and torch.equal(a[:, :3], same)
+    assert a[:, 3].max() < 1e-3 < b[:, 3].min()
+    assert minibatch_std(torch.randn(3, 2, 4, 4)).shape == (3, 3, 4, 4)  # odd batch: groups of 3

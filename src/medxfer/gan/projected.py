@@ -4,7 +4,10 @@ The critic does not learn to see from the few real images: it looks at them thro
 offline ImageNet EfficientNet-Lite0 (the backbone Projected GAN itself uses), frozen and in eval
 mode. Four of its stages (strides 4, 8, 16, 32) are projected by fixed random 1x1 convolutions
 (cross-channel mixing) to ``PROJ_CHANNELS`` channels each, and a small discriminator per scale
-(spectral-normalised stride-2 convolutions down to 4x4) scores them; the scores are summed.
+(spectral-normalised stride-2 convolutions down to 4x4, then a minibatch-standard-deviation
+channel) scores them; the scores are summed. The minibatch spread is not in Projected GAN: the
+first CPU run with its batch-normalised heads made one image per class (the same X-ray for
+every z), and a critic that sees the spread of a batch penalises that.
 With classes, each head adds a projection term <embed(y), pooled features> (Miyato & Koyama).
 
 The images (gray or RGB, in [-1, 1], the backbone's own input range) are resized to
@@ -26,6 +29,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 STAGES = (1, 2, 4, 6)  # timm EfficientNet blocks whose outputs are used: strides 4, 8, 16, 32
 PROJ_CHANNELS = 64  # channels of each scale after the random 1x1 projection
 HEAD_CHANNELS = 64  # channels of the per-scale discriminator blocks
+MBSTD_GROUP = 4  # samples per minibatch-standard-deviation group
 
 
 def feature_size(image_size: int) -> int:
@@ -39,8 +43,25 @@ def _lite0_trunk() -> nn.Module:
     return create_model("efficientnet_lite0", weights="imagenet", num_classes=2).model
 
 
+def minibatch_std(h: torch.Tensor, group: int = MBSTD_GROUP) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C + 1, H, W): one more channel holding, for each group of
+    ``group`` samples, the standard deviation of the features across the group (averaged over
+    channels and positions; Karras et al. 2018). A generator that makes the same image for
+    every z gives a batch with no spread, which the critic can then see."""
+    b, c, hh, ww = h.shape
+    g = min(group, b)
+    while b % g:
+        g -= 1
+    y = h.view(g, -1, c, hh, ww)
+    y = (y - y.mean(0)).pow(2).mean(0).add(1e-8).sqrt().mean(dim=(1, 2, 3))  # (B / g,)
+    y = y.view(1, -1, 1, 1, 1).expand(g, -1, 1, hh, ww).reshape(b, 1, hh, ww)
+    return torch.cat([h, y], dim=1)
+
+
 class _Head(nn.Module):
-    """Stride-2 blocks from ``size`` down to 4x4, then a 1-channel score map (and projection)."""
+    """Stride-2 blocks from ``size`` down to 4x4, then the minibatch spread, a 1-channel score
+    map, and (with classes) a projection term. No batch normalisation: it would normalise the
+    spread of each batch away, and with it the critic's view of a collapsed generator."""
 
     def __init__(self, size: int, n_classes: int) -> None:
         super().__init__()
@@ -48,19 +69,18 @@ class _Head(nn.Module):
         c = PROJ_CHANNELS
         while size > 4:
             layers += [
-                spectral_norm(nn.Conv2d(c, HEAD_CHANNELS, 4, stride=2, padding=1, bias=False)),
-                nn.BatchNorm2d(HEAD_CHANNELS),  # as Projected GAN's DownBlock
+                spectral_norm(nn.Conv2d(c, HEAD_CHANNELS, 4, stride=2, padding=1)),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
             c, size = HEAD_CHANNELS, size // 2
         self.blocks = nn.Sequential(*layers)
-        self.out = spectral_norm(nn.Conv2d(c, 1, 3, padding=1))
+        self.out = spectral_norm(nn.Conv2d(c + 1, 1, 3, padding=1))
         self.embed = nn.Embedding(n_classes, c) if n_classes > 1 else None
         self.scale = 1.0 / math.sqrt(c)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         h = self.blocks(h)
-        out = self.out(h).mean(dim=(1, 2, 3))
+        out = self.out(minibatch_std(h)).mean(dim=(1, 2, 3))
         if self.embed is not None:
             if y is None:
                 raise ValueError("a class-conditional critic needs labels")
