@@ -6,7 +6,7 @@
 each call with a fresh epoch generator; the median of ``--repeats`` calls per policy, the
 policies interleaved. Timed in CPU seconds of this process (``time.process_time``: with one
 thread, the work itself, whatever else loads the machine) and in wall seconds. Writes
-bench/results/augment-speed.json.
+bench/results/augment-speed/cpu.json.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
             f"{p}: {v['images_per_cpu_second']:.0f} images per CPU second "
             f"({v['images_per_wall_second']:.0f} per wall second)"
         )
-    save("augment-speed", {"machine": machine(), "batch": args.batch, "size": args.size,
+    save("augment-speed/cpu", {"machine": machine(), "batch": args.batch, "size": args.size,
                            "threads": args.threads, "repeats": args.repeats,
                            "policies": out})  # fmt: skip
 

@@ -15,7 +15,7 @@ and measures, each step in its own process:
 Peak RSS is ``ru_maxrss`` (``VmHWM``) of the process (of each rank under torchrun, sampled from
 /proc). It counts the pages of the memory-mapped cache a process has touched, which live once
 in the page cache whichever number of processes map them; ``RssAnon`` (sampled) is the memory
-private to the process. Writes bench/results/scale.json.
+private to the process. Writes bench/results/scale/synthetic.json.
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ def main() -> None:
         # the machine is shared: its load average (1, 5, 15 min) when this started and ended
         "load_average": {"start": load_start, "end": os.getloadavg()},
     }  # fmt: skip
-    save("scale", payload)
+    save("scale/synthetic", payload)
 
 
 if __name__ == "__main__":

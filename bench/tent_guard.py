@@ -17,7 +17,7 @@ The images of each class are validation's, so these are pure label shifts of a m
 behaves at the site as it did on validation (the case the guard is for); a collapse caused by
 adaptation itself (TENT making one class win everywhere) lowers the ratio further, and is
 tested in tests/test_tent.py. Per case and ``n``: the share of draws where the guard fires at
-each candidate constant. Writes bench/results/tent-guard.json.
+each candidate constant. Writes bench/results/tent-guard/demo.json.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> None:
         for case, row in res["cases"].items():
             print(f"  {case:22s} median ratio {row['ratio_median']:.2f}  fired at 0.75: "
                   f"{row['fired']['0.75']:.2f}")  # fmt: skip
-    save("tent-guard", {"draws": args.draws, "sizes": list(SIZES), "runs": results})
+    save("tent-guard/demo", {"draws": args.draws, "sizes": list(SIZES), "runs": results})
 
 
 if __name__ == "__main__":

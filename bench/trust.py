@@ -22,8 +22,8 @@ other augment.policy (the dataset configs use robust, so RUN is normally the rob
 shifts and the in-distribution cost.
 
 Scored cases are kept in the work folder (--work-dir) and reused by a later call. Writes
-bench/results/trust-<dataset>.json (summary keys at the top, full tables below, targets met or
-not) and figures in bench/results/trust-<dataset>/.
+bench/results/trust/<dataset>.json (summary keys at the top, full tables below, targets met or
+not) and figures in bench/results/trust/<dataset>/.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--coverage", type=float, default=0.90, help="when fitting trust")
     p.add_argument("--class-conditional", action="store_true", help="when fitting trust")
     p.add_argument("--refit", action="store_true", help="fit trust again with these settings")
-    p.add_argument("--name", help="result name: bench/results/trust-<name>.json")
+    p.add_argument("--name", help="result name: bench/results/trust/<name>.json")
     p.add_argument(
         "--work-dir",
         type=abspath,
@@ -142,9 +142,9 @@ def main() -> None:
     rows = [test, *far, *([near] if near else []), *covariate]
     worst = min((r for r in shifted if r["severity"] == 3), key=lambda r: r["accuracy"])
     curves = {"test": (ref, labels), worst["case"]: (scored[worst["case"]], labels)}
-    drawn = draw(RESULTS / f"trust-{dataset}", source[0], test, shifted, rows, curves, args.seed)
+    drawn = draw(RESULTS / "trust" / dataset, source[0], test, shifted, rows, curves, args.seed)
     size = base.meta["image_size"]
-    save(f"trust-{dataset}", keys | {
+    save(f"trust/{dataset}", keys | {
         "targets": targets(keys, dataset), "dataset": dataset,
         "runs": {"base": str(base.folder), "held_out": near and near["run"],
                  "policy": robust and robust["run"]},
@@ -164,7 +164,7 @@ def draw(
     out: Path, example: np.ndarray, test: dict[str, Any], shifted: list[dict[str, Any]],
     rows: list[dict[str, Any]], curves: dict[str, tuple[Scored, np.ndarray]], seed: int,
 ) -> list[Path]:  # fmt: skip
-    """The figures of bench/results/trust-<dataset>/."""
+    """The figures of bench/results/trust/<dataset>/."""
     return [
         figures.examples(example, out / "shift-examples.png", seed),
         figures.by_severity(test, shifted, out / "by-severity.png"),
