@@ -134,7 +134,8 @@ def _run_loop(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"WGAN-GP {label}", total=gc.steps, completed=loop.step, stats="")
+        name = "WGAN-GP" if gc.critic == "plain" else "GAN, projected critic,"
+        task = progress.add_task(f"{name} {label}", total=gc.steps, completed=loop.step, stats="")
         while loop.step < gc.steps and loop.seconds < budget:
             t0 = time.perf_counter()
             loop.g.train()
