@@ -102,25 +102,19 @@ def test_lottery_hashes_are_unchanged() -> None:
         "0ddb84b5b035", "9417d5f77173")  # fmt: skip
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_old_run_folder_with_old_keys_resumes(synth_root: Path, tmp_path: Path) -> None:
     """A run interrupted under a medxfer that wrote ``prune.structured_*`` into its config.yaml
     resumes from that file with no "config changed" refusal."""
+    from stopping import StopAfterOneEpoch, Stopped
+
     from medxfer.cli import main
     from medxfer.train.loop import fit
 
     run = tmp_path / "run"
     cfg = load_config(None, [f"data.root={synth_root}", *FAST, "structured.distill=0.7"])
-
-    def stop(epoch: int, row: dict[str, object]) -> None:
-        raise _Stop
-
-    with pytest.raises(_Stop):
-        fit(cfg, run, callbacks=(stop,))
+    with pytest.raises(Stopped):
+        fit(cfg, run, callbacks=(StopAfterOneEpoch(),))
     # the folder as the older medxfer left it: its config.yaml names the old keys
     (run / "config.yaml").write_text(yaml.safe_dump(legacy_dict(cfg), sort_keys=False))
     stored = json.loads((run / "fingerprint.json").read_text())

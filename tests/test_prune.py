@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from stopping import StopAfterOneEpoch, Stopped
 from subproc import run as run_diagnosed
 from torch import nn
 
@@ -30,8 +31,9 @@ from medxfer.prune.export import (
     onnx_check,
 )
 from medxfer.prune.lottery import (
+    SaveInit,
+    StartMasked,
     finetune_config,
-    make_prepare,
     rewind_state,
     run_dir,
     run_lottery,
@@ -272,7 +274,7 @@ def test_rewinding_restores_saved_weights(lottery: Path, rewind: str) -> None:
     )
     mask = Mask.load(run_dir(lottery, 1, "ticket") / "mask.pt")
     model = _resnet(seed=5)
-    make_prepare(mask, lambda _m: rewind_state(lottery, 1, s))(model)
+    StartMasked(mask, lambda _m: rewind_state(lottery, 1, s)).prepare_model(model)
     got = plain_state_dict(model)
     for key, value in target.items():
         if key in mask:
@@ -280,10 +282,6 @@ def test_rewinding_restores_saved_weights(lottery: Path, rewind: str) -> None:
             assert not got[key][~mask[key]].any()
         else:
             assert torch.equal(got[key], value), key
-
-
-class _Stop(Exception):
-    pass
 
 
 def test_resumed_level_equals_uninterrupted(
@@ -296,12 +294,8 @@ def test_resumed_level_equals_uninterrupted(
         (out / name).symlink_to(lottery / name)  # level 0 is complete: only read
     cfg = load_config(None, [f"data.root={synth_root}", *FAST])
     kw = {"levels": 1, "rewind": "epoch:1", "controls": False}
-
-    def stop(epoch: int, row: object) -> None:
-        raise _Stop
-
-    with pytest.raises(_Stop):
-        _lottery(cfg, out, callbacks=(stop,), **kw)
+    with pytest.raises(Stopped):
+        _lottery(cfg, out, callbacks=(StopAfterOneEpoch(),), **kw)
     ticket = run_dir(out, 1, "ticket")
     assert (ticket / "last.pt").exists() and not (ticket / "metrics.json").exists()
     _lottery(cfg, out, **kw)
@@ -589,15 +583,14 @@ def test_cli_lottery_folder_is_named_without_the_added_baselines(
 def test_lottery_adopts_a_finished_dense_run_and_lottery_overrides(
     synth_root: Path, tmp_path: Path
 ) -> None:
-    """An experiment's train run (made with ``save_init``) is the lottery's level 0 when it
+    """An experiment's train run (made with ``SaveInit``) is the lottery's level 0 when it
     trained the same config: no second dense training; ``prune.epochs`` / ``prune.image_size``
     make a cheaper lottery, which then trains its own level 0."""
-    from medxfer.prune.lottery import save_init
     from medxfer.prune.plan import lottery_config
 
     cfg = load_config(None, [f"data.root={synth_root}", *FAST, "train.epochs=2"])
     dense = tmp_path / "train"
-    fit_and_evaluate(cfg, dense, prepare_model=save_init(dense))
+    fit_and_evaluate(cfg, dense, callbacks=(SaveInit(dense),))
     before = (dense / "history.json").read_text()
     out = tmp_path / "lth"
     _lottery(cfg, out, levels=1, fraction=0.3, controls=False, dense_run=dense)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stopping import StopAfterOneEpoch
 from torch import nn
 
 from medxfer.cli import main
@@ -332,11 +333,9 @@ def test_soft_pruning_phase_resumes_and_feeds_the_cut(
 
     real_fit = structured.fit
 
-    def kill(epoch: int, row: dict[str, Any]) -> None:
-        raise KeyboardInterrupt
-
-    def killed_after_one_epoch(cfg: Any, run_dir: Path, **kw: Any) -> Any:
-        return real_fit(cfg, run_dir, callbacks=(kill,), **kw)
+    def killed_after_one_epoch(cfg: Any, run_dir: Path, *, callbacks: Any, **kw: Any) -> Any:
+        kill = StopAfterOneEpoch(KeyboardInterrupt)
+        return real_fit(cfg, run_dir, callbacks=(*callbacks, kill), **kw)
 
     again = [*args[:-3], "--out", str(tmp_path / "again"), "--no-latency"]
     monkeypatch.setattr(structured, "fit", killed_after_one_epoch)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stopping import StopAfterOneEpoch, Stopped
 
 from medxfer.config import AugmentConfig, ExperimentConfig, load_config
 from medxfer.data import robust
@@ -120,10 +121,6 @@ def test_config_key_validated_and_default_keeps_fingerprints() -> None:
     assert drop_later_defaults(plain.to_dict())["augment"] == before["augment"]
 
 
-class _Stop(Exception):
-    pass
-
-
 def _same_weights(a: Path, b: Path) -> bool:
     sa = torch.load(a, map_location="cpu", weights_only=False)["model"]
     sb = torch.load(b, map_location="cpu", weights_only=False)["model"]
@@ -135,13 +132,8 @@ def test_resume_equals_uninterrupted_with_the_robust_policy(
 ) -> None:
     cfg = load_config(None, [f"data.root={synth_root}", f"out_dir={tmp_path}", *FAST])
     fit(cfg, tmp_path / "straight")
-
-    def kill_after_first(epoch: int, row: dict[str, object]) -> None:
-        if epoch == 0:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        fit(cfg, tmp_path / "killed", callbacks=(kill_after_first,))
+    with pytest.raises(Stopped):
+        fit(cfg, tmp_path / "killed", callbacks=(StopAfterOneEpoch(),))
     fit(cfg, tmp_path / "killed", resume=True)
     assert _same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
     # and the policy mattered: the standard policy trains other weights

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from stopping import StopAfterOneEpoch, Stopped
 
 from medxfer.cli import main
 from medxfer.config import load_config
@@ -128,19 +129,11 @@ def test_remove_run_dir_guards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 # resume and reuse ------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_after_first(epoch: int, row: dict[str, object]) -> None:
-    raise _Stop
-
-
 def _killed_run(data: Path, run: Path) -> None:
     """A run of TINY on ``data`` stopped after its first epoch."""
     cfg = load_config(None, [f"data.root={data}", *TINY])
-    with pytest.raises(_Stop):
-        fit(cfg, run, callbacks=(_stop_after_first,))
+    with pytest.raises(Stopped):
+        fit(cfg, run, callbacks=(StopAfterOneEpoch(),))
     assert (run / "last.pt").exists() and not (run / "metrics.json").exists()
 
 

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from stopping import StopAfterOneEpoch, Stopped
 
 from medxfer.cli import main
 from medxfer.config import load_config
@@ -98,20 +100,11 @@ def test_cli_end_to_end(
     assert len(rows) == 1 and rows[0]["predicted"] in {"disc", "ring", "bars", "cross"}
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted(synth_root: Path, tmp_path: Path) -> None:
     cfg = _cfg(synth_root, tmp_path, "train.epochs=3", "train.steps_per_epoch=4")
     fit_and_evaluate(cfg, tmp_path / "straight")
-
-    def kill_after_first(epoch: int, row: dict[str, object]) -> None:
-        if epoch == 0:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        fit_and_evaluate(cfg, tmp_path / "killed", callbacks=(kill_after_first,))
+    with pytest.raises(Stopped):
+        fit_and_evaluate(cfg, tmp_path / "killed", callbacks=(StopAfterOneEpoch(),))
     assert not (tmp_path / "killed" / "metrics.json").exists()
     fit_and_evaluate(cfg, tmp_path / "killed", resume=True)
     assert _same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
@@ -125,12 +118,13 @@ def test_resume_with_other_thread_count_warns(
 ) -> None:
     cfg = _cfg(synth_root, tmp_path, "train.epochs=2", "train.steps_per_epoch=2")
 
-    def stop(epoch: int, row: dict[str, object]) -> None:
-        assert row["threads"] == torch.get_num_threads()  # each epoch records its threads
-        raise _Stop
+    class CheckThreadsThenStop(StopAfterOneEpoch):
+        def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
+            assert row["threads"] == torch.get_num_threads()  # each epoch records its threads
+            super().on_epoch_end(epoch, row)
 
-    with pytest.raises(_Stop):
-        fit(cfg, tmp_path / "run", callbacks=(stop,))
+    with pytest.raises(Stopped):
+        fit(cfg, tmp_path / "run", callbacks=(CheckThreadsThenStop(),))
     before = torch.get_num_threads()
     torch.set_num_threads(before + 1)
     try:

@@ -23,7 +23,7 @@ from medxfer.config import ExperimentConfig, load_config
 from medxfer.errors import MedxferError
 from medxfer.evaluate.finish import evaluate_trained
 from medxfer.tune import Objective, StudyOptions, parse_space, run_study
-from medxfer.tune.objective import report_callback
+from medxfer.tune.objective import Report
 from medxfer.tune.storage import open_storage
 from medxfer.tune.workers import FINISHED
 
@@ -94,7 +94,7 @@ def test_trial_budget_and_low_resolution_search() -> None:
         load_config(None, ["tune.image_size=16"])
 
 
-def test_report_callback_prunes() -> None:
+def test_report_prunes() -> None:
     class Stub:
         def report(self, value: float, step: int) -> None:
             self.last = (value, step)
@@ -106,9 +106,10 @@ def test_report_callback_prunes() -> None:
             pass
 
     stub = Stub()
+    report = Report(stub, "val_loss")  # type: ignore[arg-type]
     with pytest.raises(optuna.TrialPruned):
-        report_callback(stub, "val_loss")(2, {"val_loss": 0.5})  # type: ignore[arg-type]
-    assert stub.last == (0.5, 2)
+        report.on_epoch_end(2, {"val_loss": 0.5})
+    assert stub.last == (0.5, 2) and report.seen == [0.5]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ below this one (``prune``, ``tune``, ``gan``), which train runs but cannot impor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,10 @@ from rich.console import Console
 from medxfer.config import ExperimentConfig
 from medxfer.evaluate.metrics import compute_metrics, format_summary, shift_warnings
 from medxfer.train import compute as compute_mod
+from medxfer.train.callbacks import Callback
 from medxfer.train.checkpoint import atomic_write_json
 from medxfer.train.epoch import predict_probs
-from medxfer.train.loop import EpochCallback, fit, save_predictions, tta_flips
+from medxfer.train.loop import fit, save_predictions, tta_flips
 from medxfer.train.trained import TrainedRun
 
 console = Console(stderr=True)
@@ -96,8 +97,7 @@ def fit_and_evaluate(
     run_dir: Path,
     *,
     resume: bool = False,
-    callbacks: tuple[EpochCallback, ...] = (),
-    prepare_model: Callable[[torch.nn.Module], None] | None = None,
+    callbacks: Sequence[Callback] = (),
     evaluate_test: bool = True,
     warn_shift: bool = True,
     trust: bool = True,
@@ -105,8 +105,7 @@ def fit_and_evaluate(
     """``fit`` then ``evaluate_trained``: a whole run, as ``medxfer train`` makes it; returns
     its metrics (also in metrics.json). The BatchNorm recalibration runs when the test split
     is evaluated (``fit(recalibrate=evaluate_test)``)."""
-    trained = fit(cfg, run_dir, resume=resume, callbacks=callbacks, prepare_model=prepare_model,
-                  recalibrate=evaluate_test)  # fmt: skip
+    trained = fit(cfg, run_dir, resume=resume, callbacks=callbacks, recalibrate=evaluate_test)
     return evaluate_trained(
         trained, evaluate_test=evaluate_test, warn_shift=warn_shift, trust=trust
     )

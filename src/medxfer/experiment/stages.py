@@ -143,7 +143,7 @@ def after_tune(ctx: Context, outputs: dict[str, Any]) -> None:
 
 def run_train(ctx: Context) -> dict[str, Any]:
     from medxfer.evaluate.finish import fit_and_evaluate
-    from medxfer.prune.lottery import save_init
+    from medxfer.prune.lottery import SaveInit
     from medxfer.runs import is_complete, prepare_run_dir
     from medxfer.train.record import check_reuse
 
@@ -154,9 +154,7 @@ def run_train(ctx: Context) -> dict[str, Any]:
     else:
         resume = prepare_run_dir(run_dir, resume=True, force=False)
         # init.pt lets the prune stage adopt this run as its dense level 0
-        metrics = fit_and_evaluate(
-            ctx.cfg, run_dir, resume=resume, prepare_model=save_init(run_dir)
-        )
+        metrics = fit_and_evaluate(ctx.cfg, run_dir, resume=resume, callbacks=(SaveInit(run_dir),))
     return {"run_dir": str(run_dir), "test": _short(metrics.get("test"))}
 
 

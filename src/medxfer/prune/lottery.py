@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,10 @@ from medxfer.prune.plan import (
     make_settings,
 )
 from medxfer.runs import is_complete
+from medxfer.train.callbacks import Callback
 from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
 from medxfer.train.distill import Teacher
-from medxfer.train.loop import EpochCallback, fit
+from medxfer.train.loop import fit
 from medxfer.train.record import check_reuse
 from medxfer.train.trained import Evaluate
 
@@ -72,18 +73,19 @@ def trained_state(run: Path, weights: str = "last") -> State:
 def _train(
     cfg: ExperimentConfig,
     run: Path,
-    prepare: Callable[[nn.Module], None],
-    callbacks: tuple[EpochCallback, ...],
+    callbacks: Sequence[Callback],
     evaluate: Evaluate,
     start_epoch: int = 0,
     teacher: Teacher | None = None,
 ) -> None:
+    """Train (or resume) ``run`` with ``callbacks`` (the run's own first, which prepares the
+    model), then evaluate it; a complete run is only checked."""
     if is_complete(run):
         check_reuse(cfg, run)
         console.print(f"already complete: {run}")
         return
-    trained = fit(cfg, run, resume=(run / "last.pt").exists(), prepare_model=prepare,
-                  callbacks=callbacks, start_epoch=start_epoch, teacher=teacher)  # fmt: skip
+    trained = fit(cfg, run, resume=(run / "last.pt").exists(), callbacks=callbacks,
+                  start_epoch=start_epoch, teacher=teacher)  # fmt: skip
     evaluate(trained, warn_shift=False, trust=False)
 
 
@@ -93,20 +95,21 @@ def blank_model(arch: str, state: State) -> nn.Module:
     return create_model(arch, weights="none", num_classes=n_classes).model
 
 
-def save_init(run: Path) -> Callable[[nn.Module], None]:
-    """``fit``'s hook for a dense run that a lottery may later adopt as its level 0: keeps the
-    starting weights (ImageNet backbone + fresh head) in ``run/init.pt``."""
+class SaveInit(Callback):
+    """``fit``'s callback for a dense run that a lottery may later adopt as its level 0: keeps
+    the starting weights (ImageNet backbone + fresh head) in ``run/init.pt``."""
 
-    def prepare(m: nn.Module) -> None:
-        if not (run / "init.pt").exists():
-            run.mkdir(parents=True, exist_ok=True)
-            atomic_save(plain_state_dict(m), run / "init.pt")
+    def __init__(self, run: Path) -> None:
+        self.run = run
 
-    return prepare
+    def prepare_model(self, model: nn.Module) -> None:
+        if not (self.run / "init.pt").exists():
+            self.run.mkdir(parents=True, exist_ok=True)
+            atomic_save(plain_state_dict(model), self.run / "init.pt")
 
 
 def adopt_dense(cfg: ExperimentConfig, out_dir: Path, s: Settings, dense: Path) -> bool:
-    """Use a finished dense run (trained with ``save_init``) as level 0 instead of training the
+    """Use a finished dense run (trained with ``SaveInit``) as level 0 instead of training the
     same network again. Only when it trained exactly this config and rewinding needs nothing
     but its start and end (``init`` or ``lr``); returns whether it was adopted."""
     from medxfer.config import load_config
@@ -134,11 +137,35 @@ def adopt_dense(cfg: ExperimentConfig, out_dir: Path, s: Settings, dense: Path) 
     return True
 
 
+class _Dense(Callback):
+    """Level 0's callback: saves the dense mask (shapes only) and ``init.pt`` before training
+    and, for ``epoch:K``, the weights after epoch K in ``rewind_file``."""
+
+    def __init__(
+        self, run: Path, out_dir: Path, exclude: list[str], k: int, rewind_file: Path
+    ) -> None:
+        self.run, self.out_dir, self.exclude = run, out_dir, exclude
+        self.k, self.rewind_file = k, rewind_file
+        self.model: nn.Module | None = None  # the network fit trains, once prepared
+
+    def prepare_model(self, model: nn.Module) -> None:
+        self.model = model
+        if not (self.run / "mask.pt").exists():
+            Mask.dense(model, self.exclude).save(self.run / "mask.pt")
+        if not (self.out_dir / "init.pt").exists():
+            atomic_save(plain_state_dict(model), self.out_dir / "init.pt")
+
+    def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
+        if self.k and epoch == self.k - 1:
+            assert self.model is not None  # fit prepares the model before any epoch
+            atomic_save(plain_state_dict(self.model), self.rewind_file)
+
+
 def train_dense(
     cfg: ExperimentConfig,
     out_dir: Path,
     s: Settings,
-    callbacks: tuple[EpochCallback, ...],
+    callbacks: Sequence[Callback],
     evaluate: Evaluate,
 ) -> None:
     """Level 0: the dense run; keeps ``init.pt`` and, for ``epoch:K``, ``rewind_epochK.pt``."""
@@ -147,20 +174,7 @@ def train_dense(
     if k and not rewind_file.exists() and _past_epoch(run, k - 1):
         shutil.rmtree(run)  # killed between last.pt and the rewind save (or stopped early)
     exclude = [] if s.include_head else [entry(cfg.model.arch).head]
-    model: list[nn.Module] = []
-
-    def prepare(m: nn.Module) -> None:
-        model.append(m)
-        if not (run / "mask.pt").exists():
-            Mask.dense(m, exclude).save(run / "mask.pt")
-        if not (out_dir / "init.pt").exists():
-            atomic_save(plain_state_dict(m), out_dir / "init.pt")
-
-    def keep_rewind_point(epoch: int, row: dict[str, Any]) -> None:
-        if k and epoch == k - 1:
-            atomic_save(plain_state_dict(model[0]), rewind_file)
-
-    _train(cfg, run, prepare, (keep_rewind_point, *callbacks), evaluate)
+    _train(cfg, run, (_Dense(run, out_dir, exclude, k, rewind_file), *callbacks), evaluate)
     if k and not rewind_file.exists():
         raise MedxferError(
             f"level 0 ended before epoch {k}, so there is no state to rewind to",
@@ -200,21 +214,23 @@ def source_dir(out_dir: Path, level: int) -> Path:
     return run_dir(out_dir, level - 1, "dense" if level == 1 else "ticket")
 
 
-def make_prepare(mask: Mask, state: Callable[[nn.Module], State]) -> Callable[[nn.Module], None]:
-    """``fit``'s hook: load the starting weights, then attach the mask (zeroing the pruned)."""
+class StartMasked(Callback):
+    """``fit``'s callback for a pruned run: load the starting weights (``state(model)``), then
+    attach the mask (zeroing the pruned)."""
 
-    def prepare(model: nn.Module) -> None:
+    def __init__(self, mask: Mask, state: Callable[[nn.Module], State]) -> None:
+        self.mask, self.state = mask, state
+
+    def prepare_model(self, model: nn.Module) -> None:
         try:
-            model.load_state_dict(state(model))
+            model.load_state_dict(self.state(model))
         except RuntimeError as err:
             first = str(err).splitlines()[1:2] or [str(err)]
             raise MedxferError(
                 f"the starting weights do not fit the model: {first[0].strip()}",
                 "the lottery folder was made with another model; use another --out or --force",
             ) from None
-        attach(model, mask)
-
-    return prepare
+        attach(model, self.mask)
 
 
 def _mask(path: Path, make: Callable[[], Mask]) -> Mask:
@@ -232,7 +248,7 @@ def train_level(
     level: int,
     kept: int,
     s: Settings,
-    callbacks: tuple[EpochCallback, ...] = (),
+    callbacks: Sequence[Callback] = (),
     *,
     evaluate: Evaluate,
 ) -> None:
@@ -280,7 +296,7 @@ def _train_pruned(
     mask: Mask,
     state: Callable[[nn.Module], State],
     s: Settings,
-    callbacks: tuple[EpochCallback, ...],
+    callbacks: Sequence[Callback],
     evaluate: Evaluate,
 ) -> None:
     run = run_dir(out_dir, level, kind)
@@ -306,7 +322,7 @@ def _train_pruned(
         teacher = dense_teacher(cfg, out_dir, s, weight)
     atomic_write_json(info, run / "prune.json")
     console.print(f"level {level} {kind}: sparsity {mask.sparsity:.4f}")
-    _train(run_cfg, run, make_prepare(mask, state), callbacks, evaluate, start, teacher)
+    _train(run_cfg, run, (StartMasked(mask, state), *callbacks), evaluate, start, teacher)
 
 
 def check_run(run: Path, distill: dict[str, Any]) -> None:
@@ -355,13 +371,13 @@ def run_lottery(
     distill_temperature: float = 4.0,
     weights: str = "last",
     ticket_distill: float = 0.0,
-    callbacks: tuple[EpochCallback, ...] = (),
+    callbacks: Sequence[Callback] = (),
     dense_run: Path | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) the whole lottery in ``out_dir``; returns the ``lottery.json`` summary.
 
     Every run trains ``lottery_config(cfg)`` (``prune.image_size`` / ``prune.epochs`` applied).
-    ``dense_run``: a finished run of that same config (made with ``save_init``) becomes level 0
+    ``dense_run``: a finished run of that same config (made with ``SaveInit``) becomes level 0
     instead of a second dense training (see ``adopt_dense``). ``evaluate``: what tests each
     run after ``fit`` and writes its metrics.json (``medxfer.evaluate.finish.evaluate_trained``,
     passed in by the command: this layer lies below evaluation)."""

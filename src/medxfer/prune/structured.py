@@ -26,7 +26,6 @@ import gc
 import importlib.util
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from medxfer.prune.export import measure_latency, onnxruntime_latency
 from medxfer.prune.lottery import finetune_config
 from medxfer.prune.magnitude import fold_reparam
 from medxfer.runs import is_complete, make_run_dir
+from medxfer.train.callbacks import Callback
 from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
 from medxfer.train.distill import Teacher
 from medxfer.train.loop import fit
@@ -301,15 +301,31 @@ def _finetune_cfg(cfg: ExperimentConfig, epochs: int, lr_scale: float) -> Experi
     })  # fmt: skip
 
 
-def _prepare(
-    state: State, head: str, ratios: list[float], states: list[State], size: int
-) -> Callable[[nn.Module], None]:
-    states = list(states)
+class _Replay(Callback):
+    """``fit``'s callback for a fine-tuning step: the cut network (``_replay``) to start from."""
 
-    def prepare(model: nn.Module) -> None:
-        _replay(model, state, head, ratios, states, size)
+    def __init__(
+        self, state: State, head: str, ratios: list[float], states: list[State], size: int
+    ) -> None:
+        self.state, self.head, self.ratios, self.size = state, head, ratios, size
+        self.states = list(states)  # as they are now: the caller appends to its list
 
-    return prepare
+    def prepare_model(self, model: nn.Module) -> None:
+        _replay(model, self.state, self.head, self.ratios, self.states, self.size)
+
+
+class _Soft(Callback):
+    """``fit``'s callback for soft filter pruning: start from ``state``; before each epoch,
+    zero the share of channels ``schedule`` gives that epoch."""
+
+    def __init__(self, state: State, head: str, schedule: list[float], size: int) -> None:
+        self.state, self.head, self.schedule, self.size = state, head, schedule, size
+
+    def prepare_model(self, model: nn.Module) -> None:
+        model.load_state_dict(self.state)
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        zero_channels(model, self.head, self.schedule[epoch], self.size)
 
 
 def _step_epochs(total: int, steps: int) -> list[int]:
@@ -343,16 +359,9 @@ def _soft_phase(
     else:
         console.print(f"soft filter pruning: {epochs} epochs on the whole network, "
                       f"{schedule[0]:.0%} to {ratio:.0%} of the channels zeroed")  # fmt: skip
-
-        def zero(model: nn.Module, epoch: int) -> None:
-            zero_channels(model, head, schedule[epoch], size)
-
-        def load(model: nn.Module) -> None:
-            model.load_state_dict(state)
-
         trained = fit(cfg, run_dir, resume=(run_dir / "last.pt").exists(),
-                      prepare_model=load, teacher=teacher,
-                      recalibrate=False, epoch_start=zero)  # fmt: skip
+                      callbacks=(_Soft(state, head, schedule, size),), teacher=teacher,
+                      recalibrate=False)  # fmt: skip
         metrics = evaluate(trained, evaluate_test=False)
     last = load_checkpoint(run_dir / "last.pt")
     history = last["history"]
@@ -453,10 +462,10 @@ def run_structured(
             if steps > 1:
                 console.print(f"structured step {i + 1}/{steps}: "
                               f"{ratio * (i + 1) / steps:.0%} of the channels removed")  # fmt: skip
-            prepare = _prepare(start, head, ratios[: i + 1], states, size)
+            replay = _Replay(start, head, ratios[: i + 1], states, size)
             tested = run_dir == out  # the steps before the last never see the test split
             trained = fit(step_cfg, run_dir, resume=(run_dir / "last.pt").exists(),
-                          prepare_model=prepare, teacher=teacher, recalibrate=tested)  # fmt: skip
+                          callbacks=(replay,), teacher=teacher, recalibrate=tested)  # fmt: skip
             metrics = evaluate(trained, evaluate_test=tested, trust=False)
         rows.append(_step_row(ratio * (i + 1) / steps, epochs[i], metrics))
         if run_dir != out:

@@ -17,7 +17,7 @@ import io
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from medxfer.data.loader import BatchLoader
 from medxfer.errors import MedxferError
 from medxfer.runs import make_run_dir
 from medxfer.train import compute as compute_mod
+from medxfer.train.callbacks import Callback, Callbacks
 from medxfer.train.checkpoint import (
     atomic_save,
     atomic_write_json,
@@ -43,8 +44,6 @@ from medxfer.train.record import check_resume, record
 from medxfer.train.setup import Setup, build, frozen_modules, set_trainable
 from medxfer.train.trained import TrainedRun
 
-EpochCallback = Callable[[int, dict[str, Any]], None]
-EpochStart = Callable[[torch.nn.Module, int], None]
 console = Console(stderr=True)
 
 
@@ -119,26 +118,24 @@ def fit(
     run_dir: Path,
     *,
     resume: bool = False,
-    callbacks: tuple[EpochCallback, ...] = (),
-    prepare_model: Callable[[torch.nn.Module], None] | None = None,
+    callbacks: Sequence[Callback] = (),
     recalibrate: bool = True,
     start_epoch: int = 0,
     teacher: Teacher | None = None,
-    epoch_start: EpochStart | None = None,
 ) -> TrainedRun:
     """Train ``cfg`` into ``run_dir``; return the trained run with its best model loaded
     (``medxfer.evaluate.finish.evaluate_trained`` evaluates it and writes metrics.json).
 
-    ``prepare_model`` is called on the bare network after it is built and before training (or
-    resuming) starts: the hook later stages use to load a rewound state or attach pruning masks.
-    ``callbacks`` are called after every epoch with (epoch, history row).
+    ``callbacks``: the ``Callback`` hooks (``medxfer.train.callbacks``), called in order:
+    ``prepare_model`` on the bare network after it is built and before training (or resuming)
+    starts, where later stages load a rewound state or attach pruning masks;
+    ``on_epoch_start`` before each epoch trains (also the first epoch after a resume), where
+    soft pruning zeroes channels; ``on_epoch_end`` with (epoch, history row) after every epoch.
     ``recalibrate=False`` skips the BatchNorm recalibration (``train.bn_recalibrate``): tuning
     trials, whose value is their best per-epoch validation score, and runs never tested.
     ``start_epoch=k`` begins a fresh run at epoch ``k`` of the schedule (epochs before it are
     skipped and the LR schedule is advanced past them): late rewinding retrains from epoch k.
     ``teacher``: distill from this trained model besides the labels (``DistillationLoss``).
-    ``epoch_start(model, epoch)`` is called on the bare network before each epoch trains (also
-    the first epoch after a resume): soft pruning zeroes channels there.
     """
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
@@ -152,8 +149,8 @@ def fit(
     if c.is_main:
         ensure_dir(run_dir.parent)  # one message when the file system refuses
         make_run_dir(run_dir, "train")
-    if prepare_model is not None:
-        prepare_model(_bare(s.model))
+    hooks = Callbacks(callbacks)
+    hooks.prepare_model(_bare(s.model))
     if teacher is not None:
         s.loss_fn = DistillationLoss(s.loss_fn, teacher, c.device, c.channels_last)
     if c.is_main:
@@ -193,8 +190,7 @@ def fit(
         set_trainable(s.built, head_only=head_only)
         torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout etc. replay after a resume
         s.train_loader.set_epoch(epoch)
-        if epoch_start is not None:
-            epoch_start(_bare(s.model), epoch)
+        hooks.on_epoch_start(epoch, _bare(s.model))
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": s.opt.param_groups[0]["lr"],
                                "threads": torch.get_num_threads()}  # fmt: skip
         t0 = time.perf_counter()
@@ -226,8 +222,7 @@ def fit(
                 f"{row['train_images_per_s']:.1f} img/s{' *' if improved else ''}"
             )
         compute_mod.barrier(c)
-        for cb in callbacks:
-            cb(epoch, row)
+        hooks.on_epoch_end(epoch, row)
         if cfg.train.early_stopping and stale >= cfg.train.early_stopping:
             if c.is_main:
                 console.print(f"early stopping: no val improvement for {stale} epochs")

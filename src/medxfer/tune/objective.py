@@ -19,7 +19,8 @@ import optuna
 from medxfer.config import ExperimentConfig, with_values
 from medxfer.errors import MedxferError
 from medxfer.runs import config_inputs, remove_run_dir
-from medxfer.train.loop import EpochCallback, fit
+from medxfer.train.callbacks import Callback
+from medxfer.train.loop import fit
 from medxfer.train.trained import Evaluate
 from medxfer.tune.search_space import Param, apply_params, suggest
 
@@ -54,17 +55,22 @@ def best_config(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentCon
     return apply_params(base, values)
 
 
-def report_callback(trial: optuna.Trial, metric: str) -> EpochCallback:
-    """An epoch callback for ``fit``: report the metric; raise ``TrialPruned`` when told to."""
+class Report(Callback):
+    """``fit``'s callback in a trial: keep each epoch's ``metric`` (``seen``) and report it to
+    the trial; raise ``TrialPruned`` (which stops ``fit``) when the pruner says so."""
 
-    def report(epoch: int, row: dict[str, Any]) -> None:
-        value = float(row[metric])
-        trial.report(value, epoch)
-        if trial.should_prune():
-            trial.set_user_attr("pruned_after_epoch", epoch + 1)
-            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {metric} {value:.4f}")
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.seen: list[float] = []
 
-    return report
+    def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
+        value = float(row[self.metric])
+        self.seen.append(value)
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            self.trial.set_user_attr("pruned_after_epoch", epoch + 1)
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {self.metric} {value:.4f}")
 
 
 def best_of(history: list[float], metric: str) -> float:
@@ -99,18 +105,9 @@ class Objective:
         if run_dir.exists():  # a leftover of an earlier attempt under this number: start fresh
             remove_run_dir(run_dir, inputs=config_inputs(cfg))
         trial.set_user_attr("trial_dir", str(run_dir))
-        seen: list[float] = []
-
-        def keep(epoch: int, row: dict[str, Any]) -> None:
-            seen.append(float(row[self.metric]))
-
+        report = Report(trial, self.metric)
         try:
-            trained = fit(
-                cfg,
-                run_dir,
-                callbacks=(keep, report_callback(trial, self.metric)),
-                recalibrate=False,
-            )
+            trained = fit(cfg, run_dir, callbacks=(report,), recalibrate=False)
             result = self.evaluate(trained, evaluate_test=False)
         except MedxferError as err:
             trial.set_user_attr("error", err.message)
@@ -119,7 +116,7 @@ class Objective:
             (run_dir / "last.pt").unlink(missing_ok=True)  # trials are never resumed
         trial.set_user_attr("epochs_run", result["epochs_run"])
         trial.set_user_attr("best_epoch", result["best_epoch"])
-        value = best_of(seen, self.metric)
+        value = best_of(report.seen, self.metric)
         if not math.isfinite(value):  # diverged: a failed trial, not one to retry
             raise FloatingPointError(f"{self.metric} is {value} (training diverged)")
         return value
