@@ -13,8 +13,7 @@ import timm
 import torch
 
 from medxfer.config import ExperimentConfig, load_config
-from medxfer.gan.gate import feature_variant
-from medxfer.gan.projected import ProjectedCritic, feature_size, hinge_critic_loss
+from medxfer.gan.projected import ProjectedCritic, feature_size, feature_variant, hinge_critic_loss
 from medxfer.gan.synthesize import sample_gan
 from medxfer.gan.trainer import train_gan, with_recipe
 

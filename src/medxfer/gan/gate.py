@@ -161,14 +161,6 @@ def _distances(real: np.ndarray, synth: np.ndarray, seed: int) -> dict[str, Any]
     }
 
 
-def feature_variant(critic: str) -> int:
-    """Which EfficientNet-Lite judges a GAN's images: Lite0, unless the critic was trained on
-    Lite0's own features (``gan.critic=projected``). Such a generator learns to match exactly
-    those features, and could pass a gate that measures them without looking right; Lite2 has
-    other weights and widths, so its images are judged through Lite2 instead."""
-    return 2 if critic == "projected" else 0
-
-
 def _features(groups: dict[str, torch.Tensor], size: int, variant: int) -> dict[str, np.ndarray]:
     """Lite features of every group in one pass (one model build)."""
     from medxfer.gan.quality import lite0_features

@@ -37,6 +37,14 @@ def feature_size(image_size: int) -> int:
     return min(224, 2 * image_size)
 
 
+def feature_variant(critic: str) -> int:
+    """Which EfficientNet-Lite judges a GAN's images: Lite0, unless the critic was trained on
+    Lite0's own features (``gan.critic=projected``). Such a generator learns to match exactly
+    those features, and could pass a gate that measures them without looking right; Lite2 has
+    other weights and widths, so its images are judged through Lite2 instead."""
+    return 2 if critic == "projected" else 0
+
+
 def _lite0_trunk() -> nn.Module:
     from medxfer.models import create_model
 

@@ -25,6 +25,7 @@ from medxfer.data.cache import load_images
 from medxfer.data.generated import read_generated
 from medxfer.data.prepare import prepare
 from medxfer.gan.distances import fid, fit_score, kid, two_sample_accuracy
+from medxfer.gan.projected import feature_variant
 from medxfer.gan.synthesize import generate, load_generator
 from medxfer.train.checkpoint import atomic_write_json
 
@@ -179,7 +180,6 @@ def gan_quality(cfg: ExperimentConfig, manifest: Path, out_dir: Path) -> dict[st
     Real images are cfg's training split (the GAN's own data), at the synthetic images' size;
     TSTR tests on cfg's real test split. Written to ``out_dir/quality.json`` and returned.
     """
-    from medxfer.gan.gate import feature_variant
     from medxfer.gan.report import real_vs_synthetic_grid
     from medxfer.gan.trainer import with_recipe
 

@@ -122,7 +122,8 @@ def gate_generated(
 
     from medxfer.config import config_from_dict
     from medxfer.gan.data import load_train_split
-    from medxfer.gan.gate import describe, fallback, feature_variant, run_gate
+    from medxfer.gan.gate import describe, fallback, run_gate
+    from medxfer.gan.projected import feature_variant
     from medxfer.gan.report import real_vs_synthetic_grid
 
     cfg = config_from_dict(payload["config"])
