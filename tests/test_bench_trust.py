@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from subproc import run as run_diagnosed
 
@@ -69,7 +71,7 @@ def _bench(args: list[str], results: Path, cache: Path) -> tuple[dict, str]:
     env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(results), "MEDXFER_CACHE": str(cache)}
     proc = run_diagnosed([sys.executable, str(BENCH / "trust.py"), *args], timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((results / "trust-demo.json").read_text()), proc.stdout
+    return json.loads((results / "trust" / "demo.json").read_text()), proc.stdout
 
 
 @pytest.mark.slow
@@ -85,9 +87,16 @@ def test_bench_trust_end_to_end(trained: Path, tmp_path: Path) -> None:
     assert out["near_ood"] is None and out["held_out_class_auroc"] is None
     assert out["targets"]["held_out_class_auroc"]["met"] is None
     assert out["robust_covariate_gain"] is None
-    # 2. trained here; the base run as its own robust run
+    # 2. trained here; as the other policy's run, a copy of the run whose config says robust
+    # (the same weights: a zero gain, the plumbing only)
+    other_policy = tmp_path / "robust-copy"
+    shutil.copytree(trained, other_policy)
+    cfg = yaml.safe_load((other_policy / "config.yaml").read_text())
+    assert cfg["augment"]["policy"] == "standard"
+    cfg["augment"]["policy"] = "robust"
+    (other_policy / "config.yaml").write_text(yaml.safe_dump(cfg))
     args = [*common, "--held-out-class", "ring", "--train-held-out", *FAST,
-            "--robust-run", str(trained)]  # fmt: skip
+            "--policy-run", str(other_policy)]  # fmt: skip
     out, _ = _bench(args, results, cache)
     assert set(SUMMARY) <= set(out) and out["dataset"] == "demo"
     assert out["conformal_nominal"] == 0.9 and out["trust"]["coverage"] == 0.9
@@ -116,7 +125,7 @@ def test_bench_trust_end_to_end(trained: Path, tmp_path: Path) -> None:
     assert out["robust_covariate_gain"] == 0.0 and out["robust_id_cost"] == 0.0
     assert out["targets"]["conformal_mean_set_size"]["met"] is None  # no target for the demo
     for fig in out["figures"]:
-        assert (results / "trust-demo" / Path(fig).name).stat().st_size > 1000
+        assert (results / "trust" / "demo" / Path(fig).name).stat().st_size > 1000
     # the base cases (and so an interrupted call's) are read back from the work folder: only
     # the held-out run's cases were scored in this call
     assert set(out["seconds"]["cases"]) == {"held-out/test", "held-out/class-ring"}
