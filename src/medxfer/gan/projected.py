@@ -5,9 +5,11 @@ offline ImageNet EfficientNet-Lite0 (the backbone Projected GAN itself uses), fr
 mode. Four of its stages (strides 4, 8, 16, 32) are projected by fixed random 1x1 convolutions
 (cross-channel mixing) to ``PROJ_CHANNELS`` channels each, and a small discriminator per scale
 (spectral-normalised stride-2 convolutions down to 4x4, then a minibatch-standard-deviation
-channel) scores them; the scores are summed. The minibatch spread is not in Projected GAN: the
-first CPU run with its batch-normalised heads made one image per class (the same X-ray for
-every z), and a critic that sees the spread of a batch penalises that.
+channel) scores them; the scores are summed. The minibatch spread is not in Projected GAN: a
+CPU run with its batch-normalised heads made one image per class (the same X-ray for every z),
+and a critic that sees the spread of a batch can penalise that. In the CPU hour measured (the
+imbalance study) the generator collapsed with the spread channel too, and the gate kept its
+images out.
 With classes, each head adds a projection term <embed(y), pooled features> (Miyato & Koyama).
 
 The images (gray or RGB, in [-1, 1], the backbone's own input range) are resized to
