@@ -314,7 +314,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
         "weights",
         "ticket_distill",
     ),
-    "gan": ("quality_size",),
+    "gan": ("quality_size", "critic"),
 }
 
 
