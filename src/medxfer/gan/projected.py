@@ -48,9 +48,9 @@ def feature_variant(critic: str) -> int:
 
 
 def _lite0_trunk() -> nn.Module:
-    from medxfer.models import create_model
+    from medxfer.models.backbones import imagenet_lite
 
-    return create_model("efficientnet_lite0", weights="imagenet", num_classes=2).model
+    return imagenet_lite(0)
 
 
 def minibatch_std(h: torch.Tensor, group: int = MBSTD_GROUP) -> torch.Tensor:

@@ -45,15 +45,10 @@ def lite0_features(
 ) -> np.ndarray:
     """uint8 (N, S, S[, 3]) -> float64 (N, 1280) pooled features of the images resized to
     ``size`` px (eval mode, CPU/GPU auto), by EfficientNet-Lite0 (or Lite``variant``)."""
-    from medxfer.models import create_model
     from medxfer.models.backbones import LITE0_PREPROCESS, imagenet_lite
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if variant == 0:
-        net = create_model("efficientnet_lite0", weights="imagenet", num_classes=2).model
-    else:
-        net = imagenet_lite(variant)
-    model: Any = net.eval().to(device)  # timm: forward_features / forward_head
+    model: Any = imagenet_lite(variant).eval().to(device)  # timm: forward_features / head
     mean = torch.tensor(LITE0_PREPROCESS.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(LITE0_PREPROCESS.std, device=device).view(1, 3, 1, 1)
     out = []

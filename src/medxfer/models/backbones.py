@@ -146,25 +146,21 @@ def load_lite0_weights(model: nn.Module) -> None:
     load_lite_weights(model, 0)
 
 
-def imagenet_lite(variant: int) -> nn.Module:
-    """timm's ``efficientnet_lite<variant>`` with its offline ImageNet weights (1000 classes;
-    inputs in [-1, 1]), e.g. as a feature extractor."""
+def imagenet_lite(variant: int, *, pretrained: bool = True) -> nn.Module:
+    """timm's ``efficientnet_lite<variant>`` (1000 classes; inputs in [-1, 1]), with its offline
+    ImageNet weights when ``pretrained``, e.g. as a feature extractor."""
     import timm
 
+    # bn_eps=1e-3: the checkpoints are ports of the TensorFlow models, trained with eps 1e-3
+    # (timm's default is 1e-5; 3% of Lite0's BN channels have running variance below 1e-3).
     model = timm.create_model(
         f"efficientnet_lite{variant}", pretrained=False, num_classes=1000, bn_eps=1e-3
     )
-    load_lite_weights(model, variant)
+    if pretrained:
+        load_lite_weights(model, variant)
     return model
 
 
 @register_model("efficientnet_lite0", head="classifier", gradcam_layer="bn2", family="efficientnet")
 def efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
-    import timm
-
-    # bn_eps=1e-3: the checkpoint is a port of the TensorFlow model, trained with eps 1e-3
-    # (timm's default is 1e-5; 3% of its BN channels have running variance below 1e-3).
-    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000, bn_eps=1e-3)
-    if pretrained:
-        load_lite0_weights(model)
-    return model, LITE0_PREPROCESS
+    return imagenet_lite(0, pretrained=pretrained), LITE0_PREPROCESS
