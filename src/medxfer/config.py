@@ -241,6 +241,10 @@ class GanConfig:
     # projected = small heads on frozen ImageNet EfficientNet-Lite0 features (Projected GAN,
     # Sauer et al. 2021), hinge loss, no gradient penalty (gp_weight is ignored)
     critic: Literal["plain", "projected"] = "plain"
+    # > 0: the mode-seeking term (Mao et al. 2019, MSGAN) with this weight in the generator's
+    # loss: each step pairs two noise vectors per label and penalises 1 / (image distance / z
+    # distance), so a generator that makes one image per class pays for it
+    diversity: float = 0.0
     # a named schedule filling every key above still at its default (a key you set wins):
     #   cpu-64   64 px, width 16, batch 32, n_critic 5, ema 0.995, 60 minutes (about 2,000
     #            generator steps on 2 CPU cores)
@@ -314,7 +318,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
         "weights",
         "ticket_distill",
     ),
-    "gan": ("quality_size", "critic"),
+    "gan": ("quality_size", "critic", "diversity"),
 }
 
 

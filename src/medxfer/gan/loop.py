@@ -18,7 +18,7 @@ import torch
 from medxfer.config import GanConfig
 from medxfer.gan.augment import diff_augment
 from medxfer.gan.data import GanData, to_unit
-from medxfer.gan.losses import critic_loss, generator_loss, gradient_penalty
+from medxfer.gan.losses import critic_loss, generator_loss, gradient_penalty, mode_seeking_loss
 from medxfer.gan.networks import Critic, Generator, build_pair
 from medxfer.gan.projected import ProjectedCritic, hinge_critic_loss
 
@@ -95,10 +95,15 @@ class GanLoop:
             (loss + gp).backward()
             self.opt_d.step()
         _, y = self._real(g)  # labels drawn with the data's class frequencies
-        fake = self.g(self._z(g), y)
+        z = self._z(g)
+        if self.gc.diversity > 0:  # two noise vectors per label: the halves share their labels
+            half = len(y) // 2
+            y = torch.cat([y[:half], y[:half], y[2 * half :]])
+        fake = self.g(z, y)
+        ms = mode_seeking_loss(fake, z) if self.gc.diversity > 0 else torch.zeros(())
         if self.gc.diffaugment:  # differentiable: the generator learns through it
             fake = diff_augment(fake, g)
-        g_loss = generator_loss(self.d(fake, y))
+        g_loss = generator_loss(self.d(fake, y)) + self.gc.diversity * ms
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()
@@ -116,6 +121,8 @@ class GanLoop:
             "gp": float(gp.detach()),
             "g_loss": float(g_loss.detach()),
         }
+        if self.gc.diversity > 0:
+            row["mode_seeking"] = float(ms.detach())
         self.history.append(row)
         return row
 

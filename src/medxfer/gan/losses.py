@@ -45,3 +45,13 @@ def critic_loss(
 
 def generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
     return -fake_scores.mean()
+
+
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's term (Mao et al. 2019) for a batch whose halves share their labels: 1 / (mean
+    absolute image difference / mean absolute z difference between the halves). Small when
+    different noise makes different images; large when the generator ignores z."""
+    half = len(fake) // 2
+    images = (fake[:half] - fake[half : 2 * half]).abs().mean()
+    noise = (z[:half] - z[half : 2 * half]).abs().mean()
+    return 1.0 / (images / noise + eps)

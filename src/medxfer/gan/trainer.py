@@ -74,8 +74,9 @@ def gan_fingerprint(cfg: ExperimentConfig) -> str:
     cfg = with_recipe(cfg)
     skip = (*_RUN_KEYS, "recipe", "gate_fallback", "gate_images", "gate_size")
     g = {k: v for k, v in asdict(cfg.gan).items() if k not in skip}
-    if g["critic"] == "plain":  # added later: generators trained before keep their hash
-        g.pop("critic")
+    for key, before in (("critic", "plain"), ("diversity", 0.0)):
+        if g[key] == before:  # added later: generators trained before keep their hash
+            g.pop(key)
     d = {k: v for k, v in asdict(cfg.data).items() if k not in ("synthetic", "synthetic_ratio")}
     blob = json.dumps({"gan": g, "data": d, "hflip": cfg.augment.hflip}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -94,6 +95,8 @@ def check_gan_config(gc: GanConfig) -> None:
             f"gan.gate_fallback={gc.gate_fallback!r} is not a strategy",
             "use oversample, class_weight or none",
         )
+    if gc.diversity < 0:
+        raise MedxferError(f"gan.diversity={gc.diversity} is negative", "use 0 (off) or e.g. 1")
     if gc.sample_every < 1 or gc.checkpoint_every < 1 or not 0 <= gc.ema < 1:
         raise MedxferError(
             "gan.sample_every and gan.checkpoint_every must be positive and gan.ema in [0, 1)",
