@@ -250,7 +250,7 @@ class GanConfig:
     #            generator steps on 2 CPU cores)
     #   gpu-128  128 px, width 64, batch 64, n_critic 5, ema 0.999, 20,000 steps or 60 minutes
     #   cpu-64-projected   64 px, critic projected, width 32, batch 32, n_critic 1, lr 2e-4,
-    #            beta2 0.99, ema 0.995, 60 minutes
+    #            beta2 0.99, ema 0.995, diversity 1, 60 minutes
     recipe: Literal["", "cpu-64", "cpu-64-projected", "gpu-128"] = ""
     # The quality gate (medxfer.gan.gate), on the training split only: a class whose synthetic
     # images fail it gets none in training, and the run uses this strategy instead:
