@@ -21,6 +21,7 @@ from subproc import run as run_diagnosed
 
 from medxfer.cli import main
 from medxfer.evaluate.shifts import SEVERITIES, SHIFTS
+from medxfer.evaluate.trust_detectors import DETECTORS
 
 pytest.importorskip("medxfer.evaluate.trust")  # the trust library this bench measures
 
@@ -111,7 +112,7 @@ def test_bench_trust_end_to_end(trained: Path, tmp_path: Path) -> None:
     }
     for r in covariate:
         assert sum(r["flags"].values()) == pytest.approx(1.0, abs=1e-3)
-        assert set(r["detectors"]) == {"msp", "energy", "mahalanobis", "knn", "vim", "chosen"}
+        assert set(r["detectors"]) == {*DETECTORS, "chosen"}
     # far-OOD: the other dataset only (the synthetic set is this run's own data)
     assert [r["case"] for r in out["far_ood"]] == ["other-dataset"]
     assert out["far_ood_auroc"] == out["far_ood"][0]["detectors"]["chosen"]["auroc"]

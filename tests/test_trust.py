@@ -15,6 +15,7 @@ from scipy.special import logsumexp, softmax
 
 from medxfer.cli import main
 from medxfer.config import load_config
+from medxfer.errors import MedxferError
 from medxfer.evaluate import conformal, selective
 from medxfer.evaluate.trust_detectors import Detectors, fit_detectors
 
@@ -59,6 +60,46 @@ def test_detector_scores_equal_hand_computed_values() -> None:
     np.testing.assert_allclose(det.mu, mu, rtol=1e-5)
     lw = LedoitWolf(assume_centered=True).fit(z_train - mu[y])
     np.testing.assert_allclose(det.precision, lw.precision_, rtol=1e-4)
+
+
+def test_layers_detector_equals_hand_computed_values() -> None:
+    """``layers``: per-stage Ledoit-Wolf Mahalanobis of the stage statistics and the
+    penultimate Mahalanobis, each standardised on validation, averaged; and it survives the
+    safetensors round trip."""
+    from sklearn.covariance import LedoitWolf
+
+    from medxfer.evaluate.trust_detectors import detectors_from
+
+    rng = np.random.default_rng(1)
+    pen, dims = 6, (4, 2)
+    train = rng.normal(size=(60, pen + sum(dims)))
+    y = np.repeat([0, 1, 2], 20)
+    w, b = rng.normal(size=(3, pen)), rng.normal(size=3)
+    det = fit_detectors(train, y, w, b, k=3, stage_dims=dims)
+    val = rng.normal(size=(30, pen + sum(dims)))
+    val_logits = val[:, :pen] @ w.T + b
+    assert "layers" not in det.scores(val, val_logits)  # not standardised yet
+    det.standardise_layers(val, val_logits)
+    x = rng.normal(size=(5, pen + sum(dims))) * 3
+    logits = x[:, :pen] @ w.T + b
+
+    def hand(rows: np.ndarray) -> np.ndarray:
+        cols = []
+        for lo, hi in ((pen, pen + 4), (pen + 4, pen + 6)):
+            lw = LedoitWolf().fit(train[:, lo:hi])
+            d = rows[:, lo:hi] - train[:, lo:hi].mean(0)
+            cols.append(np.einsum("nd,de,ne->n", d, lw.precision_, d))
+        cols.append(det.scores(rows, rows[:, :pen] @ w.T + b)["mahalanobis"])
+        return np.stack(cols, 1)
+
+    ref = hand(val)
+    want = ((hand(x) - ref.mean(0)) / ref.std(0)).mean(1)
+    got = det.scores(x, logits)
+    np.testing.assert_allclose(got["layers"], want, rtol=1e-3, atol=1e-3)
+    back = detectors_from(det.tensors(), det.vim_alpha, det.k)
+    np.testing.assert_allclose(back.scores(x, logits)["layers"], want, rtol=1e-3, atol=1e-3)
+    with pytest.raises(MedxferError, match="refit"):  # features from another architecture
+        det.scores(x[:, :-1], logits)
 
 
 def test_selective_metrics_hand_computed() -> None:
@@ -142,7 +183,7 @@ def test_training_writes_trust_files_and_metrics(trained: dict[str, Any]) -> Non
     assert 0 < t["test"]["conformal"]["mean_set_size"] <= 4
     record = json.loads((run / "trust.json").read_text())
     assert record["validation"]["flags"]["ok"] == pytest.approx(0.95, abs=0.02)
-    assert record["ood_detector"] in ("mahalanobis", "knn", "vim")
+    assert record["ood_detector"] in ("mahalanobis", "knn", "vim", "layers")
     assert (
         json.loads((run / "metrics.json").read_text())["trust"]["ood_detector"]
         == (record["ood_detector"])

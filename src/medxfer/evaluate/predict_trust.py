@@ -60,8 +60,9 @@ def _row(path: Path, classes: list[str], ts: TrustScores | None, i: int,
     row = [str(path), classes[int(p.argmax())], *[f"{v:.6f}" for v in p]]
     if ts is not None:
         members = "|".join(c for c, s in zip(classes, ts.sets[i], strict=True) if s)
+        scores = [f"{ts.scores[d][i]:.6g}" if d in ts.scores else "" for d in DETECTORS]
         row += [str(ts.flag[i]), members, f"{ts.ood_score[i]:.6g}", f"{ts.failure_score[i]:.6g}",
-                *[f"{ts.scores[d][i]:.6g}" for d in DETECTORS]]  # fmt: skip
+                *scores]  # fmt: skip
     return [*row, ""]
 
 

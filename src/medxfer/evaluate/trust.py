@@ -26,6 +26,7 @@ from medxfer.evaluate.trust_detectors import (
     features_and_logits,
     fit_detectors,
     head_module,
+    stage_widths,
 )
 
 TRUST_JSON, TRUST_TENSORS = "trust.json", "trust.safetensors"
@@ -121,7 +122,9 @@ def fit_on_arrays(
     val_f, val_logits = features_and_logits(model, meta, val[0], batch_size)
     head = head_module(model, str(meta["arch"]))
     det = fit_detectors(train_f, train[1][keep], head.weight.detach().cpu().double().numpy(),
-                        head.bias.detach().cpu().double().numpy(), k=k, seed=seed)  # fmt: skip
+                        head.bias.detach().cpu().double().numpy(), k=k, seed=seed,
+                        stage_dims=stage_widths(model, meta, val[0]))  # fmt: skip
+    det.standardise_layers(val_f, val_logits)
     val_scores = det.scores(val_f, val_logits)
     few = val[0][_subsample(val[1], PROXY_IMAGES, seed)]
     proxies = {

@@ -1,6 +1,7 @@
 """Choices made on validation only: the default detector, the failure score and the thresholds.
 
-* The ``unfamiliar`` detector is the feature distance (Mahalanobis, kNN, ViM) that best tells
+* The ``unfamiliar`` detector is the feature distance (Mahalanobis, kNN, ViM, or ``layers``:
+  Mahalanobis distances at several depths) that best tells
   validation images from shifted copies of themselves (uniform noise, inverted intensities,
   blur, resolution loss): mean AUROC over those proxies, ties to the earlier in ``DISTANCES``.
 * The failure score combines a confidence with that distance, either as the mean of their
@@ -35,14 +36,15 @@ def choose_detector(
     """The distance detector with the best mean AUROC, validation against each proxy shift,
     and the table of every detector's AUROC / FPR@95 per proxy."""
     table: dict[str, dict[str, Any]] = {}
-    for name in DETECTORS:
+    for name in [d for d in DETECTORS if d in val]:  # ``layers``: not for every run
         per = {p: ood_auroc_fpr95(val[name], s[name]) for p, s in proxies.items()}
         table[name] = {
             "auroc": {p: round(a, 4) for p, (a, _) in per.items()},
             "fpr95": {p: round(f, 4) for p, (_, f) in per.items()},
             "mean_auroc": round(float(np.mean([a for a, _ in per.values()])), 4),
         }
-    best = max(DISTANCES, key=lambda n: (table[n]["mean_auroc"], -DISTANCES.index(n)))
+    best = max([d for d in DISTANCES if d in table],
+               key=lambda n: (table[n]["mean_auroc"], -DISTANCES.index(n)))  # fmt: skip
     return best, table
 
 

@@ -50,8 +50,8 @@ RECIPES: dict[str, dict[str, Any]] = {  # documented at GanConfig.recipe
                 "sample_every": 1000, "checkpoint_every": 500, "device": "auto"},
     "cpu-64-projected": {"image_size": 64, "critic": "projected", "width": 32, "batch_size": 32,
                          "n_critic": 1, "lr": 2e-4, "beta2": 0.99, "ema": 0.995,
-                         "diversity": 1.0, "steps": 100_000, "max_minutes": 60.0, "diffaugment": True,
-                         "sample_every": 250, "checkpoint_every": 50},
+                         "diversity": 1.0, "steps": 100_000, "max_minutes": 60.0,
+                         "diffaugment": True, "sample_every": 250, "checkpoint_every": 50},
 }  # fmt: skip
 
 

@@ -62,24 +62,40 @@ def _tv(arch: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     return model
 
 
-@register_model("resnet18", head="fc", gradcam_layer="layer4.-1", family="resnet")
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+LITE_STAGES = tuple(f"blocks.{i}" for i in range(7))
+
+
+@register_model(
+    "resnet18", head="fc", gradcam_layer="layer4.-1", family="resnet", stages=RESNET_STAGES
+)
 def resnet18(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     return _tv("resnet18", pretrained), _tv_preprocess("resnet18")
 
 
-@register_model("resnet50", head="fc", gradcam_layer="layer4.-1", family="resnet")
+@register_model(
+    "resnet50", head="fc", gradcam_layer="layer4.-1", family="resnet", stages=RESNET_STAGES
+)
 def resnet50(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     return _tv("resnet50", pretrained), _tv_preprocess("resnet50")
 
 
 @register_model(
-    "efficientnet_b0", head="classifier.1", gradcam_layer="features.-1", family="efficientnet"
+    "efficientnet_b0",
+    head="classifier.1",
+    gradcam_layer="features.-1",
+    family="efficientnet",
+    stages=tuple(f"features.{i}" for i in range(1, 8)),
 )
 def efficientnet_b0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     return _tv("efficientnet_b0", pretrained), _tv_preprocess("efficientnet_b0")
 
 
-@register_model("googlenet", head="fc", gradcam_layer="inception5b", family="googlenet")
+@register_model(
+    "googlenet", head="fc", gradcam_layer="inception5b", family="googlenet",
+    stages=("inception3a", "inception3b", "inception4a", "inception4b", "inception4c",
+            "inception4d", "inception4e", "inception5a", "inception5b"),
+)  # fmt: skip
 def googlenet(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     """GoogLeNet without its auxiliary heads.
 
@@ -161,6 +177,12 @@ def imagenet_lite(variant: int, *, pretrained: bool = True) -> nn.Module:
     return model
 
 
-@register_model("efficientnet_lite0", head="classifier", gradcam_layer="bn2", family="efficientnet")
+@register_model(
+    "efficientnet_lite0",
+    head="classifier",
+    gradcam_layer="bn2",
+    family="efficientnet",
+    stages=LITE_STAGES,
+)
 def efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     return imagenet_lite(0, pretrained=pretrained), LITE0_PREPROCESS

@@ -51,16 +51,19 @@ class Entry:
     # EfficientNet-Lite0 ``bn2`` (BN + ReLU6 after conv_head).
     gradcam_layer: str
     family: str
+    # Dotted paths of the blocks whose outputs the ``layers`` trust detector summarises, from
+    # the input end (each block's channel means and standard deviations).
+    stages: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
 def register_model(
-    name: str, *, head: str, gradcam_layer: str, family: str
+    name: str, *, head: str, gradcam_layer: str, family: str, stages: tuple[str, ...] = ()
 ) -> Callable[[Builder], Builder]:
     def deco(fn: Builder) -> Builder:
-        _REGISTRY[name] = Entry(fn, head, gradcam_layer, family)
+        _REGISTRY[name] = Entry(fn, head, gradcam_layer, family, stages)
         return fn
 
     return deco
