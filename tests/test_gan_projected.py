@@ -101,7 +101,9 @@ def test_projected_recipe_and_fingerprint() -> None:
 
     cfg = with_recipe(load_config(None, ["gan.recipe=cpu-64-projected"]))
     assert cfg.gan.critic == "projected" and cfg.gan.n_critic == 1 and cfg.gan.image_size == 64
+    assert cfg.gan.diversity == 1.0
     plain = load_config(None, [])
+    assert gan_fingerprint(load_config(None, ["gan.diversity=1"])) != gan_fingerprint(plain)
     assert gan_fingerprint(load_config(None, ["gan.critic=projected"])) != gan_fingerprint(plain)
     # generators trained before the key existed keep their fingerprint (value before it)
     assert gan_fingerprint(plain) == "2c00ba593e87"
@@ -117,3 +119,43 @@ def test_minibatch_std_sees_a_collapsed_batch() -> None:
     assert a.shape == (8, 4, 4, 4) and torch.equal(a[:, :3], same)
     assert a[:, 3].max() < 1e-3 < b[:, 3].min()
     assert minibatch_std(torch.randn(3, 2, 4, 4)).shape == (3, 3, 4, 4)  # odd batch: groups of 3
+
+
+def test_mode_seeking_term_by_hand_and_the_paired_labels(synth_root: Path, tmp_path: Path) -> None:
+    """MSGAN's term is 1 / (mean image distance / mean z distance) between the halves; with
+    ``gan.diversity`` the halves of a generator batch share their labels, and the term is
+    logged; a collapsed generator (same image for every z) pays far more than a varied one."""
+    from medxfer.gan.losses import mode_seeking_loss
+
+    z = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 3.0]])
+    fake = torch.tensor([[[[0.0]]], [[[1.0]]], [[[0.5]]], [[[-1.0]]]])
+    want = 1.0 / ((0.5 + 2.0) / 2 / ((2.0 + 0.0 + 0.0 + 2.0) / 4) + 1e-5)
+    assert float(mode_seeking_loss(fake, z)) == pytest.approx(want, rel=1e-6)
+    same = fake[:1].expand(4, -1, -1, -1)
+    assert float(mode_seeking_loss(same, z)) > 1e4 * float(mode_seeking_loss(fake, z))
+
+    seen: list[torch.Tensor] = []
+    cfg = _cfg(synth_root, "gan.diversity=1", "gan.critic=plain", "gan.steps=1")
+    import medxfer.gan.loop as loop
+
+    real_forward = loop.Generator.forward
+
+    def spy(self: loop.Generator, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and y is not None:
+            seen.append(y.clone())
+        return real_forward(self, z, y)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop.Generator, "forward", spy)
+        train_gan(cfg, tmp_path / "gan", resume=False)
+    y = seen[-1]
+    half = len(y) // 2
+    assert torch.equal(y[:half], y[half : 2 * half])
+    (path,) = (tmp_path / "gan").rglob("history.json")
+    history = json.loads(path.read_text())
+    assert history[-1]["mode_seeking"] > 0
+    from medxfer.errors import MedxferError
+    from medxfer.gan.trainer import check_gan_config
+
+    with pytest.raises(MedxferError, match="diversity"):
+        check_gan_config(load_config(None, ["gan.diversity=-1"]).gan)
