@@ -137,6 +137,7 @@ def fit_settings(args: argparse.Namespace) -> dict[str, Any]:
         "acceptance": args.acceptance,
         "coverage": args.coverage,
         "class_conditional": args.class_conditional,
+        "detector": args.detector,
     }
 
 

@@ -215,6 +215,25 @@ def test_thresholds_come_from_validation_only(
         assert tm.record[key] == before[key]
 
 
+def test_trust_detector_fixes_the_unfamiliar_detector(trained: dict[str, Any]) -> None:
+    """``--detector`` overrides the validation choice (which is still measured and recorded);
+    an unknown or non-distance detector is refused with the choices."""
+    from medxfer.evaluate import trust
+
+    run = trained["run"]
+    auto = json.loads((run / "trust.json").read_text())
+    assert auto["ood_detector_from"] == "validation proxies"
+    fixed = "knn" if auto["ood_detector"] != "knn" else "mahalanobis"
+    tm = trust.fit_trust(run, detector=fixed)
+    assert tm.record["ood_detector"] == fixed and tm.record["ood_detector_from"] == "trust.detector"
+    table = tm.record["validation"]["detectors_vs_proxy_shifts"]
+    assert "layers" in table and table == auto["validation"]["detectors_vs_proxy_shifts"]
+    with pytest.raises(MedxferError, match="not available"):
+        trust.fit_trust(run, detector="msp")
+    trust.fit_trust(run)  # leave the run as the other tests expect it
+    assert json.loads((run / "trust.json").read_text())["ood_detector"] == auto["ood_detector"]
+
+
 def _far_ood(size: int, n: int = 16) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(5)
     yy, xx = np.mgrid[0:size, 0:size] / size

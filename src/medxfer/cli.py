@@ -7,7 +7,7 @@ medxfer prune [--config FILE] [--data PATH] [key=value ...] [--levels L] [--frac
               [--target-sparsity S] [--rewind init|epoch:K|lr] [--no-controls] [--out DIR]
 medxfer prune --export RUN_DIR [--no-latency] [--no-onnx]
 medxfer predict RUN_OR_CHECKPOINT INPUT [--out preds.csv] [--html page.html]
-medxfer trust RUN_DIR [--acceptance 0.95] [--coverage 0.9] [--class-conditional]
+medxfer trust RUN_DIR [--acceptance 0.95] [--coverage 0.9] [--class-conditional] [--detector auto]
 medxfer shift RUN_OR_CHECKPOINT INPUT [--out shift.json] [--alpha 0.05]
 medxfer adapt RUN_OR_CHECKPOINT INPUT [--out DIR] [--batch-size 64] [--seed 0] [--folds 2]
               [--method adabn|tent] [--steps 0] [--lr 1e-3]
@@ -138,7 +138,8 @@ def _cmd_trust(args: argparse.Namespace) -> int:
     from medxfer.evaluate.trust_run import summary_line, trust_command
 
     r = trust_command(Path(args.run), acceptance=args.acceptance, coverage=args.coverage,
-                      class_conditional=args.class_conditional)  # fmt: skip
+                      class_conditional=args.class_conditional,
+                      detector=args.detector)  # fmt: skip
     console.print(f"default detector {r['ood_detector']}, failure score {r['failure_score']}")
     if "test" in r:
         console.print(summary_line(r["test"]))
@@ -358,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--coverage", type=float, default=0.90, help="conformal set coverage")
     tr.add_argument("--class-conditional", action="store_true",
                     help="calibrate the conformal sets per class (Mondrian)")  # fmt: skip
+    tr.add_argument("--detector", default="auto",
+                    choices=["auto", "mahalanobis", "knn", "vim", "layers"],
+                    help="the unfamiliar detector (auto: chosen on validation; mahalanobis: "
+                    "an unseen finding; layers: another scanner's look)")  # fmt: skip
     tr.set_defaults(func=_cmd_trust)
     sh = _model_and_images(
         sub, "shift", "do unlabelled images look like the validation split to the model? (shift "

@@ -117,6 +117,11 @@ class TrustConfig:
     coverage: float = 0.90  # nominal coverage of the conformal prediction sets
     class_conditional: bool = False  # conformal calibration per class (Mondrian)
     train_images: int = 5000  # training images the detectors are fitted on (seeded; fewer = faster)
+    # the `unfamiliar` detector: auto = the distance that best tells validation images from
+    # shifted copies of them; or fixed: mahalanobis, knn, vim (penultimate features: what the
+    # image shows, e.g. a finding the model never saw) or layers (several depths: also how it
+    # looks, e.g. another scanner); docs/trust.md compares them
+    detector: Literal["auto", "mahalanobis", "knn", "vim", "layers"] = "auto"
 
 
 def default_space() -> dict[str, dict[str, Any]]:

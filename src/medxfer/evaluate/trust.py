@@ -21,6 +21,7 @@ import torch
 from medxfer.errors import MedxferError
 from medxfer.evaluate import conformal, trust_fit
 from medxfer.evaluate.trust_detectors import (
+    DISTANCES,
     Detectors,
     detectors_from,
     features_and_logits,
@@ -109,7 +110,7 @@ def fit_on_arrays(
     model: torch.nn.Module, meta: dict[str, Any], train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray], *, acceptance: float = 0.95, coverage: float = 0.90,
     class_conditional: bool = False, ood_share: float = 0.5, k: int = 10,
-    bank_size: int = 5000, seed: int = 0, batch_size: int = 64,
+    bank_size: int = 5000, seed: int = 0, batch_size: int = 64, detector: str = "auto",
 ) -> TrustModel:  # fmt: skip
     """Fit on (images, labels) of the training split (at most ``bank_size`` of them, seeded)
     and choose on those of the validation split."""
@@ -134,7 +135,7 @@ def fit_on_arrays(
     return fit_from_scores(
         det, val_scores, val_logits, val[1], proxies, acceptance=acceptance, coverage=coverage,
         class_conditional=class_conditional, ood_share=ood_share, seed=seed,
-        n_train=len(keep), classes=list(meta["classes"]),
+        n_train=len(keep), classes=list(meta["classes"]), detector=detector,
     )  # fmt: skip
 
 
@@ -152,10 +153,18 @@ def fit_from_scores(
     det: Detectors, val_scores: dict[str, np.ndarray], val_logits: np.ndarray,
     val_labels: np.ndarray, proxies: dict[str, dict[str, np.ndarray]], *, acceptance: float,
     coverage: float, class_conditional: bool, ood_share: float, seed: int, n_train: int,
-    classes: list[str],
+    classes: list[str], detector: str = "auto",
 ) -> TrustModel:  # fmt: skip
-    """Every choice, from validation scores (and those of its shifted proxies) only."""
+    """Every choice, from validation scores (and those of its shifted proxies) only;
+    ``detector`` other than auto fixes the ``unfamiliar`` detector (still measured)."""
     chosen, table = trust_fit.choose_detector(val_scores, proxies)
+    if detector != "auto":
+        if detector not in table or detector not in DISTANCES:
+            raise MedxferError(
+                f"trust.detector={detector} is not available for this model",
+                f"use auto or one of {', '.join(d for d in DISTANCES if d in table)}",
+            )
+        chosen = detector
     probs = torch.softmax(torch.from_numpy(val_logits).double(), 1).numpy()
     correct = probs.argmax(1) == val_labels
     msp, dist = val_scores["msp"], val_scores[chosen]
@@ -169,6 +178,8 @@ def fit_from_scores(
         "classes": classes, "acceptance": acceptance, "ood_share": ood_share,
         "coverage": coverage, "class_conditional": class_conditional,
         "ood_detector": chosen, "ood_threshold": t_ood, "review_threshold": t_review,
+        "ood_detector_from": ("validation proxies" if detector == "auto"
+                              else "trust.detector"),
         "failure": failure, "knn_k": det.k, "vim_alpha": det.vim_alpha,
         "conformal": {"score": "LAC (1 - p)", "library": "crepes", "empty_sets": "allowed",
                       "thresholds": conformal.thresholds(cal, val_labels, len(classes), coverage,
@@ -204,6 +215,7 @@ def _check(acceptance: float, coverage: float, ood_share: float, n_val: int) -> 
 def fit_trust(
     run_dir: Path, *, acceptance: float = 0.95, coverage: float = 0.90,
     class_conditional: bool = False, ood_share: float = 0.5, k: int = 10,
+    detector: str = "auto",
 ) -> TrustModel:  # fmt: skip
     """Fit a finished run's trust statistics from its training and validation images (the
     data split exactly as training made it; never the test images) and write them into the
@@ -215,7 +227,8 @@ def fit_trust(
     seed, bank = run_settings(meta)
     tm = fit_on_arrays(model, meta, arrays["train"], arrays["val"], acceptance=acceptance,
                        coverage=coverage, class_conditional=class_conditional,
-                       ood_share=ood_share, k=k, seed=seed, bank_size=bank)  # fmt: skip
+                       ood_share=ood_share, k=k, seed=seed, bank_size=bank,
+                       detector=detector)  # fmt: skip
     tm.save(run_dir)
     return tm
 

@@ -138,7 +138,7 @@ def after_training(
             run_dir, model, meta, arrays, acceptance=cfg.trust.acceptance,
             coverage=cfg.trust.coverage, class_conditional=cfg.trust.class_conditional,
             bank_size=cfg.trust.train_images, seed=cfg.train.seed,
-            batch_size=cfg.train.eval_batch_size,
+            batch_size=cfg.train.eval_batch_size, detector=cfg.trust.detector,
         )  # fmt: skip
     except MedxferError as err:
         return {"skipped": err.message}
@@ -150,7 +150,7 @@ def after_training(
 
 def trust_command(
     run_dir: Path, *, acceptance: float = 0.95, coverage: float = 0.90,
-    class_conditional: bool = False,
+    class_conditional: bool = False, detector: str = "auto",
 ) -> dict[str, Any]:  # fmt: skip
     """``medxfer trust RUN``: fit (or refit) a finished run's trust statistics without
     retraining, then add the test metrics to its metrics.json."""
@@ -169,6 +169,7 @@ def trust_command(
         class_conditional=class_conditional,
         seed=seed,
         bank_size=bank,
+        detector=detector,
     )
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
