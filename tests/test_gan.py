@@ -276,6 +276,9 @@ def test_strategies_change_only_their_keys() -> None:
     row = {"minority_recall": 0.5, "test_balanced_accuracy": 0.8}
     lines = verdict({"gan": row, "oversample": row | {"minority_recall": 0.6}})
     assert lines == [lines[0]] and "does not beat `oversample`" in lines[0]
+    # the gate kept every synthetic image out: the gan row is its fallback, and says so
+    lines = verdict({"gan": row | {"synthetic_images_total": 0}, "oversample": row})
+    assert len(lines) == 1 and "no synthetic image" in lines[0] and "beat" not in lines[0]
 
 
 def test_quality_skips_a_class_with_too_few_synthetic_images() -> None:

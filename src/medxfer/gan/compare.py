@@ -116,6 +116,13 @@ def verdict(strategies: dict[str, Any]) -> list[str]:
     """Plain sentences: does synthesis beat doing nothing, and does it beat oversampling?"""
     out = []
     for gan in ("gan", "gan+class_weight"):
+        if gan in strategies and strategies[gan].get("synthetic_images_total", 1) == 0:
+            out.append(
+                f"- `{gan}` trained on no synthetic image (the quality gate kept them all out "
+                "and the run used its fallback), so its row measures that fallback, not "
+                "synthesis."
+            )
+            continue
         for ref in ("none", "oversample", "class_weight"):
             if gan not in strategies or ref not in strategies:
                 continue
@@ -162,8 +169,9 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
     return [f"- gate: {line}" for line in describe(gate, gate["fallback"]["strategy"])]
 
 
-def _notes(names: list[str], gan_ratio: float) -> list[str]:
-    if gan_ratio >= 1 and "gan+class_weight" in names:
+def _notes(names: list[str], gan_ratio: float, table: dict[str, Any]) -> list[str]:
+    added = table.get("gan+class_weight", {}).get("synthetic_images_total", 1) > 0
+    if gan_ratio >= 1 and "gan+class_weight" in names and added:
         return ["- note: class weights come from the training set the loss sees (real + "
                 "synthetic); at gan ratio >= 1 every class is filled up to the largest, the "
                 "weights are all 1 and `gan+class_weight` equals `gan`. Use a ratio < 1 to "
@@ -228,7 +236,9 @@ def compare_strategies(
         "gan_ratio": gan_ratio,
         "synthetic_manifest": str(synth) if synth else None,
         "strategies": table,
-        "verdict": verdict(table) + _notes(names, gan_ratio) + (gate_lines(gate) if synth else []),
+        "verdict": verdict(table)
+        + _notes(names, gan_ratio, table)
+        + (gate_lines(gate) if synth else []),
         "gate": gate,
         "val_winner": val_winner(table),
         "protocol": {
