@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from typing import Any
 
-from _common import REPO, SHARED_DATA, abspath, medxfer_cmd, run, save
+from _common import REPO, RESULTS, SHARED_DATA, abspath, medxfer_cmd, run, save
 
 CLASSIFIER = [
     "model.arch=efficientnet_lite0", "model.weights=imagenet", "data.image_size=64",
@@ -191,6 +192,15 @@ def main() -> None:
         "wall_seconds": round(seconds, 1),
         "run_dir": str(out),
     }
+    # the generator's last sample grid (synthetic images only) beside the JSON, for the docs
+    grid = gan_dir / "samples" / "final.png"
+    if grid.is_file():
+        kept = RESULTS / "imbalance" / name / "gan-samples.png"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grid, kept)
+        result["figures"].append(
+            str(kept.relative_to(REPO)) if kept.is_relative_to(REPO) else str(kept)
+        )
     print(summary["verdict"] and "\n".join(summary["verdict"]))
     save(f"imbalance/{name}", result)
 
