@@ -98,7 +98,7 @@ def test_layers_detector_equals_hand_computed_values() -> None:
     np.testing.assert_allclose(got["layers"], want, rtol=1e-3, atol=1e-3)
     back = detectors_from(det.tensors(), det.vim_alpha, det.k)
     np.testing.assert_allclose(back.scores(x, logits)["layers"], want, rtol=1e-3, atol=1e-3)
-    with pytest.raises(MedxferError, match="refit"):  # features from another architecture
+    with pytest.raises(MedxferError, match="columns"):  # features of another architecture
         det.scores(x[:, :-1], logits)
 
 

@@ -149,11 +149,13 @@ class Detectors:
         """(N, n_stages + 1): each stage's Mahalanobis distance, then the penultimate one."""
         assert self.layer_mean is not None and self.layer_precision is not None
         x = np.asarray(features[:, self.dim :], np.float64)
+        if not len(x):
+            return np.zeros((0, len(self.layer_mean) + 1))
         if x.shape[1] != sum(len(m) for m in self.layer_mean):
             raise MedxferError(
                 f"the features have {x.shape[1]} stage-statistic columns, the detector expects "
                 f"{sum(len(m) for m in self.layer_mean)}",
-                "refit the trust statistics with `medxfer trust RUN --refit`",
+                "refit the run's trust statistics with `medxfer trust RUN`",
             )
         cols, start = [], 0
         for m, p in zip(self.layer_mean, self.layer_precision, strict=True):
