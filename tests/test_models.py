@@ -8,7 +8,7 @@ import torch
 
 from medxfer.errors import MedxferError
 from medxfer.models import backbones, create_model, list_models
-from medxfer.models.registry import gradcam_target
+from medxfer.models.registry import entry, gradcam_target
 
 
 def test_registry_lists_the_paper_backbones() -> None:
@@ -24,9 +24,13 @@ def test_builds_forward_backward_head_size(arch: str) -> None:
     model = built.model.train()
     maps: list[torch.Tensor] = []  # what Grad-CAM hooks: spatial feature maps
     gradcam_target(model, arch).register_forward_hook(lambda _m, _i, o: maps.append(o))
+    stages: list[torch.Tensor] = []  # what the `layers` trust detector summarises
+    for path in entry(arch).stages:
+        model.get_submodule(path).register_forward_hook(lambda _m, _i, o: stages.append(o))
     x = torch.randn(2, 3, 64, 64)
     out = model(x)
     assert len(maps) == 1 and maps[0].dim() == 4
+    assert len(stages) == len(entry(arch).stages) >= 4 and all(s.dim() == 4 for s in stages)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3)  # googlenet: no aux tuple
     out.sum().backward()
     head = model.get_submodule(built.head[0])
