@@ -100,7 +100,7 @@ class GanLoop:
             half = len(y) // 2
             y = torch.cat([y[:half], y[:half], y[2 * half :]])
         fake = self.g(z, y)
-        ms = mode_seeking_loss(fake, z) if self.gc.diversity > 0 else torch.zeros(())
+        ms = mode_seeking_loss(fake, z) if self.gc.diversity > 0 else fake.new_zeros(())
         if self.gc.diffaugment:  # differentiable: the generator learns through it
             fake = diff_augment(fake, g)
         g_loss = generator_loss(self.d(fake, y)) + self.gc.diversity * ms
