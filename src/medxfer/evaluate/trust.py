@@ -125,7 +125,7 @@ def fit_on_arrays(
     det = fit_detectors(train_f, train[1][keep], head.weight.detach().cpu().double().numpy(),
                         head.bias.detach().cpu().double().numpy(), k=k, seed=seed,
                         stage_dims=stage_widths(model, meta, val[0]))  # fmt: skip
-    det.standardise_layers(val_f, val_logits)
+    det.standardise_layers(val_f)
     val_scores = det.scores(val_f, val_logits)
     few = val[0][_subsample(val[1], PROXY_IMAGES, seed)]
     proxies = {

@@ -164,43 +164,45 @@ class Detectors:
             start += len(m)
         return np.stack([*cols, penultimate], axis=1)
 
-    def standardise_layers(self, val_features: np.ndarray, val_logits: np.ndarray) -> None:
+    def standardise_layers(self, val_features: np.ndarray) -> None:
         """Set each depth's standardisation from the validation images (call once, after
         fitting on training images)."""
         if self.layer_mean is None:
             return
-        self.layer_loc = self.layer_scale = None
-        maha = self.scores(val_features, val_logits)["mahalanobis"]
-        d = self.layer_distances(val_features, maha)
+        d = self.layer_distances(val_features, self._mahalanobis(val_features))
         self.layer_loc, self.layer_scale = d.mean(0), np.clip(d.std(0), 1e-12, None)
+
+    def _mahalanobis(self, features: np.ndarray) -> np.ndarray:
+        """pytorch-ood's Mahalanobis score of the penultimate columns."""
+        from pytorch_ood.detector import Mahalanobis
+
+        z = torch.from_numpy(np.ascontiguousarray(features[:, : self.dim], np.float32))
+        maha = Mahalanobis(None)
+        maha.mu, maha.precision = torch.from_numpy(self.mu), torch.from_numpy(self.precision)
+        return maha.predict_features(z).double().numpy()
 
     def scores(self, features: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
         """Every detector's score per image (higher = more unusual); ``layers`` only where it
         was fitted and standardised."""
-        from pytorch_ood.detector import KNN, EnergyBased, Mahalanobis, MaxSoftmax, ViM
+        from pytorch_ood.detector import KNN, EnergyBased, MaxSoftmax, ViM
 
-        all_features = features
-        features = features[:, : self.dim]
-        z = torch.from_numpy(np.ascontiguousarray(features, np.float32))
+        z = torch.from_numpy(np.ascontiguousarray(features[:, : self.dim], np.float32))
         lg = torch.from_numpy(np.ascontiguousarray(logits, np.float32))
-        maha = Mahalanobis(None)
-        maha.mu, maha.precision = torch.from_numpy(self.mu), torch.from_numpy(self.precision)
         knn = KNN(None, k=min(self.k, len(self.bank)), normalize=True)
         knn.knn.set_params(n_jobs=1)
         knn.fit_features(torch.from_numpy(self.bank), torch.zeros(len(self.bank)))
         vim = ViM(None, self.vim_null.shape[0] - self.vim_null.shape[1],
                   torch.from_numpy(self.vim_w), torch.from_numpy(self.vim_b))  # fmt: skip
         vim.principal_subspace, vim.alpha = torch.from_numpy(self.vim_null), self.vim_alpha
-        out = {
-            "msp": MaxSoftmax.score(lg),
-            "energy": EnergyBased.score(lg),
-            "mahalanobis": maha.predict_features(z),
-            "knn": knn.predict_features(z),
-            "vim": vim.predict_features(z),
+        got = {
+            "msp": MaxSoftmax.score(lg).double().numpy(),
+            "energy": EnergyBased.score(lg).double().numpy(),
+            "mahalanobis": self._mahalanobis(features),
+            "knn": knn.predict_features(z).double().numpy(),
+            "vim": vim.predict_features(z).double().numpy(),
         }
-        got = {name: v.double().numpy() for name, v in out.items()}
         if self.layer_loc is not None and self.layer_scale is not None:
-            d = self.layer_distances(all_features, got["mahalanobis"])
+            d = self.layer_distances(features, got["mahalanobis"])
             got["layers"] = ((d - self.layer_loc) / self.layer_scale).mean(1)
         return got
 

@@ -158,10 +158,6 @@ def load_lite_weights(model: nn.Module, variant: int = 0) -> None:
     model.load_state_dict(mapped)
 
 
-def load_lite0_weights(model: nn.Module) -> None:
-    load_lite_weights(model, 0)
-
-
 def imagenet_lite(variant: int, *, pretrained: bool = True) -> nn.Module:
     """timm's ``efficientnet_lite<variant>`` (1000 classes; inputs in [-1, 1]), with its offline
     ImageNet weights when ``pretrained``, e.g. as a feature extractor."""
