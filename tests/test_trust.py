@@ -17,7 +17,7 @@ from medxfer.cli import main
 from medxfer.config import load_config
 from medxfer.errors import MedxferError
 from medxfer.evaluate import conformal, selective
-from medxfer.evaluate.trust_detectors import Detectors, fit_detectors
+from medxfer.evaluate.trust_detectors import PENULTIMATE_SHARE, Detectors, fit_detectors
 
 FAST = [
     "model.arch=resnet18", "model.weights=none", "data.image_size=48", "train.epochs=3",
@@ -64,8 +64,9 @@ def test_detector_scores_equal_hand_computed_values() -> None:
 
 def test_layers_detector_equals_hand_computed_values() -> None:
     """``layers``: per-stage Ledoit-Wolf Mahalanobis of the stage statistics and the
-    penultimate Mahalanobis, each standardised on validation, averaged; and it survives the
-    safetensors round trip."""
+    penultimate Mahalanobis, each standardised on validation, weighted (the penultimate
+    ``PENULTIMATE_SHARE``, the stages the rest); it survives the safetensors round trip, and a
+    run stored without weights averages the depths equally, as it was fitted to."""
     from sklearn.covariance import LedoitWolf
 
     from medxfer.evaluate.trust_detectors import detectors_from
@@ -93,11 +94,16 @@ def test_layers_detector_equals_hand_computed_values() -> None:
         return np.stack(cols, 1)
 
     ref = hand(val)
-    want = ((hand(x) - ref.mean(0)) / ref.std(0)).mean(1)
+    z = (hand(x) - ref.mean(0)) / ref.std(0)
+    share = PENULTIMATE_SHARE
+    want = share * z[:, 2] + (1 - share) * z[:, :2].mean(1)  # two stages, then penultimate
     got = det.scores(x, logits)
     np.testing.assert_allclose(got["layers"], want, rtol=1e-3, atol=1e-3)
     back = detectors_from(det.tensors(), det.vim_alpha, det.k)
     np.testing.assert_allclose(back.scores(x, logits)["layers"], want, rtol=1e-3, atol=1e-3)
+    older = {n: t for n, t in det.tensors().items() if n != "layer_weights"}
+    old = detectors_from(older, det.vim_alpha, det.k)  # fitted before the weights were stored
+    np.testing.assert_allclose(old.scores(x, logits)["layers"], z.mean(1), rtol=1e-3, atol=1e-3)
     with pytest.raises(MedxferError, match="columns"):  # features of another architecture
         det.scores(x[:, :-1], logits)
 

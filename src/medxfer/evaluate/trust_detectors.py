@@ -12,11 +12,15 @@ that is the point of the robust policy, and it leaves the penultimate detectors 
 shift. The early blocks still see it. For each block the registry names (``Entry.stages``) the
 image is summarised by its channel means and standard deviations; a Ledoit–Wolf Gaussian
 fitted on the training images gives a Mahalanobis distance per block, and ``layers`` is the
-mean of those distances and the penultimate one, each standardised by its mean and standard
-deviation on the validation images (Lee et al. 2018's feature ensemble, with equal weights
-instead of weights fitted on out-of-distribution examples; the statistics are those of
-Gram-matrix / feature-statistics detectors). pytorch-ood has no detector that reads
-intermediate layers, so this one is medxfer's.
+weighted mean of those distances and the penultimate one, each standardised by its mean and
+standard deviation on the validation images (Lee et al. 2018's feature ensemble, with fixed
+weights instead of weights fitted on out-of-distribution examples; the statistics are those of
+Gram-matrix / feature-statistics detectors). The penultimate distance takes
+``PENULTIMATE_SHARE`` of the weight and the stages share the rest equally: the stages see
+appearance shifts, the penultimate features a class the network never learnt, and
+studies/trust_depths.py chose the share on validation images of both datasets (runs fitted
+before it average all depths equally). pytorch-ood has no detector that reads intermediate
+layers, so this one is medxfer's.
 
 ``features_and_logits`` returns the penultimate features followed by the block statistics in
 one array; the detectors read their own columns (``Detectors.dim``).
@@ -34,6 +38,7 @@ from medxfer.errors import MedxferError
 
 DETECTORS = ("msp", "energy", "mahalanobis", "knn", "vim", "layers")
 DISTANCES = ("mahalanobis", "knn", "vim", "layers")  # the feature-distance detectors
+PENULTIMATE_SHARE = 0.75  # ``layers``: the penultimate distance's weight (studies/trust_depths.py)
 
 
 def stage_modules(model: torch.nn.Module, arch: str) -> list[torch.nn.Module]:
@@ -121,11 +126,14 @@ class Detectors:
     # ``layers`` (absent for runs fitted before it, and for architectures without stages):
     # per stage, the training mean (2C,) and Ledoit–Wolf precision (2C, 2C) of its statistics;
     # ``layer_loc`` / ``layer_scale``: the validation mean and standard deviation of each
-    # stage's distance, then of the penultimate Mahalanobis distance (n_stages + 1,)
+    # stage's distance, then of the penultimate Mahalanobis distance (n_stages + 1,);
+    # ``layer_weights``: how ``layers`` weighs them (None: equally, as runs fitted before the
+    # weights were stored)
     layer_mean: list[np.ndarray] | None = None
     layer_precision: list[np.ndarray] | None = None
     layer_loc: np.ndarray | None = None
     layer_scale: np.ndarray | None = None
+    layer_weights: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -143,6 +151,8 @@ class Detectors:
             if self.layer_loc is not None and self.layer_scale is not None:
                 out["layer_loc"] = torch.from_numpy(np.asarray(self.layer_loc, np.float64))
                 out["layer_scale"] = torch.from_numpy(np.asarray(self.layer_scale, np.float64))
+            if self.layer_weights is not None:
+                out["layer_weights"] = torch.from_numpy(np.asarray(self.layer_weights, np.float64))
         return out
 
     def layer_distances(self, features: np.ndarray, penultimate: np.ndarray) -> np.ndarray:
@@ -165,12 +175,13 @@ class Detectors:
         return np.stack([*cols, penultimate], axis=1)
 
     def standardise_layers(self, val_features: np.ndarray) -> None:
-        """Set each depth's standardisation from the validation images (call once, after
-        fitting on training images)."""
+        """Set each depth's standardisation from the validation images, and the depths'
+        weights (call once, after fitting on training images)."""
         if self.layer_mean is None:
             return
         d = self.layer_distances(val_features, self._mahalanobis(val_features))
         self.layer_loc, self.layer_scale = d.mean(0), np.clip(d.std(0), 1e-12, None)
+        self.layer_weights = depth_weights(d.shape[1])
 
     def _mahalanobis(self, features: np.ndarray) -> np.ndarray:
         """pytorch-ood's Mahalanobis score of the penultimate columns."""
@@ -202,9 +213,22 @@ class Detectors:
             "vim": vim.predict_features(z).double().numpy(),
         }
         if self.layer_loc is not None and self.layer_scale is not None:
-            d = self.layer_distances(features, got["mahalanobis"])
-            got["layers"] = ((d - self.layer_loc) / self.layer_scale).mean(1)
+            z = (self.layer_distances(features, got["mahalanobis"]) - self.layer_loc) / (
+                self.layer_scale
+            )
+            w = self.layer_weights
+            got["layers"] = z.mean(1) if w is None else z @ np.asarray(w, np.float64)
         return got
+
+
+def depth_weights(n_depths: int, share: float = PENULTIMATE_SHARE) -> np.ndarray:
+    """``layers``' weights over (stages..., penultimate): ``share`` for the penultimate
+    distance, the rest equally over the stages."""
+    if n_depths < 2:
+        return np.ones(n_depths)
+    w = np.full(n_depths, (1.0 - share) / (n_depths - 1))
+    w[-1] = share
+    return w
 
 
 def fit_detectors(
@@ -271,6 +295,7 @@ def detectors_from(tensors: dict[str, torch.Tensor], vim_alpha: float, k: int) -
         layer_mean=[arrays[f"layer_mean_{i}"] for i in range(n)] or None,
         layer_precision=[arrays[f"layer_precision_{i}"] for i in range(n)] or None,
         layer_loc=arrays.get("layer_loc"), layer_scale=arrays.get("layer_scale"),
+        layer_weights=arrays.get("layer_weights"),
     )  # fmt: skip
 
 

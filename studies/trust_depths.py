@@ -1,0 +1,184 @@
+"""How the ``layers`` detector should weigh its depths, chosen on validation images only.
+
+    python studies/trust_depths.py RUN --held-out-run RUN2 --held-out-class NAME [--name N]
+
+``layers`` (``medxfer.evaluate.trust_detectors``) standardises a Mahalanobis distance per
+network stage and the penultimate one on validation images and averages them with equal
+weights. The early stages see appearance shifts that a robust-trained network's penultimate
+features ignore; the penultimate features see a new class better. This study measures, for
+several ways of combining the standardised distances, two stand-ins that use no test image:
+
+- shift proxies: RUN's validation images against shifted copies of them (uniform noise,
+  inversion, strong blur, resolution loss: `medxfer.evaluate.trust_proxies`, the proxies the
+  default detector is chosen on), mean AUROC;
+- a new class: RUN2 is the same recipe trained without NAME (bench/trust.py --train-held-out
+  makes it; its training and validation images are RUN's without NAME). RUN2's validation
+  images against RUN's *validation* images of NAME, which RUN2 never saw: AUROC.
+
+The rules: ``w=<share>`` gives the penultimate distance that share and the stages' mean the
+rest (``w`` = 1 / (stages + 1) is today's equal weighting, ``w=1`` the penultimate
+Mahalanobis alone), and ``max`` takes the largest standardised distance.
+
+The rule is chosen before the numbers are seen: per dataset, the worse of the two stand-ins
+(min of shift-proxy mean AUROC and new-class AUROC); across datasets, the mean of that;
+ties to the earlier rule in ``RULES``. Writes studies/results/trust-depths/<name>.json; run it
+on each dataset, then ``--combine`` the JSONs to get the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common
+
+from _common import STUDY_RESULTS, abspath, save
+
+from medxfer.evaluate.selective import ood_auroc_fpr95
+from medxfer.evaluate.trust import PROXY_IMAGES, _subsample, run_settings
+from medxfer.evaluate.trust_detectors import (
+    Detectors,
+    features_and_logits,
+    fit_detectors,
+    head_module,
+    stage_widths,
+)
+from medxfer.evaluate.trust_proxies import proxy_shifts
+from medxfer.evaluate.trust_run import run_split_arrays
+
+SHARES = (0.25, 0.5, 0.75, 1.0)
+
+
+def rules(n_depths: int) -> dict[str, np.ndarray | str]:
+    """name -> weights over the (stages..., penultimate) standardised distances, or "max"."""
+    out: dict[str, np.ndarray | str] = {"equal": np.full(n_depths, 1.0 / n_depths)}
+    for w in SHARES:
+        v = np.full(n_depths, (1.0 - w) / (n_depths - 1))
+        v[-1] = w
+        out[f"w={w}"] = v
+    out["max"] = "max"
+    return out
+
+
+def combine(z: np.ndarray, rule: np.ndarray | str) -> np.ndarray:
+    return z.max(1) if isinstance(rule, str) else z @ rule
+
+
+class Fitted:
+    """A run's detectors fitted as ``medxfer trust`` fits them; ``z(images)`` gives each image's
+    standardised distance per depth (N, stages + 1)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.model, self.meta, arrays = run_split_arrays(folder, ("train", "val"))
+        self.model.eval()
+        seed, bank = run_settings(self.meta)
+        self.seed = seed
+        (tx, ty), self.val = arrays["train"], arrays["val"]
+        keep = _subsample(ty, bank, seed)
+        tf, _ = features_and_logits(self.model, self.meta, tx[keep])
+        head = head_module(self.model, str(self.meta["arch"]))
+        self.det: Detectors = fit_detectors(
+            tf, ty[keep], head.weight.detach().double().numpy(),
+            head.bias.detach().double().numpy(), seed=seed,
+            stage_dims=stage_widths(self.model, self.meta, self.val[0]),
+        )  # fmt: skip
+        vf, _ = features_and_logits(self.model, self.meta, self.val[0])
+        d = self.det.layer_distances(vf, self.det._mahalanobis(vf))
+        self.loc, self.scale = d.mean(0), np.clip(d.std(0), 1e-12, None)
+        self.val_z = (d - self.loc) / self.scale
+
+    def z(self, images: np.ndarray) -> np.ndarray:
+        f, _ = features_and_logits(self.model, self.meta, images)
+        return (self.det.layer_distances(f, self.det._mahalanobis(f)) - self.loc) / self.scale
+
+
+def measure(run: Path, held: Path, cls: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    base = Fitted(run)
+    if base.det.layer_mean is None:
+        raise SystemExit(f"{run}: its architecture names no stages, so there is no `layers`")
+    classes = list(base.meta["classes"])
+    few = base.val[0][_subsample(base.val[1], PROXY_IMAGES, base.seed)]
+    shifted = {name: base.z(x) for name, x in proxy_shifts(few, base.seed).items()}
+    other = Fitted(held)
+    if cls in other.meta["classes"]:
+        raise SystemExit(f"{held} was trained with {cls!r}")
+    new = other.z(base.val[0][base.val[1] == classes.index(cls)])
+    table: dict[str, Any] = {}
+    for name, rule in rules(base.val_z.shape[1]).items():
+        ref = combine(base.val_z, rule)
+        per = {p: ood_auroc_fpr95(ref, combine(z, rule)) for p, z in shifted.items()}
+        near = ood_auroc_fpr95(combine(other.val_z, rule), combine(new, rule))
+        shift_mean = float(np.mean([a for a, _ in per.values()]))
+        table[name] = {
+            "shift_proxy_auroc": {p: round(a, 4) for p, (a, _) in per.items()},
+            "shift_proxy_mean_auroc": round(shift_mean, 4),
+            "new_class_auroc": round(near[0], 4),
+            "new_class_fpr95": round(near[1], 4),
+            "worse_of_two": round(min(shift_mean, near[0]), 4),
+        }
+    return {
+        "runs": {"base": str(run), "held_out": str(held)},
+        "held_out_class": cls,
+        "images": {"validation": len(base.val[1]), "per_proxy": len(few),
+                   "held_out_validation": len(other.val[1]), "new_class": len(new)},
+        "depths": [*(f"stage {i}" for i in range(base.val_z.shape[1] - 1)), "penultimate"],
+        "rules": table,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+
+
+def choose(paths: list[Path]) -> dict[str, Any]:
+    """The pre-stated rule (mean over datasets of each dataset's worse stand-in), and beside it
+    the mean of the two stand-ins (docs/studies/trust.md says which one the default follows
+    and why)."""
+    per = {p.stem: json.loads(p.read_text())["rules"] for p in paths}
+    names = list(next(iter(per.values())))
+
+    def pick(of: Any) -> dict[str, Any]:
+        score = {n: round(float(np.mean([of(per[d][n]) for d in per])), 4) for n in names}
+        return {"score": score, "chosen": max(names, key=lambda n: (score[n], -names.index(n)))}
+
+    return {
+        "datasets": list(per),
+        "stated_before": {"criterion": "mean over datasets of min(shift-proxy mean AUROC, "
+                          "new-class AUROC)"} | pick(lambda r: r["worse_of_two"]),
+        "mean_of_two": {"criterion": "mean over datasets of the mean of shift-proxy mean AUROC "
+                        "and new-class AUROC"} | pick(
+            lambda r: (r["shift_proxy_mean_auroc"] + r["new_class_auroc"]) / 2),
+        "images": "validation only (no test image)",
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", type=abspath, nargs="?")
+    p.add_argument("--held-out-run", type=abspath)
+    p.add_argument("--held-out-class")
+    p.add_argument("--name", help="result name (default: the run folder's name)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--combine", type=abspath, nargs="+", help="study JSONs: print the choice")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.combine:
+        save("trust-depths/choice", choose(args.combine), STUDY_RESULTS)
+        return
+    if not (args.run and args.held_out_run and args.held_out_class):
+        p.error("give RUN, --held-out-run and --held-out-class (or --combine JSON ...)")
+    out = measure(args.run, args.held_out_run, args.held_out_class)
+    for name, row in out["rules"].items():
+        print(f"{name:>8}: shift proxies {row['shift_proxy_mean_auroc']:.3f}  "
+              f"new class {row['new_class_auroc']:.3f}")  # fmt: skip
+    save(f"trust-depths/{args.name or args.run.name}", out, STUDY_RESULTS)
+
+
+if __name__ == "__main__":
+    main()
