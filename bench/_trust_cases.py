@@ -81,7 +81,11 @@ def far_cases(
     for case, root in sets.items():
         samples = test_split(root)
         paths = [samples[i].path for i in pick(len(samples), limit, seed)]
-        s = score(base, "base", case, lambda paths=paths: base.load(paths))
+
+        def make(paths: list[str] = paths) -> np.ndarray:
+            return base.load(paths)
+
+        s = score(base, "base", case, make)
         rows.append(case_row(case, "far", s, ref) | {"data": str(root)})
         score.progress.console.print(print_row(rows[-1]))
     return rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any, cast
 
 import torch
 from _common import machine, save
@@ -37,7 +38,7 @@ def main() -> None:
     for r in range(args.repeats + 1):
         for p in policies:
             c0, t0 = time.process_time(), time.perf_counter()
-            augment_batch(x, AugmentConfig(policy=p), epoch_generator(0, r))
+            augment_batch(x, AugmentConfig(policy=cast(Any, p)), epoch_generator(0, r))
             if r:  # the first round warms up
                 cpu[p].append(time.process_time() - c0)
                 wall[p].append(time.perf_counter() - t0)

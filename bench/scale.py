@@ -45,7 +45,8 @@ def _shapes(rng: Any, ring: bool, count: int = 128) -> list[Any]:
     shade = ((yy // 8 + xx // 8) % 16).astype(np.uint8)
     out = []
     for _ in range(count):
-        cy, cx, r = [*rng.uniform(50, SIZE - 50, 2).tolist(), rng.uniform(18, 45)]
+        cy, cx = (float(v) for v in rng.uniform(50, SIZE - 50, 2))
+        r = float(rng.uniform(18, 45))
         d = np.hypot(yy - cy, xx - cx)
         mask = np.abs(d - r) < r / 5 if ring else d < r
         out.append(50 + 110 * mask.astype(np.uint8) + shade)
@@ -121,8 +122,9 @@ def _child_build(manifest_path: str, n: int) -> None:
     seconds = time.perf_counter() - t0
     assert len(data.samples) == n
     arr, _ = load_images([s.path for s in discover(manifest_path)], SIZE)  # opens, no decoding
-    print(json.dumps({"prepare_seconds": seconds, "cache_file": str(arr.filename),
-                      "cache_bytes": os.path.getsize(str(arr.filename))}))  # fmt: skip
+    cache = str(getattr(arr, "filename", ""))  # a np.memmap of the decode cache
+    print(json.dumps({"prepare_seconds": seconds, "cache_file": cache,
+                      "cache_bytes": os.path.getsize(cache)}))  # fmt: skip
 
 
 def _rollup() -> dict[str, float]:

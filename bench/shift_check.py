@@ -43,7 +43,7 @@ from medxfer.evaluate.unlabelled import (
 )
 
 
-def l1(a: np.ndarray, b: np.ndarray) -> float:
+def l1(a: Any, b: Any) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).sum())
 
 

@@ -160,11 +160,11 @@ def normalize(x: torch.Tensor, norm: Norm, order: str) -> torch.Tensor:
 def build(variant: Variant) -> nn.Module:
     import timm
 
-    from medxfer.models.backbones import load_lite0_weights
+    from medxfer.models.backbones import load_lite_weights
 
     kwargs: dict[str, Any] = dict(variant.kwargs)
     model = timm.create_model(variant.arch, pretrained=False, num_classes=1000, **kwargs)
-    load_lite0_weights(model)
+    load_lite_weights(model, 0)
     return model.eval()
 
 
