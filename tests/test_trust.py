@@ -106,6 +106,8 @@ def test_layers_detector_equals_hand_computed_values() -> None:
     np.testing.assert_allclose(old.scores(x, logits)["layers"], z.mean(1), rtol=1e-3, atol=1e-3)
     with pytest.raises(MedxferError, match="columns"):  # features of another architecture
         det.scores(x[:, :-1], logits)
+    empty = det.scores(x[:0], logits[:0])  # e.g. a batch with no images left
+    assert set(empty) == set(got) and all(len(v) == 0 for v in empty.values())
 
 
 def test_selective_metrics_hand_computed() -> None:

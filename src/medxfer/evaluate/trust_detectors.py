@@ -197,6 +197,9 @@ class Detectors:
         was fitted and standardised."""
         from pytorch_ood.detector import KNN, EnergyBased, MaxSoftmax, ViM
 
+        if not len(features):  # pytorch-ood's Mahalanobis cannot reshape an empty batch
+            fitted = self.layer_loc is not None and self.layer_scale is not None
+            return {d: np.zeros(0) for d in DETECTORS if d != "layers" or fitted}
         z = torch.from_numpy(np.ascontiguousarray(features[:, : self.dim], np.float32))
         lg = torch.from_numpy(np.ascontiguousarray(logits, np.float32))
         knn = KNN(None, k=min(self.k, len(self.bank)), normalize=True)
