@@ -36,15 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import _common  # noqa: F401  (its error hook: bad input ends in the message and its fix)
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "studies" / "results" / "lite0-normalization" / "result.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common
+
+from _common import STUDY_RESULTS  # its error hook: bad input ends in the message and its fix
+
+OUT = STUDY_RESULTS / "lite0-normalization" / "result.json"
 
 RESIZE = 256
 # Mean RGB colour of ImageNet train pixels in [0, 1] (the numbers behind torchvision's
@@ -586,7 +588,7 @@ def main() -> None:
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":
