@@ -43,3 +43,25 @@ def test_ort_spin_bench_runs_and_records_every_block(tmp_path: Path) -> None:
     assert len(out["blocks_ms"]) == 2 and all(set(b) == keys for b in out["blocks_ms"])
     assert set(out["median_ms"]) == keys and all(v > 0 for v in out["median_ms"].values())
     assert (out["image_size"], out["threads"]) == (32, 1)
+
+
+def test_every_bench_and_study_script_imports() -> None:
+    """Each script of bench/ and studies/ loads (its imports resolve: a helper renamed in the
+    package breaks no study unnoticed); one process, ``main`` not called."""
+    code = (
+        "import importlib.util, pathlib, sys\n"
+        f"sys.path[:0] = [{str(BENCH)!r}, {str(STUDIES)!r}]\n"
+        "bad = []\n"
+        f"for f in sorted([*pathlib.Path({str(BENCH)!r}).glob('*.py'), "
+        f"*pathlib.Path({str(STUDIES)!r}).glob('*.py')]):\n"
+        "    spec = importlib.util.spec_from_file_location('script_' + f.stem, f)\n"
+        "    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)\n"
+        "    try:\n"
+        "        spec.loader.exec_module(module)\n"
+        "    except Exception as e:\n"
+        "        bad.append(f'{f.name}: {e!r}')\n"
+        "print('\\n'.join(bad))\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    r = run_diagnosed([sys.executable, "-c", code], cwd=BENCH, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
