@@ -192,6 +192,9 @@ def test_training_writes_trust_files_and_metrics(trained: dict[str, Any]) -> Non
     record = json.loads((run / "trust.json").read_text())
     assert record["validation"]["flags"]["ok"] == pytest.approx(0.95, abs=0.02)
     assert record["ood_detector"] in ("mahalanobis", "knn", "vim", "layers")
+    weights = record["layers_weights"]  # the demo's resnet18: 4 stages, then the penultimate
+    assert len(weights) == 5 and weights[-1] == PENULTIMATE_SHARE
+    assert sum(weights) == pytest.approx(1.0)
     assert (
         json.loads((run / "metrics.json").read_text())["trust"]["ood_detector"]
         == (record["ood_detector"])

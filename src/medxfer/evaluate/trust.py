@@ -181,6 +181,8 @@ def fit_from_scores(
         "ood_detector_from": ("validation proxies" if detector == "auto"
                               else "trust.detector"),
         "failure": failure, "knn_k": det.k, "vim_alpha": det.vim_alpha,
+        "layers_weights": (None if det.layer_weights is None  # stages..., then penultimate
+                           else [round(float(w), 6) for w in det.layer_weights]),
         "conformal": {"score": "LAC (1 - p)", "library": "crepes", "empty_sets": "allowed",
                       "thresholds": conformal.thresholds(cal, val_labels, len(classes), coverage,
                                                          class_conditional),

@@ -216,11 +216,10 @@ class Detectors:
             "vim": vim.predict_features(z).double().numpy(),
         }
         if self.layer_loc is not None and self.layer_scale is not None:
-            z = (self.layer_distances(features, got["mahalanobis"]) - self.layer_loc) / (
-                self.layer_scale
-            )
+            d = self.layer_distances(features, got["mahalanobis"])
+            std = (d - self.layer_loc) / self.layer_scale
             w = self.layer_weights
-            got["layers"] = z.mean(1) if w is None else z @ np.asarray(w, np.float64)
+            got["layers"] = std.mean(1) if w is None else std @ np.asarray(w, np.float64)
         return got
 
 
