@@ -20,7 +20,11 @@ gives the penultimate distance that share and the stages' mean the rest (``w=1``
 penultimate Mahalanobis alone), ``max`` takes the largest standardised distance, and
 ``either`` the larger of two: the penultimate distance and the stages' mean, that mean
 standardised again on validation (added after the first run had shown the others' numbers;
-see docs/studies/trust.md).
+see docs/studies/trust.md). Beside them, measured the same way: the relative Mahalanobis
+distance (``rmd``: the class-wise distance minus that of one class-agnostic Gaussian, Ren et
+al. 2021, for near-OOD), ``w=0.75`` with it in the penultimate's place, and pytorch-ood's
+Gram-matrix detector (``gram``, Sastry & Oore 2020: per-class bounds of the Gram-matrix
+statistics of the stem and the seven block groups; EfficientNet runs only).
 
 The criterion stated before the first run: per dataset, the worse of the two stand-ins (min
 of shift-proxy mean AUROC and new-class AUROC); across datasets, the mean of that; ties to the
@@ -84,10 +88,13 @@ def combine(z: np.ndarray, rule: np.ndarray | str, ref: np.ndarray) -> np.ndarra
 
 
 class Fitted:
-    """A run's detectors fitted as ``medxfer trust`` fits them; ``z(images)`` gives each image's
-    standardised distance per depth (N, stages + 1)."""
+    """A run's detectors fitted as ``medxfer trust`` fits them. ``scores(images)`` gives each
+    image's standardised distance per depth (``z``: N, stages + 1), its relative Mahalanobis
+    distance (``rmd``) and pytorch-ood's Gram-matrix deviation (``gram``)."""
 
     def __init__(self, folder: Path) -> None:
+        from sklearn.covariance import LedoitWolf
+
         self.model, self.meta, arrays = run_split_arrays(folder, ("train", "val"))
         self.model.eval()
         seed, bank = run_settings(self.meta)
@@ -101,14 +108,89 @@ class Fitted:
             head.bias.detach().double().numpy(), seed=seed,
             stage_dims=stage_widths(self.model, self.meta, self.val[0]),
         )  # fmt: skip
-        vf, _ = features_and_logits(self.model, self.meta, self.val[0])
-        d = self.det.layer_distances(vf, self.det._mahalanobis(vf))
-        self.loc, self.scale = d.mean(0), np.clip(d.std(0), 1e-12, None)
-        self.val_z = (d - self.loc) / self.scale
+        # relative Mahalanobis (Ren et al. 2021): minus a class-agnostic Ledoit-Wolf Gaussian's
+        background = LedoitWolf().fit(np.asarray(tf[:, : self.det.dim], np.float64))
+        self.bg_mean, self.bg_precision = background.location_, background.precision_
+        self.gram = gram_detector(self.model, self.meta, tx[keep], ty[keep])
+        raw = self._raw(self.val[0])
+        self.loc, self.scale = raw["z"].mean(0), np.clip(raw["z"].std(0), 1e-12, None)
+        self.val_scores = raw | {"z": (raw["z"] - self.loc) / self.scale}
 
-    def z(self, images: np.ndarray) -> np.ndarray:
+    def _raw(self, images: np.ndarray) -> dict[str, np.ndarray]:
         f, _ = features_and_logits(self.model, self.meta, images)
-        return (self.det.layer_distances(f, self.det._mahalanobis(f)) - self.loc) / self.scale
+        maha = self.det._mahalanobis(f)  # half the squared distance to the nearest class
+        c = np.asarray(f[:, : self.det.dim], np.float64) - self.bg_mean
+        bg = np.einsum("nd,de,ne->n", c, self.bg_precision, c)
+        return {"z": self.det.layer_distances(f, maha), "rmd": 2 * maha - bg,
+                "gram": gram_scores(self.gram, self.meta, images)}  # fmt: skip
+
+    def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        raw = self._raw(images)
+        return raw | {"z": (raw["z"] - self.loc) / self.scale}
+
+
+def _lite_parts(model: torch.nn.Module) -> tuple[list[torch.nn.Module], torch.nn.Module]:
+    """A timm EfficientNet as pytorch-ood's Gram takes it: the stem and each block group
+    applied in turn, then the head."""
+    m: Any = model
+    layers = [torch.nn.Sequential(m.conv_stem, m.bn1), *m.blocks]
+    return layers, torch.nn.Sequential(m.conv_head, m.bn2, m.global_pool, m.classifier)
+
+
+class _Batches:
+    """(preprocessed images, labels) batches, made as they are read (pytorch-ood's
+    ``Gram.fit`` takes any iterable with a length)."""
+
+    def __init__(self, meta: dict[str, Any], images: np.ndarray, labels: np.ndarray) -> None:
+        self.meta, self.images, self.labels = meta, images, labels
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // 64)
+
+    def __iter__(self) -> Any:
+        from medxfer.evaluate.predict import preprocess_arrays
+
+        for s in range(0, len(self.images), 64):
+            x = preprocess_arrays(self.meta, self.images[s : s + 64])
+            yield x, torch.from_numpy(np.asarray(self.labels[s : s + 64], np.int64))
+
+
+def gram_detector(
+    model: torch.nn.Module, meta: dict[str, Any], images: np.ndarray, labels: np.ndarray
+) -> Any:
+    """pytorch-ood's Gram detector (Sastry & Oore 2020; poles 1 to the number of layers, its
+    default), fitted on the same training images as the other detectors."""
+    from pytorch_ood.detector import Gram
+
+    layers, head = _lite_parts(model)
+    torch.manual_seed(0)  # Gram holds out a random 10% of each class for its normalisation
+    gram = Gram(head, layers, num_classes=len(meta["classes"]))
+    gram.to("cpu")
+    return gram.fit(_Batches(meta, images, labels))
+
+
+def gram_scores(gram: Any, meta: dict[str, Any], images: np.ndarray) -> np.ndarray:
+    from medxfer.evaluate.predict import preprocess_arrays
+
+    out = [gram.predict(preprocess_arrays(meta, images[s : s + 64])).double().numpy()
+           for s in range(0, len(images), 64)]  # fmt: skip
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+OTHERS = ("rmd", "w=0.75 with rmd", "gram")  # detectors beside the depth weightings
+
+
+def other_score(name: str, s: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> np.ndarray:
+    """``rmd`` / ``gram`` alone, or ``layers`` at w=0.75 with the relative Mahalanobis distance
+    (standardised on ``ref``, the run's validation scores) in the penultimate's place."""
+    if name in ("rmd", "gram"):
+        return s[name]
+    r = ref["rmd"]
+    z = s["z"].copy()
+    z[:, -1] = (s["rmd"] - r.mean()) / max(float(r.std()), 1e-12)
+    w = np.full(z.shape[1], 0.25 / (z.shape[1] - 1))
+    w[-1] = 0.75
+    return z @ w
 
 
 def measure(run: Path, held: Path, cls: str) -> dict[str, Any]:
@@ -118,18 +200,21 @@ def measure(run: Path, held: Path, cls: str) -> dict[str, Any]:
         raise SystemExit(f"{run}: its architecture names no stages, so there is no `layers`")
     classes = list(base.meta["classes"])
     few = base.val[0][_subsample(base.val[1], PROXY_IMAGES, base.seed)]
-    shifted = {name: base.z(x) for name, x in proxy_shifts(few, base.seed).items()}
+    shifted = {name: base.scores(x) for name, x in proxy_shifts(few, base.seed).items()}
     other = Fitted(held)
     if cls in other.meta["classes"]:
         raise SystemExit(f"{held} was trained with {cls!r}")
-    new = other.z(base.val[0][base.val[1] == classes.index(cls)])
+    new = other.scores(base.val[0][base.val[1] == classes.index(cls)])
+    bv, ov = base.val_scores, other.val_scores
     table: dict[str, Any] = {}
-    for name, rule in rules(base.val_z.shape[1]).items():
-        ref = combine(base.val_z, rule, base.val_z)
-        per = {p: ood_auroc_fpr95(ref, combine(z, rule, base.val_z)) for p, z in shifted.items()}
-        near = ood_auroc_fpr95(
-            combine(other.val_z, rule, other.val_z), combine(new, rule, other.val_z)
-        )
+    candidates: dict[str, Any] = {
+        n: (lambda s, ref, rule=rule: combine(s["z"], rule, ref["z"]))
+        for n, rule in rules(bv["z"].shape[1]).items()
+    } | {n: (lambda s, ref, n=n: other_score(n, s, ref)) for n in OTHERS}
+    for name, score in candidates.items():
+        ref = score(bv, bv)
+        per = {p: ood_auroc_fpr95(ref, score(s, bv)) for p, s in shifted.items()}
+        near = ood_auroc_fpr95(score(ov, ov), score(new, ov))
         shift_mean = float(np.mean([a for a, _ in per.values()]))
         table[name] = {
             "shift_proxy_auroc": {p: round(a, 4) for p, (a, _) in per.items()},
@@ -142,8 +227,8 @@ def measure(run: Path, held: Path, cls: str) -> dict[str, Any]:
         "runs": {"base": str(run), "held_out": str(held)},
         "held_out_class": cls,
         "images": {"validation": len(base.val[1]), "per_proxy": len(few),
-                   "held_out_validation": len(other.val[1]), "new_class": len(new)},
-        "depths": [*(f"stage {i}" for i in range(base.val_z.shape[1] - 1)), "penultimate"],
+                   "held_out_validation": len(other.val[1]), "new_class": len(new["rmd"])},
+        "depths": [*(f"stage {i}" for i in range(bv["z"].shape[1] - 1)), "penultimate"],
         "rules": table,
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
