@@ -93,7 +93,7 @@ class Fitted:
     distance (``rmd``) and pytorch-ood's Gram-matrix deviation (``gram``)."""
 
     def __init__(self, folder: Path) -> None:
-        from sklearn.covariance import LedoitWolf
+        from pytorch_ood.detector import RMD
 
         self.model, self.meta, arrays = run_split_arrays(folder, ("train", "val"))
         self.model.eval()
@@ -108,9 +108,12 @@ class Fitted:
             head.bias.detach().double().numpy(), seed=seed,
             stage_dims=stage_widths(self.model, self.meta, self.val[0]),
         )  # fmt: skip
-        # relative Mahalanobis (Ren et al. 2021): minus a class-agnostic Ledoit-Wolf Gaussian's
-        background = LedoitWolf().fit(np.asarray(tf[:, : self.det.dim], np.float64))
-        self.bg_mean, self.bg_precision = background.location_, background.precision_
+        # relative Mahalanobis (Ren et al. 2021), pytorch-ood's (its covariances are the raw
+        # ones: with Ledoit-Wolf shrinkage on both Gaussians the difference measured worse)
+        self.rmd = RMD(None).fit_features(
+            torch.from_numpy(np.ascontiguousarray(tf[:, : self.det.dim], np.float32)),
+            torch.from_numpy(np.asarray(ty[keep], np.int64)),
+        )
         self.gram = gram_detector(self.model, self.meta, tx[keep], ty[keep])
         raw = self._raw(self.val[0])
         self.loc, self.scale = raw["z"].mean(0), np.clip(raw["z"].std(0), 1e-12, None)
@@ -118,10 +121,10 @@ class Fitted:
 
     def _raw(self, images: np.ndarray) -> dict[str, np.ndarray]:
         f, _ = features_and_logits(self.model, self.meta, images)
-        maha = self.det._mahalanobis(f)  # half the squared distance to the nearest class
-        c = np.asarray(f[:, : self.det.dim], np.float64) - self.bg_mean
-        bg = np.einsum("nd,de,ne->n", c, self.bg_precision, c)
-        return {"z": self.det.layer_distances(f, maha), "rmd": 2 * maha - bg,
+        maha = self.det._mahalanobis(f)
+        pen = torch.from_numpy(np.ascontiguousarray(f[:, : self.det.dim], np.float32))
+        return {"z": self.det.layer_distances(f, maha),
+                "rmd": self.rmd.predict_features(pen).double().numpy(),
                 "gram": gram_scores(self.gram, self.meta, images)}  # fmt: skip
 
     def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
