@@ -150,6 +150,7 @@ def trust_record(r: Run) -> dict[str, Any]:
         "class_conditional",
         "ood_threshold",
         "review_threshold",
+        "layers_weights",
         "validation",
     )
     return {k: r.trust.record.get(k) for k in keys}
