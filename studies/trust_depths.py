@@ -3,8 +3,9 @@
     python studies/trust_depths.py RUN --held-out-run RUN2 --held-out-class NAME [--name N]
 
 ``layers`` (``medxfer.evaluate.trust_detectors``) standardises a Mahalanobis distance per
-network stage and the penultimate one on validation images and averages them with equal
-weights. The early stages see appearance shifts that a robust-trained network's penultimate
+network stage and the penultimate one on validation images and combines them with fixed
+weights (equal weights before this study; ``PENULTIMATE_SHARE`` of them to the penultimate
+distance since). The early stages see appearance shifts that a robust-trained network's penultimate
 features ignore; the penultimate features see a new class better. This study measures, for
 several ways of combining the standardised distances, two stand-ins that use no test image:
 
@@ -135,7 +136,14 @@ class Fitted:
 def _lite_parts(model: torch.nn.Module) -> tuple[list[torch.nn.Module], torch.nn.Module]:
     """A timm EfficientNet as pytorch-ood's Gram takes it: the stem and each block group
     applied in turn, then the head."""
+    from medxfer.errors import MedxferError
+
     m: Any = model
+    if not all(hasattr(m, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        raise MedxferError(
+            "this study splits the network for pytorch-ood's Gram as timm's EfficientNet is built",
+            "pass runs of efficientnet_lite0 (the dataset configurations' model)",
+        )
     layers = [torch.nn.Sequential(m.conv_stem, m.bn1), *m.blocks]
     return layers, torch.nn.Sequential(m.conv_head, m.bn2, m.global_pool, m.classifier)
 
