@@ -120,7 +120,15 @@ REPO_VARIANT = VARIANTS[0].key
 
 def image_path(sample: Sample) -> Path:
     if sample.source == "skimage":
-        import skimage.data
+        try:
+            import skimage.data
+        except ImportError:
+            from medxfer.errors import MedxferError
+
+            raise MedxferError(
+                "the labelled photos come from scikit-image, which is not installed",
+                'pip install -e ".[bench]"',
+            ) from None
 
         folder = Path(skimage.data.__file__).parent
     elif sample.source == "matplotlib":

@@ -54,6 +54,7 @@ from medxfer.evaluate.selective import ood_auroc_fpr95
 from medxfer.evaluate.trust import PROXY_IMAGES, _subsample, run_settings
 from medxfer.evaluate.trust_detectors import (
     Detectors,
+    depth_weights,
     features_and_logits,
     fit_detectors,
     head_module,
@@ -68,10 +69,7 @@ SHARES = (0.25, 0.5, 0.75, 1.0)
 def rules(n_depths: int) -> dict[str, np.ndarray | str]:
     """name -> weights over the (stages..., penultimate) standardised distances, or "max"."""
     out: dict[str, np.ndarray | str] = {"equal": np.full(n_depths, 1.0 / n_depths)}
-    for w in SHARES:
-        v = np.full(n_depths, (1.0 - w) / (n_depths - 1))
-        v[-1] = w
-        out[f"w={w}"] = v
+    out |= {f"w={w}": depth_weights(n_depths, w) for w in SHARES}
     out["max"] = "max"
     out["either"] = "either"
     return out
@@ -199,9 +197,7 @@ def other_score(name: str, s: dict[str, np.ndarray], ref: dict[str, np.ndarray])
     r = ref["rmd"]
     z = s["z"].copy()
     z[:, -1] = (s["rmd"] - r.mean()) / max(float(r.std()), 1e-12)
-    w = np.full(z.shape[1], 0.25 / (z.shape[1] - 1))
-    w[-1] = 0.75
-    return z @ w
+    return z @ depth_weights(z.shape[1], 0.75)
 
 
 def measure(run: Path, held: Path, cls: str) -> dict[str, Any]:
