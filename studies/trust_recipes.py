@@ -55,6 +55,7 @@ class Member:
     """One run: its folded model and trust statistics, and its validation split."""
 
     def __init__(self, folder: Path) -> None:
+        self.folder = folder
         model, self.meta, arrays = run_split_arrays(folder, ("val",))
         self.model, _ = folded_for_inference(model.eval(), self.meta)
         self.trust = load_trust(folder)
@@ -65,6 +66,8 @@ class Member:
 
     def raw(self, images: np.ndarray) -> dict[str, np.ndarray]:
         ts = self.trust.score(self.model, self.meta, images)
+        if "layers" not in ts.scores:
+            raise SystemExit(f"{self.folder}: its architecture names no stages, so no `layers`")
         return {"probs": ts.probs, "layers": ts.scores["layers"]}
 
     def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -112,6 +115,8 @@ def measure(recipes: dict[str, tuple[Path, Path | None]], ensembles: list[list[s
     if any(cls in m.meta["classes"] for m in other.values()):
         raise SystemExit(f"a held-out run was trained with {cls!r}")
     classes = list(b0.meta["classes"])
+    if cls not in classes:
+        raise SystemExit(f"--held-out-class {cls!r} is not a class of the runs: {classes}")
     few = b0.val[0][_subsample(b0.val[1], PROXY_IMAGES, b0.seed)]
     images = {"val": b0.val[0], **proxy_shifts(few, b0.seed)}
     labels, k = b0.val[1], classes.index(cls)
