@@ -61,8 +61,9 @@ class Member:
         self.trust = load_trust(folder)
         self.val = arrays["val"]
         self.seed = run_settings(self.meta)[0]
-        ref = self.raw(self.val[0])["layers"]
-        self.loc, self.scale = float(ref.mean()), max(float(ref.std()), 1e-12)
+        raw = self.raw(self.val[0])
+        self.loc, self.scale = float(raw["layers"].mean()), max(float(raw["layers"].std()), 1e-12)
+        self.val_scores = self._standardised(raw)
 
     def raw(self, images: np.ndarray) -> dict[str, np.ndarray]:
         ts = self.trust.score(self.model, self.meta, images)
@@ -70,9 +71,11 @@ class Member:
             raise SystemExit(f"{self.folder}: its architecture names no stages, so no `layers`")
         return {"probs": ts.probs, "layers": ts.scores["layers"]}
 
-    def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        r = self.raw(images)
+    def _standardised(self, r: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return r | {"layers_z": (r["layers"] - self.loc) / self.scale}
+
+    def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return self._standardised(self.raw(images))
 
 
 def entropy(p: np.ndarray) -> np.ndarray:
@@ -118,11 +121,13 @@ def measure(recipes: dict[str, tuple[Path, Path | None]], ensembles: list[list[s
     if cls not in classes:
         raise SystemExit(f"--held-out-class {cls!r} is not a class of the runs: {classes}")
     few = b0.val[0][_subsample(b0.val[1], PROXY_IMAGES, b0.seed)]
-    images = {"val": b0.val[0], **proxy_shifts(few, b0.seed)}
+    proxies = proxy_shifts(few, b0.seed)
+    images = ["val", *proxies]
     labels, k = b0.val[1], classes.index(cls)
     new_images = b0.val[0][labels == k]
-    scored = {n: {c: m.scores(x) for c, x in images.items()} for n, m in base.items()}
-    held = {n: {"val": m.scores(m.val[0]), "new": m.scores(new_images)} for n, m in other.items()}
+    scored = {n: {"val": m.val_scores} | {c: m.scores(x) for c, x in proxies.items()}
+              for n, m in base.items()}  # fmt: skip
+    held = {n: {"val": m.val_scores, "new": m.scores(new_images)} for n, m in other.items()}
 
     def evaluate(names: list[str]) -> dict[str, Any]:
         pick = (lambda parts: parts[0]) if len(names) == 1 else ensemble
@@ -146,7 +151,7 @@ def measure(recipes: dict[str, tuple[Path, Path | None]], ensembles: list[list[s
                     if h else None)  # fmt: skip
             row[name] = {
                 "shift_proxy_mean_auroc": round(float(np.mean(per)), 4),
-                "shift_proxy_auroc": dict(zip(list(images)[1:], (round(a, 4) for a in per),
+                "shift_proxy_auroc": dict(zip(proxies, (round(a, 4) for a in per),
                                               strict=True)),
                 "new_class_auroc": None if near is None else round(near, 4),
                 "failure_augrc": round(augrc(correct, -ref[name]), 5),
