@@ -100,6 +100,9 @@ class TrainConfig:
     # after training: BatchNorm statistics re-estimated on the un-augmented training images,
     # kept when validation balanced accuracy does not drop (medxfer.train.batchnorm)
     bn_recalibrate: bool = True
+    # > 0: keep an exponential moving average of the weights (decay per optimizer step, warmed
+    # up from 0 as in timm's ModelEmaV3) and validate, checkpoint and ship it; 0 = off
+    ema: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
         "allow_outside_root",
     ),
     "augment": ("policy",),
+    "train": ("ema",),
     "tune": ("image_size",),
     "prune": (
         "distill",
@@ -570,6 +574,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise MedxferError("train.epochs and train.batch_size must be positive")
     if not (math.isfinite(cfg.train.lr) and cfg.train.lr > 0):
         raise MedxferError("train.lr must be a positive finite number", "e.g. train.lr=1e-3")
+    if not 0 <= cfg.train.ema < 1:
+        raise MedxferError("train.ema must be in [0, 1) (0 = off)", "e.g. train.ema=0.995")
 
 
 def parse_class_fraction(spec: str) -> dict[str, float]:

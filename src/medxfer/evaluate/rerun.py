@@ -20,7 +20,7 @@ from medxfer.errors import MedxferError
 from medxfer.evaluate.metrics import compute_metrics
 from medxfer.evaluate.unlabelled import STORED
 from medxfer.train import compute as compute_mod
-from medxfer.train.checkpoint import atomic_write_json, load_checkpoint
+from medxfer.train.checkpoint import atomic_write_json, load_checkpoint, shipped_weights
 from medxfer.train.epoch import predict_probs
 from medxfer.train.loop import save_predictions, tta_flips
 from medxfer.train.setup import build
@@ -54,7 +54,8 @@ def evaluate_run(
     c = compute_mod.resolve(cfg.train)
     s = build(cfg, c)
     ckpt = load_checkpoint(run_dir / f"{checkpoint}.pt")
-    s.built.model.load_state_dict(fold_reparam(ckpt["model"]))  # a pruned run's last.pt: masked
+    # a pruned run's last.pt: masked; a run with train.ema: its average is the model
+    s.built.model.load_state_dict(fold_reparam(shipped_weights(ckpt)))
     out = run_dir / out_name
     results: dict[str, Any] = {"run_dir": str(run_dir), "overrides": overrides}
     results |= {"checkpoint": checkpoint, "epoch": ckpt["epoch"] + 1, "tta_flips": tta_flips(cfg)}

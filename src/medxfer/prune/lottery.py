@@ -46,7 +46,12 @@ from medxfer.prune.plan import (
 )
 from medxfer.runs import is_complete
 from medxfer.train.callbacks import Callback
-from medxfer.train.checkpoint import atomic_save, atomic_write_json, load_checkpoint
+from medxfer.train.checkpoint import (
+    atomic_save,
+    atomic_write_json,
+    load_checkpoint,
+    shipped_weights,
+)
 from medxfer.train.distill import Teacher
 from medxfer.train.loop import fit
 from medxfer.train.record import check_reuse
@@ -67,7 +72,7 @@ def trained_state(run: Path, weights: str = "last") -> State:
         raise MedxferError(f"{run} was never trained (no last.pt)", "train it before pruning it")
     if not is_complete(run):
         raise MedxferError(f"training of {run} did not finish", "run the same command again")
-    return fold_reparam(load_checkpoint(run / f"{weights}.pt")["model"])
+    return fold_reparam(shipped_weights(load_checkpoint(run / f"{weights}.pt")))
 
 
 def _train(
@@ -217,6 +222,8 @@ def source_dir(out_dir: Path, level: int) -> Path:
 class StartMasked(Callback):
     """``fit``'s callback for a pruned run: load the starting weights (``state(model)``), then
     attach the mask (zeroing the pruned)."""
+
+    edits_weights = True
 
     def __init__(self, mask: Mask, state: Callable[[nn.Module], State]) -> None:
         self.mask, self.state = mask, state
@@ -384,6 +391,12 @@ def run_lottery(
     from medxfer.prune.report import shift_lines, write_summary
 
     cfg = lottery_config(cfg)
+    if cfg.train.ema > 0:  # before the dense run trains: its pruned levels could not use it
+        raise MedxferError(
+            "train.ema does not combine with pruning: the masks change the weights while they "
+            "train, and an average would mix pruned and unpruned ones",
+            "set train.ema=0 for the lottery",
+        )
     s = make_settings(
         cfg, levels=levels, fraction=fraction, target_sparsity=target_sparsity, rewind=rewind,
         controls=controls, include_head=include_head, finetune=finetune,

@@ -318,6 +318,8 @@ class _Soft(Callback):
     """``fit``'s callback for soft filter pruning: start from ``state``; before each epoch,
     zero the share of channels ``schedule`` gives that epoch."""
 
+    edits_weights = True
+
     def __init__(self, state: State, head: str, schedule: list[float], size: int) -> None:
         self.state, self.head, self.schedule, self.size = state, head, schedule, size
 

@@ -25,7 +25,13 @@ from torch import nn
 
 
 class Callback:
-    """A hook into ``fit``; every method is a no-op until overridden."""
+    """A hook into ``fit``; every method is a no-op until overridden.
+
+    ``edits_weights``: the callback changes the network's weights or structure while it trains
+    (pruning masks, zeroed channels). A moving average of the weights (``train.ema``) would mix
+    the edited and unedited ones, so ``fit`` refuses the two together."""
+
+    edits_weights: bool = False
 
     def prepare_model(self, model: nn.Module) -> None:
         """In place, on the bare network after it is built, before training or resuming."""
@@ -43,6 +49,7 @@ class Callbacks(Callback):
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self.callbacks = tuple(callbacks)
+        self.edits_weights = any(cb.edits_weights for cb in self.callbacks)
 
     def prepare_model(self, model: nn.Module) -> None:
         for cb in self.callbacks:

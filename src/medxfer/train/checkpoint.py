@@ -139,6 +139,13 @@ def unsafe_reason(err: Exception) -> str:
     return f"it asks to import {found.group(1)}" if found else "it holds Python objects"
 
 
+def shipped_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint's epoch validated and would ship: a last.pt of a run trained
+    with ``train.ema`` holds the trained weights and, apart, their moving average (the model)."""
+    ema = checkpoint.get("ema")
+    return dict(ema["weights"] if ema is not None else checkpoint["model"])
+
+
 def load_checkpoint(path: Path) -> Any:
     """A model or checkpoint file, read without running code (weights only). A file that needs
     unpickling is refused with one message, unless inside ``trusting_pickle()``."""

@@ -4,9 +4,13 @@ balanced accuracy does not drop; ``train.bn_recalibrate``), and return that mode
 ``TrainedRun``. Evaluating it once on the untouched test split (and writing metrics.json) is
 ``medxfer.evaluate.finish``.
 
+With ``train.ema`` > 0 a moving average of the weights (timm's ``ModelEmaV3``) follows every
+optimizer step; it is what each epoch validates and what best.pt holds, as in timm's train.py.
+
 Resume contract: every random choice of epoch ``e`` is seeded from (seed, e), and the last
-checkpoint holds model, optimizer, scheduler, scaler, history and early-stopping state, so a run
-killed after epoch ``k`` and resumed ends exactly where an uninterrupted run ends.
+checkpoint holds model, optimizer, scheduler, scaler, weight average, history and
+early-stopping state, so a run killed after epoch ``k`` and resumed ends exactly where an
+uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -69,9 +73,49 @@ def checkpoint_meta(cfg: ExperimentConfig, s: Setup) -> dict[str, Any]:
     }
 
 
+class _Average:
+    """``train.ema``: timm's ``ModelEmaV3`` of the bare network, warmed up from 0 (decay
+    ``1 - (1 + step)^(-2/3)``, capped at ``train.ema``), with the optimizer step count it has
+    seen (kept in last.pt, so a resumed run continues the same average)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.ema = ModelEmaV3(model, decay=decay, use_warmup=True)
+        self.steps = 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ema.module
+
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        self.ema.update(model, step=self.steps)
+
+    def state(self) -> dict[str, Any]:
+        return {"weights": self.module.state_dict(), "steps": self.steps}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["weights"])
+        self.steps = int(state["steps"])
+
+
+def _averaged(cfg: ExperimentConfig, s: Setup, hooks: Callbacks) -> _Average | None:
+    if cfg.train.ema <= 0:
+        return None
+    if hooks.edits_weights:
+        raise MedxferError(
+            "train.ema does not combine with pruning: the masks change the weights while they "
+            "train, and an average would mix pruned and unpruned ones",
+            "set train.ema=0 for pruning stages",
+        )
+    return _Average(_bare(s.model), cfg.train.ema)
+
+
 def _state(
-    s: Setup, epoch: int, history: list[dict[str, Any]], best: float, stale: int
-) -> dict[str, Any]:
+    s: Setup, epoch: int, history: list[dict[str, Any]], best: float, stale: int,
+    average: _Average | None = None,
+) -> dict[str, Any]:  # fmt: skip
     return {
         "model": _bare(s.model).state_dict(),
         "opt": s.opt.state_dict(),
@@ -81,7 +125,7 @@ def _state(
         "history": history,
         "best": best,
         "stale": stale,
-    }
+    } | ({"ema": average.state()} if average is not None else {})
 
 
 def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -101,10 +145,15 @@ def tta_flips(cfg: ExperimentConfig) -> list[list[int]]:
     return ([[3]] if cfg.augment.hflip else []) + ([[2]] if cfg.augment.vflip else [])
 
 
-def _validate(s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig) -> dict[str, float]:
+def _validate(
+    s: Setup, c: compute_mod.Compute, cfg: ExperimentConfig, model: torch.nn.Module | None = None
+) -> dict[str, float]:
+    """Validation loss and accuracies of ``model`` (default: the network being trained)."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-    probs, labels = predict_probs(s.model, s.val_loader, c, tta=tta_flips(cfg), desc="  val")
+    probs, labels = predict_probs(
+        s.model if model is None else model, s.val_loader, c, tta=tta_flips(cfg), desc="  val"
+    )
     pred = probs.argmax(1)
     return {
         "val_loss": loss_from_probs(probs, labels),
@@ -151,6 +200,7 @@ def fit(
         make_run_dir(run_dir, "train")
     hooks = Callbacks(callbacks)
     hooks.prepare_model(_bare(s.model))
+    average = _averaged(cfg, s, hooks)  # before resuming: last.pt then loads its state
     if teacher is not None:
         s.loss_fn = DistillationLoss(s.loss_fn, teacher, c.device, c.channels_last)
     if c.is_main:
@@ -170,6 +220,8 @@ def fit(
         s.sched.load_state_dict(st["sched"])
         if s.scaler is not None and st["scaler"] is not None:
             s.scaler.load_state_dict(st["scaler"])
+        if average is not None:  # check_resume: the epochs so far had the same train.ema
+            average.load(st["ema"])
         history, best, stale, start = st["history"], st["best"], st["stale"], st["epoch"] + 1
         if c.is_main:
             console.print(f"resuming {run_dir} after epoch {start}")
@@ -198,9 +250,11 @@ def fit(
             s.model, s.train_loader, s.loss_fn, s.opt, s.sched, c, s.scaler,
             epoch=epoch, max_steps=cfg.train.steps_per_epoch,
             frozen=frozen_modules(s.built) if head_only else None,
+            on_step=None if average is None else lambda _: average.update(_bare(s.model)),
         )  # fmt: skip
         row["train_seconds"] = time.perf_counter() - t0
-        row |= _validate(s, c, cfg)
+        shipped = _bare(s.model) if average is None else average.module
+        row |= _validate(s, c, cfg, shipped)
         _check_finite(row, run_dir, has_val=len(s.val_loader.indices) > 0)  # before any save
         history.append(row)
         improved = row["val_balanced_accuracy"] > best
@@ -211,10 +265,10 @@ def fit(
         if c.is_main:
             if improved:
                 atomic_save(
-                    {"model": _bare(s.model).state_dict(), "meta": meta, "epoch": epoch},
+                    {"model": shipped.state_dict(), "meta": meta, "epoch": epoch},
                     run_dir / "best.pt",
                 )
-            atomic_save(_state(s, epoch, history, best, stale), last)
+            atomic_save(_state(s, epoch, history, best, stale, average), last)
             _write_history(run_dir, history)
             console.print(
                 f"epoch {epoch + 1}/{cfg.train.epochs} loss {row['train_loss']:.4f} "
