@@ -278,7 +278,9 @@ def test_other_modality_is_flagged_unfamiliar(trained: dict[str, Any]) -> None:
     assert (flags == "unfamiliar").mean() >= 0.9
 
 
-def test_old_run_gets_trust_without_retraining(trained: dict[str, Any], tmp_path: Path) -> None:
+def test_old_run_gets_trust_without_retraining(
+    trained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = trained["run"]
     weights = (run / "best.pt").stat().st_mtime_ns
     for name in ("trust.json", "trust.safetensors"):
@@ -299,13 +301,34 @@ def test_old_run_gets_trust_without_retraining(trained: dict[str, Any], tmp_path
     first = next((trained["root"] / "test").rglob("*.png"))
     (noise / "a_test.png").write_bytes(first.read_bytes())
     out, page = tmp_path / "p.csv", tmp_path / "p.html"
+    capsys.readouterr()
     assert main(["predict", str(run), str(noise), "--out", str(out), "--html", str(page)]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "3 unfamiliar (validation: 95% ok)" in said  # the folder's flags, counted
+    assert "do not hold for them" in said  # and a warning: 3 of 4 flagged is not validation
     rows = list(csv.DictReader(out.open()))
     assert {"flag", "set", "ood_score", "failure_score", "score_knn"} <= set(rows[0])
     assert [r["flag"] for r in rows if "noise" in r["path"]] == ["unfamiliar"] * 3
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 8 and "http" not in html.split("<body>")[1]
     assert html.index("noise") < html.index("a_test.png")
+
+
+def test_folder_summary_warns_only_when_few_images_end_ok() -> None:
+    from medxfer.evaluate.predict_trust import folder_summary
+
+    record = {"acceptance": 0.95, "coverage": 0.9}
+    like_validation = ["ok"] * 94 + ["review"] * 4 + ["unfamiliar"] * 2
+    line, warning = folder_summary(like_validation, record)
+    assert line == "94 ok, 4 review, 2 unfamiliar (validation: 95% ok)" and warning == ""
+    assert folder_summary(["review"], record)[1] == ""  # one image: not evidence enough
+    assert folder_summary(["ok", "ok", "review"], record)[1] == ""
+    shifted = ["ok"] * 60 + ["review"] * 10 + ["unfamiliar"] * 30
+    line, warning = folder_summary(shifted, record)
+    assert "only 60% of these 100 images end ok" in warning and "`unfamiliar`" in warning
+    assert "90% coverage do not hold" in warning and "medxfer shift" in warning
+    assert "`review`" in folder_summary(["ok"] * 60 + ["review"] * 40, record)[1]
+    assert folder_summary([], record)[1] == ""
 
 
 def test_missing_trust_names_the_command(tmp_path: Path) -> None:

@@ -123,10 +123,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from medxfer.evaluate.predict_trust import predict_with_trust
 
     html = Path(args.html) if args.html else None
-    out, n, note = predict_with_trust(Path(args.checkpoint), Path(args.input), Path(args.out),
-                                      html=html, html_limit=args.html_limit)  # fmt: skip
+    out, n, note, summary = predict_with_trust(Path(args.checkpoint), Path(args.input),
+                                               Path(args.out), html=html,
+                                               html_limit=args.html_limit)  # fmt: skip
     if note:
         console.print(f"[yellow]note:[/] {note}")
+    if summary is not None:
+        line, warning = summary
+        console.print(f"flags: {line}")
+        if warning:
+            console.print(f"[yellow]warning:[/] {warning}")
     console.print(
         f"wrote probabilities for {n} file(s)" + (f"; review page {html}" if html else "")
     )

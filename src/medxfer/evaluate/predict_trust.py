@@ -12,7 +12,7 @@ import numpy as np
 
 from medxfer.errors import MedxferError
 from medxfer.evaluate.predict import collect_inputs, folded_for_inference, load_trained, read_arrays
-from medxfer.evaluate.trust import TRUST_JSON, TrustModel, TrustScores, load_trust
+from medxfer.evaluate.trust import FLAGS, TRUST_JSON, TrustModel, TrustScores, load_trust
 from medxfer.evaluate.trust_detectors import DETECTORS
 from medxfer.train.checkpoint import atomic_write_text, ensure_dir
 
@@ -66,11 +66,43 @@ def _row(path: Path, classes: list[str], ts: TrustScores | None, i: int,
     return [*row, ""]
 
 
+SURPRISE_P = 0.001  # folder_summary warns when so few images ending ok has a smaller chance
+
+
+def folder_summary(flags: list[str], record: dict[str, Any]) -> tuple[str, str]:
+    """(one line counting the flags, a warning or "") for the images of one ``predict`` call.
+
+    The thresholds let ``acceptance`` of validation end ok. Far fewer ok here (one-sided
+    binomial test, p < ``SURPRISE_P``) means these images are not like validation's, and then
+    neither the validated accuracy nor the sets' coverage carries over to them."""
+    from scipy.stats import binomtest
+
+    n = len(flags)
+    counts = {f: flags.count(f) for f in FLAGS}
+    acceptance = float(record["acceptance"])
+    line = (", ".join(f"{counts[f]} {f}" for f in FLAGS)
+            + f" (validation: {acceptance:.0%} ok)")  # fmt: skip
+    if n == 0:
+        return line, ""
+    p = binomtest(counts["ok"], n, acceptance, alternative="less").pvalue
+    if p >= SURPRISE_P:
+        return line, ""
+    worst = "unfamiliar" if counts["unfamiliar"] >= counts["review"] else "review"
+    return line, (
+        f"only {counts['ok'] / n:.0%} of these {n} images end ok, against {acceptance:.0%} of "
+        f"validation (binomial p = {p:.1g}), most of the rest `{worst}`: they are not like the "
+        "images the model was validated on, so its accuracy and the sets' "
+        f"{float(record['coverage']):.0%} coverage do not hold for them. Read the flagged ones "
+        "first (--html); `medxfer shift` compares the folder as a whole"
+    )
+
+
 def predict_with_trust(
     checkpoint: Path, target: Path, out_csv: Path, batch_size: int = 32,
     html: Path | None = None, html_limit: int = 200,
-) -> tuple[Path, int, str]:  # fmt: skip
-    """Write the predictions CSV (and the review page); returns (csv, files, note)."""
+) -> tuple[Path, int, str, tuple[str, str] | None]:  # fmt: skip
+    """Write the predictions CSV (and the review page); returns (csv, files, note, the
+    ``folder_summary`` of the images read, or None without trust statistics)."""
     from medxfer.evaluate.predict import console, model_file, probs_of_arrays, unfinished_run
 
     model, meta = load_trained(checkpoint)
@@ -83,6 +115,7 @@ def predict_with_trust(
     files = collect_inputs(target)
     rows: list[list[str]] = []
     kept: list[dict[str, Any]] = []
+    flags: list[str] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         arrays, errors = read_arrays(meta, chunk)
@@ -90,6 +123,7 @@ def predict_with_trust(
         ts = trust.score(fast, meta, batch, batch_size) if trust and arrays else None
         if ts is not None:
             probs = ts.probs
+            flags += [str(f) for f in ts.flag]
         elif arrays:
             probs = probs_of_arrays(fast, meta, batch, batch_size)
         i = 0
@@ -116,7 +150,8 @@ def predict_with_trust(
         from medxfer.evaluate.review_page import write_review_page
 
         write_review_page(html, kept, model, meta, trust, note, html_limit)
-    return out_csv, len(files), note
+    summary = folder_summary(flags, trust.record) if trust is not None and flags else None
+    return out_csv, len(files), note, summary
 
 
 def _record(path: Path, array: np.ndarray, probs: np.ndarray, ts: TrustScores | None, i: int,
