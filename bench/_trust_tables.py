@@ -220,6 +220,29 @@ def targets(s: dict[str, Any], dataset: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def folder_warnings(rows: list[dict[str, Any]], record: dict[str, Any]) -> dict[str, Any]:
+    """Whether ``medxfer predict`` would warn about each case as one folder (its flag counts
+    against the run's acceptance: ``folder_summary``); sets ``folder_warning`` on each row and
+    returns the share of folders warned per kind (covariate shifts per severity)."""
+    from medxfer.evaluate.predict_trust import folder_summary
+
+    for row in rows:
+        counts = {f: round(row["flags"][f] * row["n"]) for f in FLAGS}
+        flags = [f for f in FLAGS for _ in range(counts[f])]
+        row["folder_warning"] = bool(folder_summary(flags, record)[1])
+    out: dict[str, Any] = {"test": next(r["folder_warning"] for r in rows if r["case"] == "test")}
+    for kind in ("control", "far", "near"):
+        kept = [r["folder_warning"] for r in rows if r["kind"] == kind]
+        if kept:
+            out[kind] = _r(float(np.mean(kept)))
+    for sev in (1, 2, 3):
+        kept = [r["folder_warning"] for r in rows
+                if r["kind"] == "covariate" and r.get("severity") == sev]  # fmt: skip
+        if kept:
+            out[f"covariate_severity{sev}"] = _r(float(np.mean(kept)))
+    return out
+
+
 def print_row(row: dict[str, Any]) -> str:
     """One line of progress output for a finished case."""
     parts = [f"{row['case']:<16} n={row['n']:<5} ok={row['ok_fraction']:.3f}"]

@@ -40,7 +40,7 @@ import torch
 from _common import REPO, RESULTS, SHARED_DATA, abspath, save
 from _trust_cases import covariate_cases, far_cases, held_out_run, near_case, robust_case
 from _trust_runs import Run, Scorer, fit_settings, load_run, pick, trust_record
-from _trust_tables import Scored, case_row, print_row, summary, targets
+from _trust_tables import Scored, case_row, folder_warnings, print_row, summary, targets
 from rich.progress import Progress
 
 from medxfer.errors import MedxferError
@@ -141,12 +141,13 @@ def main() -> None:
     shifted = [r for r in covariate if r["kind"] == "covariate"]
     keys = summary(test, shifted, far, near, robust, float(base.trust.record["coverage"]))
     rows = [test, *far, *([near] if near else []), *covariate]
+    warned = folder_warnings(rows, base.trust.record)
     worst = min((r for r in shifted if r["severity"] == 3), key=lambda r: r["accuracy"])
     curves = {"test": (ref, labels), worst["case"]: (scored[worst["case"]], labels)}
     drawn = draw(RESULTS / "trust" / dataset, source[0], test, shifted, rows, curves, args.seed)
     size = base.meta["image_size"]
     save(f"trust/{dataset}", keys | {
-        "targets": targets(keys, dataset), "dataset": dataset,
+        "targets": targets(keys, dataset), "folder_warning": warned, "dataset": dataset,
         "runs": {"base": str(base.folder), "held_out": near and near["run"],
                  "policy": robust and robust["run"]},
         "data": {"test": base.data["root"], "other": other and str(other),
