@@ -104,3 +104,15 @@ def test_lottery_refuses_ema_before_training(synth_root: Path, tmp_path: Path) -
     with pytest.raises(MedxferError, match=r"train\.ema does not combine with pruning"):
         run_lottery(cfg, tmp_path / "lottery", evaluate=evaluate_trained, levels=1)
     assert not (tmp_path / "lottery").exists()  # nothing trained, nothing half-written
+
+
+def test_fit_refuses_ema_with_a_weight_editing_callback(synth_root: Path, tmp_path: Path) -> None:
+    from medxfer.train.callbacks import Callback
+
+    class Masks(Callback):
+        edits_weights = True
+
+    cfg = _cfg(synth_root, tmp_path, "train.epochs=1", "train.ema=0.99")
+    with pytest.raises(MedxferError, match=r"train\.ema does not combine with pruning"):
+        fit(cfg, tmp_path / "run", callbacks=(Masks(),))
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made

@@ -305,7 +305,7 @@ def test_old_run_gets_trust_without_retraining(
     assert main(["predict", str(run), str(noise), "--out", str(out), "--html", str(page)]) == 0
     said = " ".join(capsys.readouterr().err.split())
     assert "3 unfamiliar (validation: 95% ok)" in said  # the folder's flags, counted
-    assert "do not hold for them" in said  # and a warning: 3 of 4 flagged is not validation
+    assert "need not hold for them" in said  # and a warning: 3 of 4 flagged is not validation
     rows = list(csv.DictReader(out.open()))
     assert {"flag", "set", "ood_score", "failure_score", "score_knn"} <= set(rows[0])
     assert [r["flag"] for r in rows if "noise" in r["path"]] == ["unfamiliar"] * 3
@@ -326,7 +326,7 @@ def test_folder_summary_warns_only_when_few_images_end_ok() -> None:
     shifted = ["ok"] * 60 + ["review"] * 10 + ["unfamiliar"] * 30
     line, warning = folder_summary(shifted, record)
     assert "only 60% of these 100 images end ok" in warning and "`unfamiliar`" in warning
-    assert "90% coverage do not hold" in warning and "medxfer shift" in warning
+    assert "90% coverage need not hold" in warning and "medxfer shift" in warning
     assert "`review`" in folder_summary(["ok"] * 60 + ["review"] * 40, record)[1]
     assert folder_summary([], record)[1] == ""
 

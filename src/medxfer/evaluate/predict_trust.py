@@ -91,9 +91,9 @@ def folder_summary(flags: list[str], record: dict[str, Any]) -> tuple[str, str]:
     return line, (
         f"only {counts['ok'] / n:.0%} of these {n} images end ok, against {acceptance:.0%} of "
         f"validation (binomial p = {p:.1g}), most of the rest `{worst}`: they are not like the "
-        "images the model was validated on, so its accuracy and the sets' "
-        f"{float(record['coverage']):.0%} coverage do not hold for them. Read the flagged ones "
-        "first (--html); `medxfer shift` compares the folder as a whole"
+        "images the model was validated on, so its validated accuracy and the sets' "
+        f"{float(record['coverage']):.0%} coverage need not hold for them. Read the flagged "
+        "ones first (--html); `medxfer shift` compares the folder as a whole"
     )
 
 

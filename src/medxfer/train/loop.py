@@ -100,16 +100,14 @@ class _Average:
         self.steps = int(state["steps"])
 
 
-def _averaged(cfg: ExperimentConfig, s: Setup, hooks: Callbacks) -> _Average | None:
-    if cfg.train.ema <= 0:
-        return None
-    if hooks.edits_weights:
+def _check_average(cfg: ExperimentConfig, hooks: Callbacks) -> None:
+    """Refuse ``train.ema`` with callbacks that edit the weights, before anything is written."""
+    if cfg.train.ema > 0 and hooks.edits_weights:
         raise MedxferError(
             "train.ema does not combine with pruning: the masks change the weights while they "
             "train, and an average would mix pruned and unpruned ones",
             "set train.ema=0 for pruning stages",
         )
-    return _Average(_bare(s.model), cfg.train.ema)
 
 
 def _state(
@@ -186,6 +184,8 @@ def fit(
     skipped and the LR schedule is advanced past them): late rewinding retrains from epoch k.
     ``teacher``: distill from this trained model besides the labels (``DistillationLoss``).
     """
+    hooks = Callbacks(callbacks)
+    _check_average(cfg, hooks)
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
     torch.manual_seed(cfg.train.seed)
@@ -198,9 +198,9 @@ def fit(
     if c.is_main:
         ensure_dir(run_dir.parent)  # one message when the file system refuses
         make_run_dir(run_dir, "train")
-    hooks = Callbacks(callbacks)
     hooks.prepare_model(_bare(s.model))
-    average = _averaged(cfg, s, hooks)  # before resuming: last.pt then loads its state
+    # the average starts from the prepared network; a resume then loads its state from last.pt
+    average = _Average(_bare(s.model), cfg.train.ema) if cfg.train.ema > 0 else None
     if teacher is not None:
         s.loss_fn = DistillationLoss(s.loss_fn, teacher, c.device, c.channels_last)
     if c.is_main:
