@@ -9,16 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
-def test_torchrun_two_cpu_processes(synth_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_torchrun_two_cpu_processes(synth_root: Path, tmp_path: Path, ema: str) -> None:
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "medxfer", "train", "--data", str(synth_root), "--run-dir", str(run),
            "model.arch=resnet18", "model.weights=none", "data.image_size=48", "train.epochs=2",
            "train.batch_size=8", "train.threads=1", "eval.n_bootstrap=20",
-           "train.steps_per_epoch=4"]  # fmt: skip
+           "train.steps_per_epoch=4", f"train.ema={ema}"]  # fmt: skip
     # its own process group: on a timeout (or pytest's) the workers go with torchrun
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip

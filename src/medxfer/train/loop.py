@@ -73,6 +73,16 @@ def checkpoint_meta(cfg: ExperimentConfig, s: Setup) -> dict[str, Any]:
     }
 
 
+def _broadcast_buffers(model: torch.nn.Module) -> None:
+    """Under DDP: rank 0's BatchNorm statistics on every rank (each rank's batches moved its
+    own; the weights agree already, their gradients being averaged). DDP's forward does this for
+    the network it wraps; the moving average and its source need it before validation."""
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf, 0)
+
+
 class _Average:
     """``train.ema``: timm's ``ModelEmaV3`` of the bare network, warmed up from 0 (decay
     ``1 - (1 + step)^(-2/3)``, capped at ``train.ema``), with the optimizer step count it has
@@ -253,8 +263,13 @@ def fit(
             on_step=None if average is None else lambda _: average.update(_bare(s.model)),
         )  # fmt: skip
         row["train_seconds"] = time.perf_counter() - t0
+        if average is not None and c.distributed:
+            _broadcast_buffers(_bare(s.model))  # what last.pt keeps, as DDP's next forward would
+            _broadcast_buffers(average.module)
+        # without an average, through the DDP wrapper: its forward gives every rank rank 0's
+        # BatchNorm statistics, so the ranks validate and keep the same model
+        row |= _validate(s, c, cfg, None if average is None else average.module)
         shipped = _bare(s.model) if average is None else average.module
-        row |= _validate(s, c, cfg, shipped)
         _check_finite(row, run_dir, has_val=len(s.val_loader.indices) > 0)  # before any save
         history.append(row)
         improved = row["val_balanced_accuracy"] > best
