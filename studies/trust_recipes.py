@@ -120,14 +120,20 @@ def measure(recipes: dict[str, tuple[Path, Path | None]], ensembles: list[list[s
     classes = list(b0.meta["classes"])
     if cls not in classes:
         raise SystemExit(f"--held-out-class {cls!r} is not a class of the runs: {classes}")
-    few = b0.val[0][_subsample(b0.val[1], PROXY_IMAGES, b0.seed)]
-    proxies = proxy_shifts(few, b0.seed)
-    images = ["val", *proxies]
+    # the same images for every recipe, each at its own input size (recipes may differ in it):
+    # the same validation subset shifted alike, and the held-out class from its base run
+    few_idx = _subsample(b0.val[1], PROXY_IMAGES, b0.seed)
     labels, k = b0.val[1], classes.index(cls)
-    new_images = b0.val[0][labels == k]
-    scored = {n: {"val": m.val_scores} | {c: m.scores(x) for c, x in proxies.items()}
+    proxies = {n: proxy_shifts(m.val[0][few_idx], b0.seed) for n, m in base.items()}
+    proxy_names = list(next(iter(proxies.values())))
+    images = ["val", *proxy_names]
+    scored = {n: {"val": m.val_scores} | {c: m.scores(x) for c, x in proxies[n].items()}
               for n, m in base.items()}  # fmt: skip
-    held = {n: {"val": m.val_scores, "new": m.scores(new_images)} for n, m in other.items()}
+    held = {n: {"val": m.val_scores, "new": m.scores(base[n].val[0][labels == k])}
+            for n, m in other.items()}  # fmt: skip
+    sizes = {n: m.val[0].shape[1:] for n, m in base.items()}
+    if any(other[n].val[0].shape[1:] != sizes[n] for n in other):
+        raise SystemExit("a held-out run reads images at another size than its base run")
 
     def evaluate(names: list[str]) -> dict[str, Any]:
         pick = (lambda parts: parts[0]) if len(names) == 1 else ensemble
@@ -151,7 +157,7 @@ def measure(recipes: dict[str, tuple[Path, Path | None]], ensembles: list[list[s
                     if h else None)  # fmt: skip
             row[name] = {
                 "shift_proxy_mean_auroc": round(float(np.mean(per)), 4),
-                "shift_proxy_auroc": dict(zip(proxies, (round(a, 4) for a in per),
+                "shift_proxy_auroc": dict(zip(proxy_names, (round(a, 4) for a in per),
                                               strict=True)),
                 "new_class_auroc": None if near is None else round(near, 4),
                 "failure_augrc": round(augrc(correct, -ref[name]), 5),
@@ -165,8 +171,8 @@ def measure(recipes: dict[str, tuple[Path, Path | None]], ensembles: list[list[s
             n: {"run": str(r), "held_out_run": h and str(h)} for n, (r, h) in recipes.items()
         },
         "held_out_class": cls,
-        "images": {"validation": len(labels), "per_proxy": len(few),
-                   "held_out_validation": len(o0.val[1]), "new_class": len(new_images)},
+        "images": {"validation": len(labels), "per_proxy": len(few_idx),
+                   "held_out_validation": len(o0.val[1]), "new_class": int((labels == k).sum())},
         "table": table,
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
