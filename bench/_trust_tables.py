@@ -227,9 +227,9 @@ def folder_warnings(rows: list[dict[str, Any]], record: dict[str, Any]) -> dict[
     from medxfer.evaluate.predict_trust import folder_summary
 
     for row in rows:
+        # the fractions are rounded to 4 places: exact counts for up to 5,000 images
         counts = {f: round(row["flags"][f] * row["n"]) for f in FLAGS}
-        flags = [f for f in FLAGS for _ in range(counts[f])]
-        row["folder_warning"] = bool(folder_summary(flags, record)[1])
+        row["folder_warning"] = bool(folder_summary(counts, record)[1])
     out: dict[str, Any] = {"test": next(r["folder_warning"] for r in rows if r["case"] == "test")}
     for kind in ("control", "far", "near"):
         kept = [r["folder_warning"] for r in rows if r["kind"] == kind]

@@ -120,6 +120,8 @@ def measure(recipes: dict[str, tuple[Path, Path | None]], ensembles: list[list[s
     classes = list(b0.meta["classes"])
     if cls not in classes:
         raise SystemExit(f"--held-out-class {cls!r} is not a class of the runs: {classes}")
+    if any(other[n].val[0].shape[1:] != base[n].val[0].shape[1:] for n in other):
+        raise SystemExit("a held-out run reads images at another size than its base run")
     # the same images for every recipe, each at its own input size (recipes may differ in it):
     # the same validation subset shifted alike, and the held-out class from its base run
     few_idx = _subsample(b0.val[1], PROXY_IMAGES, b0.seed)
@@ -131,9 +133,6 @@ def measure(recipes: dict[str, tuple[Path, Path | None]], ensembles: list[list[s
               for n, m in base.items()}  # fmt: skip
     held = {n: {"val": m.val_scores, "new": m.scores(base[n].val[0][labels == k])}
             for n, m in other.items()}  # fmt: skip
-    sizes = {n: m.val[0].shape[1:] for n, m in base.items()}
-    if any(other[n].val[0].shape[1:] != sizes[n] for n in other):
-        raise SystemExit("a held-out run reads images at another size than its base run")
 
     def evaluate(names: list[str]) -> dict[str, Any]:
         pick = (lambda parts: parts[0]) if len(names) == 1 else ensemble

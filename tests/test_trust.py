@@ -318,17 +318,17 @@ def test_folder_summary_warns_only_when_few_images_end_ok() -> None:
     from medxfer.evaluate.predict_trust import folder_summary
 
     record = {"acceptance": 0.95, "coverage": 0.9}
-    like_validation = ["ok"] * 94 + ["review"] * 4 + ["unfamiliar"] * 2
+    like_validation = {"ok": 94, "review": 4, "unfamiliar": 2}
     line, warning = folder_summary(like_validation, record)
     assert line == "94 ok, 4 review, 2 unfamiliar (validation: 95% ok)" and warning == ""
-    assert folder_summary(["review"], record)[1] == ""  # one image: not evidence enough
-    assert folder_summary(["ok", "ok", "review"], record)[1] == ""
-    shifted = ["ok"] * 60 + ["review"] * 10 + ["unfamiliar"] * 30
+    assert folder_summary({"review": 1}, record)[1] == ""  # one image: not evidence enough
+    assert folder_summary({"ok": 2, "review": 1}, record)[1] == ""
+    shifted = {"ok": 60, "review": 10, "unfamiliar": 30}
     line, warning = folder_summary(shifted, record)
     assert "only 60% of these 100 images end ok" in warning and "`unfamiliar`" in warning
     assert "90% coverage need not hold" in warning and "medxfer shift" in warning
-    assert "`review`" in folder_summary(["ok"] * 60 + ["review"] * 40, record)[1]
-    assert folder_summary([], record)[1] == ""
+    assert "`review`" in folder_summary({"ok": 60, "review": 40}, record)[1]
+    assert folder_summary({}, record)[1] == ""
 
 
 def test_missing_trust_names_the_command(tmp_path: Path) -> None:

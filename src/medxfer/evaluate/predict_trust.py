@@ -69,16 +69,17 @@ def _row(path: Path, classes: list[str], ts: TrustScores | None, i: int,
 SURPRISE_P = 0.001  # folder_summary warns when so few images ending ok has a smaller chance
 
 
-def folder_summary(flags: list[str], record: dict[str, Any]) -> tuple[str, str]:
-    """(one line counting the flags, a warning or "") for the images of one ``predict`` call.
+def folder_summary(counts: dict[str, int], record: dict[str, Any]) -> tuple[str, str]:
+    """(one line counting the flags, a warning or "") for the images of one ``predict`` call
+    (``counts``: images per flag).
 
     The thresholds let ``acceptance`` of validation end ok. Far fewer ok here (one-sided
     binomial test, p < ``SURPRISE_P``) means these images are not like validation's, and then
     neither the validated accuracy nor the sets' coverage carries over to them."""
     from scipy.stats import binomtest
 
-    n = len(flags)
-    counts = {f: flags.count(f) for f in FLAGS}
+    counts = {f: int(counts.get(f, 0)) for f in FLAGS}
+    n = sum(counts.values())
     acceptance = float(record["acceptance"])
     line = (", ".join(f"{counts[f]} {f}" for f in FLAGS)
             + f" (validation: {acceptance:.0%} ok)")  # fmt: skip
@@ -115,7 +116,7 @@ def predict_with_trust(
     files = collect_inputs(target)
     rows: list[list[str]] = []
     kept: list[dict[str, Any]] = []
-    flags: list[str] = []
+    flags = dict.fromkeys(FLAGS, 0)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         arrays, errors = read_arrays(meta, chunk)
@@ -123,7 +124,8 @@ def predict_with_trust(
         ts = trust.score(fast, meta, batch, batch_size) if trust and arrays else None
         if ts is not None:
             probs = ts.probs
-            flags += [str(f) for f in ts.flag]
+            for f in ts.flag:
+                flags[str(f)] += 1
         elif arrays:
             probs = probs_of_arrays(fast, meta, batch, batch_size)
         i = 0
@@ -150,7 +152,8 @@ def predict_with_trust(
         from medxfer.evaluate.review_page import write_review_page
 
         write_review_page(html, kept, model, meta, trust, note, html_limit)
-    summary = folder_summary(flags, trust.record) if trust is not None and flags else None
+    summary = folder_summary(flags, trust.record) if trust is not None and any(
+        flags.values()) else None  # fmt: skip
     return out_csv, len(files), note, summary
 
 

@@ -53,7 +53,7 @@ from medxfer.train.checkpoint import (
     shipped_weights,
 )
 from medxfer.train.distill import Teacher
-from medxfer.train.loop import fit
+from medxfer.train.loop import fit, refuse_average
 from medxfer.train.record import check_reuse
 from medxfer.train.trained import Evaluate
 
@@ -391,12 +391,7 @@ def run_lottery(
     from medxfer.prune.report import shift_lines, write_summary
 
     cfg = lottery_config(cfg)
-    if cfg.train.ema > 0:  # before the dense run trains: its pruned levels could not use it
-        raise MedxferError(
-            "train.ema does not combine with pruning: the masks change the weights while they "
-            "train, and an average would mix pruned and unpruned ones",
-            "set train.ema=0 for the lottery",
-        )
+    refuse_average(cfg, "set train.ema=0 for the lottery")  # before the dense run trains
     s = make_settings(
         cfg, levels=levels, fraction=fraction, target_sparsity=target_sparsity, rewind=rewind,
         controls=controls, include_head=include_head, finetune=finetune,

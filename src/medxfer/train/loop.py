@@ -110,13 +110,14 @@ class _Average:
         self.steps = int(state["steps"])
 
 
-def _check_average(cfg: ExperimentConfig, hooks: Callbacks) -> None:
-    """Refuse ``train.ema`` with callbacks that edit the weights, before anything is written."""
-    if cfg.train.ema > 0 and hooks.edits_weights:
+def refuse_average(cfg: ExperimentConfig, fix: str = "set train.ema=0 for pruning stages") -> None:
+    """Pruning (callbacks that edit the weights while they train) refuses ``train.ema``;
+    called before anything is written."""
+    if cfg.train.ema > 0:
         raise MedxferError(
             "train.ema does not combine with pruning: the masks change the weights while they "
             "train, and an average would mix pruned and unpruned ones",
-            "set train.ema=0 for pruning stages",
+            fix,
         )
 
 
@@ -195,7 +196,8 @@ def fit(
     ``teacher``: distill from this trained model besides the labels (``DistillationLoss``).
     """
     hooks = Callbacks(callbacks)
-    _check_average(cfg, hooks)
+    if hooks.edits_weights:
+        refuse_average(cfg)
     c = compute_mod.resolve(cfg.train)
     compute_mod.init_distributed(c)
     torch.manual_seed(cfg.train.seed)
