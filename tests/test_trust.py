@@ -218,7 +218,14 @@ def test_thresholds_come_from_validation_only(
         seen.append(images)
         return real(model, meta, images, batch_size)
 
+    real_flips = trust.flips_score
+
+    def spy_flips(model: Any, meta: Any, images: np.ndarray, *args: Any) -> Any:
+        seen.append(images)  # the flipped copies are made from these
+        return real_flips(model, meta, images, *args)
+
     monkeypatch.setattr(trust, "features_and_logits", spy)
+    monkeypatch.setattr(trust, "flips_score", spy_flips)
     tm = trust.fit_trust(run)
     test_rows = {bytes(im.tobytes()) for im in test_images}
     assert seen and not any(im.tobytes() in test_rows for batch in seen for im in batch)
@@ -385,3 +392,70 @@ def test_pnorm_confidence_hand_computed_and_chosen_on_validation_folds() -> None
     # no logits (or too few errors): MSP only, as before
     params, measured, conf = trust_fit.fit_failure(msp, dist, correct, 0)
     assert params["confidence"] == {"kind": "msp"} and not measured["chosen"].startswith("pnorm")
+
+
+def test_flips_confidence_hand_computed_and_chosen_on_validation_folds() -> None:
+    """``flips`` averages the probability of the one-view prediction over the image and its
+    training flips (hflip: the width axis). Where flip disagreement says which predictions
+    fail and MSP is noise, the cross-fitted validation choice picks it; without flipped
+    scores it is never a candidate, and a record that names it cannot be scored without them."""
+    import torch
+
+    from medxfer.evaluate import trust, trust_fit
+    from medxfer.evaluate.predict import probs_of_arrays
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 5, 3)).eval()
+    meta = {"mean": [0.5] * 3, "std": [0.25] * 3, "config": {"augment": {"hflip": True}}}
+    arrays = np.random.default_rng(0).integers(0, 256, size=(6, 4, 5), dtype=np.uint8)
+    assert trust.trained_flips(meta) == ["hflip"]
+    assert trust.trained_flips({"config": {"augment": {"hflip": True, "vflip": True}}}) == [
+        "hflip", "vflip"]  # fmt: skip
+    with torch.inference_mode():
+        plain = probs_of_arrays(model, meta, arrays)
+        mirrored = probs_of_arrays(model, meta, np.ascontiguousarray(arrays[:, :, ::-1]))
+    pred = plain.argmax(1)
+    rows = np.arange(len(pred))
+    got = trust.flips_score(model, meta, arrays, plain, ["hflip"])
+    np.testing.assert_allclose(got, -(plain[rows, pred] + mirrored[rows, pred]) / 2, rtol=1e-5)
+    assert not np.allclose(got, -plain.max(1))  # the flip changes this model's output
+
+    rng = np.random.default_rng(1)
+    n = 600
+    flips = -rng.uniform(0.3, 1.0, n)  # higher = less confident
+    correct = rng.random(n) < np.clip((-flips - 0.3) / 0.6, 0.05, 0.95)
+    msp = -rng.uniform(0.5, 1.0, n)  # uninformative
+    dist = rng.normal(size=n)
+    params, measured, conf = trust_fit.fit_failure(msp, dist, correct, 0, None, (["hflip"], flips))
+    assert params["confidence"] == {"kind": "flips", "flips": ["hflip"]}
+    assert measured["chosen"].startswith("flips_")
+    assert measured["flips_augrc"] < measured["msp_augrc"]
+    np.testing.assert_array_equal(conf, flips)
+    np.testing.assert_array_equal(trust_fit.confidence_score(params, msp, None, flips), flips)
+    with pytest.raises(ValueError, match="flipped"):
+        trust_fit.confidence_score(params, msp, None)
+    params, measured, _ = trust_fit.fit_failure(msp, dist, correct, 0)
+    assert params["confidence"] == {"kind": "msp"} and "flips_augrc" not in measured
+
+
+def test_score_averages_the_recorded_flips(trained: dict[str, Any]) -> None:
+    """A run whose failure score chose ``flips`` scores new images through their flipped
+    copies: the same failure score as computed by hand from ``flips_score``. The training fit
+    measured the candidate on validation (the demo model trains with hflip)."""
+    from medxfer.evaluate import trust, trust_fit, trust_run
+    from medxfer.evaluate.predict import folded_for_inference
+
+    run = trained["run"]
+    tm = trust.load_trust(run)
+    assert "flips_augrc" in tm.record["validation"]["failure_score"]
+    model, meta, arrays = trust_run.run_split_arrays(run, ("test",))
+    model, _ = folded_for_inference(model.eval(), meta)
+    images = arrays["test"][0][:24]
+    assert trust.trained_flips(meta) == ["hflip"]
+    tm.record["failure"]["confidence"] = {"kind": "flips", "flips": ["hflip"]}
+    ts = tm.score(model, meta, images)
+    by_hand = trust.flips_score(model, meta, images, ts.probs, ["hflip"])
+    expect = trust_fit.failure_score(tm.record["failure"], by_hand, ts.ood_score, tm.refs)
+    np.testing.assert_allclose(ts.failure_score, expect, rtol=1e-6)
+    tm.record["failure"]["confidence"] = {"kind": "msp"}
+    assert not np.allclose(tm.score(model, meta, images).failure_score, expect)

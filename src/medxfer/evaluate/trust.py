@@ -33,6 +33,33 @@ from medxfer.evaluate.trust_detectors import (
 TRUST_JSON, TRUST_TENSORS = "trust.json", "trust.safetensors"
 FLAGS = ("ok", "review", "unfamiliar")
 PROXY_IMAGES = 500  # validation images per shifted proxy that the default detector is chosen on
+FLIP_AXES = {"hflip": 2, "vflip": 1}  # axes of (N, H, W[, 3]) images; the training flips
+
+
+def trained_flips(meta: dict[str, Any]) -> list[str]:
+    """The flips a run was trained with (``augment.hflip``, ``augment.vflip``): the views its
+    predictions are expected not to change under, as ``eval.tta`` uses them."""
+    augment = meta.get("config", {}).get("augment", {})
+    return [name for name in FLIP_AXES if augment.get(name, False)]
+
+
+def flips_score(
+    model: torch.nn.Module, meta: dict[str, Any], arrays: np.ndarray, probs: np.ndarray,
+    flips: list[str], batch_size: int = 64,
+) -> np.ndarray:  # fmt: skip
+    """Minus the probability of each image's predicted class (the argmax of ``probs``, the
+    images' own softmax), averaged over the image and its ``flips``: higher = less confident.
+    Where the flipped copies disagree with the image, the prediction is less likely right."""
+    from medxfer.evaluate.predict import probs_of_arrays
+
+    pred = probs.argmax(1)
+    rows = np.arange(len(pred))
+    total = probs[rows, pred].astype(np.float64)
+    with torch.inference_mode():
+        for name in flips:
+            flipped = np.ascontiguousarray(np.flip(arrays, axis=FLIP_AXES[name]))
+            total += probs_of_arrays(model, meta, flipped, batch_size)[rows, pred]
+    return np.asarray(-total / (1 + len(flips)))
 
 
 @dataclass
@@ -54,11 +81,18 @@ class TrustModel:
     cal_scores: np.ndarray  # validation LAC scores of the true class
     cal_labels: np.ndarray
 
-    def score_features(self, features: np.ndarray, logits: np.ndarray) -> TrustScores:
+    def views(self) -> list[str]:
+        """The flips the failure score's confidence averages over (none: one view)."""
+        return list(self.record["failure"].get("confidence", {}).get("flips", []))
+
+    def score_features(self, features: np.ndarray, logits: np.ndarray,
+                       flips: np.ndarray | None = None) -> TrustScores:  # fmt: skip
+        """Scores from features and logits; ``flips``: ``flips_score`` of the same images,
+        needed when the failure score's confidence averages over flips."""
         r = self.record
         scores = self.detectors.scores(features, logits)
         ood = scores[r["ood_detector"]]
-        conf = trust_fit.confidence_score(r["failure"], scores["msp"], logits)
+        conf = trust_fit.confidence_score(r["failure"], scores["msp"], logits, flips)
         failure = trust_fit.failure_score(r["failure"], conf, ood, self.refs)
         probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
         sets = conformal.prediction_sets(self.cal_scores, self.cal_labels, probs,
@@ -71,7 +105,12 @@ class TrustModel:
 
     def score(self, model: torch.nn.Module, meta: dict[str, Any], arrays: np.ndarray,
               batch_size: int = 64) -> TrustScores:  # fmt: skip
-        return self.score_features(*features_and_logits(model, meta, arrays, batch_size))
+        features, logits = features_and_logits(model, meta, arrays, batch_size)
+        flips = None
+        if self.views():
+            probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+            flips = flips_score(model, meta, arrays, probs, self.views(), batch_size)
+        return self.score_features(features, logits, flips)
 
     def save(self, run_dir: Path) -> None:
         from safetensors.torch import save_file
@@ -127,6 +166,11 @@ def fit_on_arrays(
                         stage_dims=stage_widths(model, meta, val[0]))  # fmt: skip
     det.standardise_layers(val_f)
     val_scores = det.scores(val_f, val_logits)
+    views = trained_flips(meta)
+    val_flips = None
+    if views:  # a candidate confidence: the mean over the training flips
+        val_probs = torch.softmax(torch.from_numpy(val_logits).double(), 1).numpy()
+        val_flips = flips_score(model, meta, val[0], val_probs, views, batch_size)
     few = val[0][_subsample(val[1], PROXY_IMAGES, seed)]
     proxies = {
         name: det.scores(*features_and_logits(model, meta, arrays, batch_size))
@@ -136,6 +180,7 @@ def fit_on_arrays(
         det, val_scores, val_logits, val[1], proxies, acceptance=acceptance, coverage=coverage,
         class_conditional=class_conditional, ood_share=ood_share, seed=seed,
         n_train=len(keep), classes=list(meta["classes"]), detector=detector,
+        val_flips=(views, val_flips) if val_flips is not None else None,
     )  # fmt: skip
 
 
@@ -154,9 +199,12 @@ def fit_from_scores(
     val_labels: np.ndarray, proxies: dict[str, dict[str, np.ndarray]], *, acceptance: float,
     coverage: float, class_conditional: bool, ood_share: float, seed: int, n_train: int,
     classes: list[str], detector: str = "auto",
+    val_flips: tuple[list[str], np.ndarray] | None = None,
 ) -> TrustModel:  # fmt: skip
     """Every choice, from validation scores (and those of its shifted proxies) only;
-    ``detector`` other than auto fixes the ``unfamiliar`` detector (still measured)."""
+    ``detector`` other than auto fixes the ``unfamiliar`` detector (still measured);
+    ``val_flips``: the training flips and the validation images' ``flips_score``, a candidate
+    confidence for the failure score."""
     chosen, table = trust_fit.choose_detector(val_scores, proxies)
     if detector != "auto":
         if detector not in table or detector not in DISTANCES:
@@ -168,7 +216,8 @@ def fit_from_scores(
     probs = torch.softmax(torch.from_numpy(val_logits).double(), 1).numpy()
     correct = probs.argmax(1) == val_labels
     msp, dist = val_scores["msp"], val_scores[chosen]
-    failure, measured, conf = trust_fit.fit_failure(msp, dist, correct, seed, val_logits)
+    failure, measured, conf = trust_fit.fit_failure(msp, dist, correct, seed, val_logits,
+                                                    val_flips)  # fmt: skip
     refs = {"ref_msp": np.sort(conf), "ref_dist": np.sort(dist)}  # ref_msp: the confidence's
     fail = trust_fit.failure_score(failure, conf, dist, refs)
     t_ood, t_review = trust_fit.thresholds(dist, fail, acceptance, ood_share)

@@ -9,8 +9,11 @@
   on both (``logistic``, measured cross-fitted on validation, then refitted on all of it). The
   confidence is MSP or MaxLogit-pNorm (the largest centred logit over the logits' p-norm;
   Cattelan & Silva, "How to fix a broken confidence estimator", 2024), whose ``p`` is chosen
-  on validation. Every pair is measured cross-fitted (``p`` chosen inside each fold) and the
-  one with the lowest validation AUGRC is kept. MSP alone is measured beside them.
+  on validation, or, for a run trained with flips, the predicted class's probability averaged
+  over the image and its flipped copies (``flips``; test-time augmentation as a confidence,
+  the prediction itself unchanged). Every pair is measured cross-fitted (``p`` chosen inside
+  each fold) and the one with the lowest validation AUGRC is kept. MSP alone is measured
+  beside them.
 * Thresholds: ``ood_share`` of the rejection budget ``1 - acceptance`` goes to ``unfamiliar``
   (a validation quantile of the distance), the rest to ``review`` (a threshold on the failure
   score among familiar validation images), so that ``acceptance`` of validation ends ``ok``.
@@ -61,13 +64,18 @@ def pnorm_score(logits: np.ndarray, p: float) -> np.ndarray:
     return np.asarray(-z.max(1) / norm)
 
 
-def confidence_score(params: dict[str, Any], msp: np.ndarray,
-                     logits: np.ndarray | None) -> np.ndarray:  # fmt: skip
-    """The failure score's confidence input (higher = less confident): MSP's score, or
-    MaxLogit-pNorm's at the chosen p (runs older than that choice used MSP)."""
+def confidence_score(params: dict[str, Any], msp: np.ndarray, logits: np.ndarray | None,
+                     flips: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """The failure score's confidence input (higher = less confident): MSP's score,
+    MaxLogit-pNorm's at the chosen p, or ``flips`` (the predicted class's probability averaged
+    over the image and its training flips); runs older than that choice used MSP."""
     conf = params.get("confidence", {"kind": "msp"})
     if conf["kind"] == "msp":
         return msp
+    if conf["kind"] == "flips":
+        if flips is None:
+            raise ValueError("the flips confidence needs the flipped images' scores")
+        return flips
     if logits is None:
         raise ValueError("MaxLogit-pNorm needs the logits")
     return pnorm_score(logits, float(conf["p"]))
@@ -105,10 +113,11 @@ def _logistic(msp: np.ndarray, dist: np.ndarray, wrong: np.ndarray) -> dict[str,
 
 def fit_failure(
     msp: np.ndarray, dist: np.ndarray, correct: np.ndarray, seed: int = 0,
-    logits: np.ndarray | None = None,
+    logits: np.ndarray | None = None, flips: tuple[list[str], np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:  # fmt: skip
     """The failure score's parameters, the validation measurements that chose them, and the
-    chosen confidence score of the validation images (the reference for ``rank_mean``)."""
+    chosen confidence score of the validation images (the reference for ``rank_mean``);
+    ``flips``: the training flips and the images' ``trust.flips_score`` (a candidate)."""
     from sklearn.model_selection import StratifiedKFold
 
     wrong = ~correct.astype(bool)
@@ -116,6 +125,9 @@ def fit_failure(
                                 "validation_errors": int(wrong.sum())}  # fmt: skip
     enough = min(int(wrong.sum()), int((~wrong).sum())) >= MIN_ERRORS_FOR_LOGISTIC
     kinds = ["msp"] + (["pnorm"] if logits is not None and enough else [])
+    if flips is not None:
+        kinds.append("flips")
+        measured["flips_augrc"] = augrc(correct, -flips[1])
     combiners = ["rank_mean"] + (["logistic"] if enough else [])
     if not enough:
         measured["logistic"] = measured["pnorm"] = (
@@ -126,14 +138,15 @@ def fit_failure(
     results: dict[str, float] = {}
     for kind in kinds:
         for comb in combiners:
-            name = comb if kind == "msp" else f"pnorm_{comb}"
-            if kind == "msp" and comb == "rank_mean":  # no parameter: measured on all of val
-                refs = {"ref_msp": np.sort(msp), "ref_dist": np.sort(dist)}
-                results[name] = augrc(correct, -failure_score({"method": comb}, msp, dist, refs))
+            name = comb if kind == "msp" else f"{kind}_{comb}"
+            if kind != "pnorm" and comb == "rank_mean":  # no parameter: measured on all of val
+                c = msp if kind == "msp" or flips is None else flips[1]
+                refs = {"ref_msp": np.sort(c), "ref_dist": np.sort(dist)}
+                results[name] = augrc(correct, -failure_score({"method": comb}, c, dist, refs))
                 continue
             out = np.zeros(len(msp))
             for fit_idx, out_idx in folds:
-                conf = msp
+                conf = msp if kind != "flips" or flips is None else flips[1]
                 if kind == "pnorm":
                     assert logits is not None
                     conf = pnorm_score(logits, _best_p(logits[fit_idx], correct[fit_idx]))
@@ -142,13 +155,16 @@ def fit_failure(
                           if comb == "logistic" else {"method": comb})  # fmt: skip
                 out[out_idx] = failure_score(params, conf[out_idx], dist[out_idx], refs)
             results[name] = augrc(correct, -out)
-    measured |= {f"{n}_{'augrc' if n == 'rank_mean' else 'crossfit_augrc'}": v
+    in_sample = ("rank_mean", "flips_rank_mean")  # no parameter to cross-fit
+    measured |= {f"{n}_{'augrc' if n in in_sample else 'crossfit_augrc'}": v
                  for n, v in results.items()}  # fmt: skip
     chosen = min(results, key=lambda n: (results[n], list(results).index(n)))
-    comb = chosen.removeprefix("pnorm_")
+    comb = chosen.removeprefix("pnorm_").removeprefix("flips_")
     confidence: dict[str, Any] = {"kind": "msp"}
     conf = msp
-    if chosen.startswith("pnorm_"):
+    if chosen.startswith("flips_") and flips is not None:
+        confidence, conf = {"kind": "flips", "flips": list(flips[0])}, flips[1]
+    elif chosen.startswith("pnorm_"):
         assert logits is not None
         p = _best_p(logits, correct)
         confidence, conf = {"kind": "pnorm", "p": p}, pnorm_score(logits, p)
