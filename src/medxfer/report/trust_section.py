@@ -15,10 +15,15 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+CONFIDENCE = {"msp": "MSP", "pnorm": "MaxLogit-pNorm", "flips": "flips"}  # failure score input
+
+
 def _row(label: str, t: dict[str, Any]) -> list[str]:
     test, conf = t["test"], t["test"]["conformal"]
+    kind = t.get("confidence", {"kind": "msp"})["kind"]
+    failure = f"{t['failure_score']} of {CONFIDENCE.get(kind, kind)} and distance"
     return [
-        label, t["ood_detector"], t["failure_score"], _pct(test["ok_fraction"]),
+        label, t["ood_detector"], failure, _pct(test["ok_fraction"]),
         _pct(test["flags"]["review"]), _pct(test["flags"]["unfamiliar"]),
         num(test["accuracy"]), num(test["accepted_accuracy"]), _pct(test["errors_flagged"]),
         f"{num(test['augrc']['msp'], 4)} / {num(test['augrc']['failure'], 4)}",
@@ -32,10 +37,11 @@ def trust(r: dict[str, Any]) -> Section:
     if "evaluate" not in r["outputs"]:
         return s.add(status_note(str(r["status"].get("evaluate", "not run")), "evaluate"))
     s.add(Text(
-        "Every prediction gets a flag: `unfamiliar` when the image's penultimate features lie "
-        "far from the training images' (the detector chosen on validation against shifted "
-        "copies of validation images), `review` when it looks familiar but is likely wrong "
-        "(a failure score combining confidence and that distance), else `ok`. Thresholds are "
+        "Every prediction gets a flag: `unfamiliar` when the image's features lie far from "
+        "the training images' (the detector chosen on validation against shifted copies of "
+        "validation images), `review` when it looks familiar but is likely wrong (a failure "
+        "score combining a confidence and that distance; `flips`: the predicted class's "
+        "probability averaged over the image and its training flips), else `ok`. Thresholds are "
         "set on validation so that the stated share of validation images ends `ok`; the test "
         "split below was scored once with them. Conformal sets hold the true class with the "
         "nominal probability for images like validation. AUGRC (lower is better) compares "
