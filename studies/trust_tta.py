@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _commo
 
 from _common import STUDY_RESULTS, abspath, save
 
-from medxfer.evaluate.predict import folded_for_inference
+from medxfer.evaluate.predict import folded_for_inference, probs_of_arrays
 from medxfer.evaluate.selective import augrc
 from medxfer.evaluate.trust import FLIP_AXES, flips_score, trained_flips
 from medxfer.evaluate.trust_detectors import features_and_logits
@@ -68,13 +68,12 @@ def measure(folder: Path, boot: int) -> dict[str, Any]:
     if not flips:
         raise SystemExit(f"{folder}: trained without flips, so there is no view to average")
     images, labels = arrays["val"]
-    with torch.inference_mode():
+    with torch.inference_mode():  # as the trust statistics score them: float64 softmax
         plain = softmax(features_and_logits(model, meta, images)[1])
         views = [plain] + [
-            softmax(features_and_logits(model, meta, np.ascontiguousarray(
-                np.flip(images, axis=FLIP_AXES[f])))[1])
+            probs_of_arrays(model, meta, np.ascontiguousarray(np.flip(images, axis=FLIP_AXES[f])))
             for f in flips
-        ]  # fmt: skip
+        ]
     mean = np.mean(views, axis=0)
     correct, correct_tta = plain.argmax(1) == labels, mean.argmax(1) == labels
     # the product's confidence (predictions unchanged), checked against its own code path

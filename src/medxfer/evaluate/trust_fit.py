@@ -125,8 +125,10 @@ def fit_failure(
                                 "validation_errors": int(wrong.sum())}  # fmt: skip
     enough = min(int(wrong.sum()), int((~wrong).sum())) >= MIN_ERRORS_FOR_LOGISTIC
     kinds = ["msp"] + (["pnorm"] if logits is not None and enough else [])
+    fixed = {"msp": msp}  # the confidences without a parameter to choose
     if flips is not None:
         kinds.append("flips")
+        fixed["flips"] = flips[1]
         measured["flips_augrc"] = augrc(correct, -flips[1])
     combiners = ["rank_mean"] + (["logistic"] if enough else [])
     if not enough:
@@ -139,14 +141,14 @@ def fit_failure(
     for kind in kinds:
         for comb in combiners:
             name = comb if kind == "msp" else f"{kind}_{comb}"
-            if kind != "pnorm" and comb == "rank_mean":  # no parameter: measured on all of val
-                c = msp if kind == "msp" or flips is None else flips[1]
+            if kind in fixed and comb == "rank_mean":  # no parameter: measured on all of val
+                c = fixed[kind]
                 refs = {"ref_msp": np.sort(c), "ref_dist": np.sort(dist)}
                 results[name] = augrc(correct, -failure_score({"method": comb}, c, dist, refs))
                 continue
             out = np.zeros(len(msp))
             for fit_idx, out_idx in folds:
-                conf = msp if kind != "flips" or flips is None else flips[1]
+                conf = fixed.get(kind, msp)
                 if kind == "pnorm":
                     assert logits is not None
                     conf = pnorm_score(logits, _best_p(logits[fit_idx], correct[fit_idx]))
@@ -155,7 +157,7 @@ def fit_failure(
                           if comb == "logistic" else {"method": comb})  # fmt: skip
                 out[out_idx] = failure_score(params, conf[out_idx], dist[out_idx], refs)
             results[name] = augrc(correct, -out)
-    in_sample = ("rank_mean", "flips_rank_mean")  # no parameter to cross-fit
+    in_sample = [("rank_mean" if k == "msp" else f"{k}_rank_mean") for k in fixed]
     measured |= {f"{n}_{'augrc' if n in in_sample else 'crossfit_augrc'}": v
                  for n, v in results.items()}  # fmt: skip
     chosen = min(results, key=lambda n: (results[n], list(results).index(n)))
