@@ -102,15 +102,22 @@ def measure(folder: Path, boot: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+")
+def study_args(doc: str, runs: str | int = "+") -> argparse.Namespace:
+    """The arguments these validation studies share: run folders (``runs``: argparse's
+    nargs), --name, --boot, --threads (set here)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("runs", nargs=runs)
     p.add_argument("--name", required=True, help="result name")
     p.add_argument("--boot", type=int, default=2000)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = study_args(__doc__)
     t0 = time.perf_counter()
     rows = [measure(abspath(r), args.boot) for r in args.runs]
     for r in rows:
