@@ -205,16 +205,19 @@ def test_bad_input_is_one_clear_message(
 
 
 def test_corrupt_image_is_named(tmp_path: Path) -> None:
+    """The unreadable file is named whole: a long path is not broken across lines (a
+    terminal of 80 columns) and brackets in it are not read as markup."""
     import numpy as np
     from PIL import Image
 
+    data = tmp_path / ("site [bold] " + "x" * 70)
     for c in ("a", "b"):
-        (tmp_path / "d" / c).mkdir(parents=True)
+        (data / c).mkdir(parents=True)
         for i in range(20):
             Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16), np.uint8)).save(
-                tmp_path / "d" / c / f"{i}.png"
+                data / c / f"{i}.png"
             )
-    (tmp_path / "d" / "a" / "broken.png").write_bytes(b"\x89PNG garbage")
-    r = _run_cli("train", "--data", str(tmp_path / "d"), "--run-dir", str(tmp_path / "r"), *FAST)
-    assert r.returncode == 2 and "broken.png" in r.stderr and "skip_unreadable" in r.stderr
-    assert "Traceback" not in r.stderr
+    (data / "a" / "broken.png").write_bytes(b"\x89PNG garbage")
+    r = _run_cli("train", "--data", str(data), "--run-dir", str(tmp_path / "r"), *FAST)
+    assert r.returncode == 2 and str(data / "a" / "broken.png") in r.stderr
+    assert "skip_unreadable" in r.stderr and "Traceback" not in r.stderr

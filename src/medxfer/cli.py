@@ -645,19 +645,27 @@ def main(argv: list[str] | None = None) -> int:
         with trusting_pickle(bool(getattr(args, "trust_pickle", False))):
             return int(args.func(args))
     except MedxferError as err:
-        console.print(f"[bold red]error:[/] {err.message}")
-        if err.fix:
-            console.print(f"  [bold]fix:[/] {err.fix}")
+        _say_error(err.message, err.fix)
         return 2
     except OSError as err:  # the file system refused a write medxfer does not wrap itself
         if err.errno not in _FS_ERRORS:
             raise
-        console.print(f"[bold red]error:[/] {err.strerror}: {err.filename}")
-        console.print("  [bold]fix:[/] free disk space or make the output folder writable")
+        _say_error(f"{err.strerror}: {err.filename}",
+                   "free disk space or make the output folder writable")  # fmt: skip
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; `--resume` continues from the last completed epoch")
         return 130
+
+
+def _say_error(message: str, fix: str | None) -> None:
+    """The error and its fix on stderr, as written: no markup read from them (a file may be
+    named ``[x].png``) and no line breaks added inside them, so a path can be copied whole."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    if fix:
+        console.print(f"  [bold]fix:[/] {escape(fix)}", soft_wrap=True)
 
 
 if __name__ == "__main__":
