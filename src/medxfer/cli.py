@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from medxfer.errors import MedxferError
 
@@ -53,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume = prepare_run_dir(run_dir, resume=args.resume, force=force, inputs=config_inputs(cfg))
     if is_complete(run_dir) and not args.force:
         check_reuse(cfg, run_dir)
-        console.print(f"already complete: {run_dir} (use --force to train again)")
+        console.print(f"already complete: {escape(str(run_dir))} (use --force to train again)")
         print(run_dir)
         return 0
     if not cfg.data.root and is_main:
@@ -661,8 +662,6 @@ def main(argv: list[str] | None = None) -> int:
 def _say_error(message: str, fix: str | None) -> None:
     """The error and its fix on stderr, as written: no markup read from them (a file may be
     named ``[x].png``) and no line breaks added inside them, so a path can be copied whole."""
-    from rich.markup import escape
-
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     if fix:
         console.print(f"  [bold]fix:[/] {escape(fix)}", soft_wrap=True)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from medxfer.config import ExperimentConfig
 from medxfer.evaluate.metrics import compute_metrics, format_summary, shift_warnings
@@ -87,7 +88,7 @@ def evaluate_trained(
             if "val" in results and warn_shift:
                 for line in shift_warnings(results["val"], results["test"]):
                     console.print(f"[yellow]warning:[/] {line}")
-        console.print(f"run folder: {run_dir}")
+        console.print(f"run folder: {escape(str(run_dir))}")
     compute_mod.barrier(c)
     return results
 

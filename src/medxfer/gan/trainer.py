@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medxfer.config import ExperimentConfig, GanConfig, with_values
@@ -186,7 +187,7 @@ def _train_one(
                 "use another output folder, or --force to start again",
             )
         loop.load(st)
-        console.print(f"resuming GAN {folder} after step {loop.step}")
+        console.print(f"resuming GAN {escape(str(folder))} after step {loop.step}")
     label = "conditional" if len(classes) > 1 else classes[0]
     stopped = _run_loop(loop, folder, fp, len(classes), label, on_step)
     info = {

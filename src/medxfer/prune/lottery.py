@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from medxfer.config import ExperimentConfig, with_values
@@ -87,7 +88,7 @@ def _train(
     model), then evaluate it; a complete run is only checked."""
     if is_complete(run):
         check_reuse(cfg, run)
-        console.print(f"already complete: {run}")
+        console.print(f"already complete: {escape(str(run))}")
         return
     trained = fit(cfg, run, resume=(run / "last.pt").exists(), callbacks=callbacks,
                   start_epoch=start_epoch, teacher=teacher)  # fmt: skip

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from medxfer.config import ExperimentConfig, config_text
 from medxfer.data.loader import BatchLoader
@@ -236,7 +237,7 @@ def fit(
             average.load(st["ema"])
         history, best, stale, start = st["history"], st["best"], st["stale"], st["epoch"] + 1
         if c.is_main:
-            console.print(f"resuming {run_dir} after epoch {start}")
+            console.print(f"resuming {escape(str(run_dir))} after epoch {start}")
             was = history[-1].get("threads") if history else None
             if was is not None and was != torch.get_num_threads():
                 console.print(
