@@ -54,7 +54,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume = prepare_run_dir(run_dir, resume=args.resume, force=force, inputs=config_inputs(cfg))
     if is_complete(run_dir) and not args.force:
         check_reuse(cfg, run_dir)
-        console.print(f"already complete: {escape(str(run_dir))} (use --force to train again)")
+        console.print(
+            f"already complete: {escape(str(run_dir))} (use --force to train again)", soft_wrap=True
+        )
         print(run_dir)
         return 0
     if not cfg.data.root and is_main:

@@ -88,7 +88,7 @@ def evaluate_trained(
             if "val" in results and warn_shift:
                 for line in shift_warnings(results["val"], results["test"]):
                     console.print(f"[yellow]warning:[/] {line}")
-        console.print(f"run folder: {escape(str(run_dir))}")
+        console.print(f"run folder: {escape(str(run_dir))}", soft_wrap=True)
     compute_mod.barrier(c)
     return results
 

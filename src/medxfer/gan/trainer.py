@@ -187,7 +187,7 @@ def _train_one(
                 "use another output folder, or --force to start again",
             )
         loop.load(st)
-        console.print(f"resuming GAN {escape(str(folder))} after step {loop.step}")
+        console.print(f"resuming GAN {escape(str(folder))} after step {loop.step}", soft_wrap=True)
     label = "conditional" if len(classes) > 1 else classes[0]
     stopped = _run_loop(loop, folder, fp, len(classes), label, on_step)
     info = {

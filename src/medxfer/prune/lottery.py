@@ -88,7 +88,7 @@ def _train(
     model), then evaluate it; a complete run is only checked."""
     if is_complete(run):
         check_reuse(cfg, run)
-        console.print(f"already complete: {escape(str(run))}")
+        console.print(f"already complete: {escape(str(run))}", soft_wrap=True)
         return
     trained = fit(cfg, run, resume=(run / "last.pt").exists(), callbacks=callbacks,
                   start_epoch=start_epoch, teacher=teacher)  # fmt: skip

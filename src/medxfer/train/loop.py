@@ -237,7 +237,7 @@ def fit(
             average.load(st["ema"])
         history, best, stale, start = st["history"], st["best"], st["stale"], st["epoch"] + 1
         if c.is_main:
-            console.print(f"resuming {escape(str(run_dir))} after epoch {start}")
+            console.print(f"resuming {escape(str(run_dir))} after epoch {start}", soft_wrap=True)
             was = history[-1].get("threads") if history else None
             if was is not None and was != torch.get_num_threads():
                 console.print(
