@@ -35,6 +35,10 @@ class DataConfig:
     split_seed: int = 0  # seed of the validation (and carved test) split
     drop_leaks: bool = False  # drop train images that duplicate (exactly or nearly) a test image
     leak_threshold: float = 0.99  # correlation above which two images count as duplicates
+    # true: carve validation (and a carved test split) by groups of near-duplicate training
+    # images (data.leak_threshold, as the audit finds them), so that no validation image has
+    # a near copy in training: for slices of one scan or re-saved copies without patient IDs
+    group_near_duplicates: bool = False
     skip_unreadable: bool = False  # skip unreadable images instead of stopping
     cache_dir: str = ""  # decode cache; "" = $MEDXFER_CACHE or ~/.cache/medxfer
     train_subset: float = 1.0  # fraction of the training split to use (quick searches)
@@ -317,6 +321,7 @@ LATER_KEYS: dict[str, tuple[str, ...]] = {
         "patient_regex",
         "drop_conflicts",
         "allow_outside_root",
+        "group_near_duplicates",
     ),
     "augment": ("policy",),
     "train": ("ema",),

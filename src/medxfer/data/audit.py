@@ -115,6 +115,42 @@ def near_pairs(
     return out
 
 
+def near_duplicate_groups(
+    paths: list[str], threshold: float, *, workers: int = 2, show: bool = True
+) -> dict[str, str]:
+    """Path -> group name for every image that has a near duplicate among ``paths``.
+
+    Two images are linked when their thumbnails correlate at ``threshold`` or more, as they
+    are, flipped or rotated 180 degrees (as in the audit); a group is a connected component
+    of those links, so a chain of slightly different copies forms one group. Images without
+    a near duplicate, and unreadable files, are left out."""
+    decoded = _decode_all(paths, 32, workers, show)
+    ok = [i for i, d in enumerate(decoded) if not d[5]]
+    if len(ok) < 2:
+        return {}
+    thumbs = np.stack([decoded[i][4] for i in ok])
+    parent = list(range(len(ok)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j, _, _ in near_pairs(thumbs, thumbs, 32, threshold):
+        if i != j:
+            parent[find(i)] = find(j)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(ok)):
+        members[find(i)].append(i)
+    out: dict[str, str] = {}
+    for group in members.values():
+        if len(group) > 1:
+            name = f"near-duplicates:{paths[ok[min(group)]]}"
+            out.update({paths[ok[i]]: name for i in group})
+    return out
+
+
 def _file(s: Sample) -> dict[str, str]:
     return {"path": s.path, "split": s.split or "unassigned", "label": s.label}
 

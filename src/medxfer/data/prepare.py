@@ -79,6 +79,14 @@ def _drop_leaks(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], l
     return [s for s in samples if s.path not in leaks], sorted(leaks)
 
 
+def _near_duplicate_groups(samples: list[Sample], cfg: DataConfig, workers: int) -> dict[str, str]:
+    """Near-duplicate groups among the images validation (and a carved test) come from."""
+    from medxfer.data.audit import near_duplicate_groups
+
+    pool = [s.path for s in samples if s.split in ("train", "")]
+    return near_duplicate_groups(pool, cfg.leak_threshold, workers=workers)
+
+
 def _subset(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
     """A stratified ``fraction`` of the training split (for quick searches)."""
     if fraction >= 1.0:
@@ -182,7 +190,16 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
             )
         samples, dropped = _drop_leaks(samples, cfg)
         info["dropped_leaks"] = dropped
-    samples = assign_splits(samples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    groups = _near_duplicate_groups(samples, cfg, workers) if cfg.group_near_duplicates else {}
+    if cfg.group_near_duplicates:
+        sizes = Counter(groups.values())
+        info["near_duplicate_groups"] = {
+            "images": len(groups),
+            "groups": len(sizes),
+            "largest": max(sizes.values(), default=0),
+            "threshold": cfg.leak_threshold,
+        }
+    samples = assign_splits(samples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, groups)
     if any(s.patient_id for s in samples):
         info["patients"] = patient_summary(samples)
     samples = _subset(samples, cfg.train_subset, cfg.split_seed)

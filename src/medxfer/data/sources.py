@@ -188,10 +188,40 @@ def patient_summary(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
+def _group_names(samples: list[Sample], extra: dict[str, str]) -> list[str]:
+    """One group name per sample ("" = in no group). Without ``extra`` (path -> group name)
+    the groups are the patients. With it, images that share a patient or an ``extra`` group,
+    directly or through a chain of such links, share a group."""
+    if not extra:
+        return [s.patient_id for s in samples]
+    parent = list(range(len(samples)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        for key in (f"patient:{s.patient_id}" if s.patient_id else "", extra.get(s.path, "")):
+            if key:
+                parent[find(i)] = find(first.setdefault(key, i))
+    grouped = {find(first[key]) for key in first}
+    return [
+        f"group:{samples[find(i)].path}" if find(i) in grouped else "" for i in range(len(samples))
+    ]
+
+
 def _carve(
-    samples: list[Sample], fraction: float, seed: int, new_split: str
+    samples: list[Sample],
+    fraction: float,
+    seed: int,
+    new_split: str,
+    groups: dict[str, str] | None = None,
 ) -> tuple[list[Sample], list[Sample]]:
-    """Move a stratified (and patient-grouped) ``fraction`` of ``samples`` to ``new_split``."""
+    """Move a stratified ``fraction`` of ``samples`` to ``new_split``, keeping every patient
+    (and every ``groups`` group: path -> name) on one side."""
     from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
     if fraction <= 0 or not samples:
@@ -206,12 +236,12 @@ def _carve(
             "add images to those classes or remove them",
         )
     idx = np.arange(len(samples))
-    groups = [s.patient_id for s in samples]
-    if any(groups):
-        groups = [g or f"__nogroup_{i}" for i, g in enumerate(groups)]
+    names = _group_names(samples, groups or {})
+    if any(names):
+        names = [g or f"__nogroup_{i}" for i, g in enumerate(names)]
         n_splits = max(2, round(1.0 / fraction))
         sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        keep_idx, take_idx = next(sgkf.split(idx, labels, groups))
+        keep_idx, take_idx = next(sgkf.split(idx, labels, names))
     else:
         keep_idx, take_idx = train_test_split(
             idx, test_size=fraction, stratify=labels, random_state=seed
@@ -222,16 +252,21 @@ def _carve(
 
 
 def assign_splits(
-    samples: list[Sample], val_fraction: float, test_fraction: float, seed: int
+    samples: list[Sample],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    groups: dict[str, str] | None = None,
 ) -> list[Sample]:
-    """Give every sample a split. Given test/val splits are kept as they are."""
+    """Give every sample a split. Given test/val splits are kept as they are. ``groups``
+    (path -> group name, e.g. near duplicates) are kept whole, like patients."""
     test = [s for s in samples if s.split == "test"]
     val = [s for s in samples if s.split == "val"]
     pool = [replace(s, split="train") for s in samples if s.split in ("train", "")]
     if not test and test_fraction > 0:
-        pool, test = _carve(pool, test_fraction, seed + 1, "test")
+        pool, test = _carve(pool, test_fraction, seed + 1, "test", groups)
     if not val and val_fraction > 0:
-        pool, val = _carve(pool, val_fraction, seed, "val")
+        pool, val = _carve(pool, val_fraction, seed, "val", groups)
     return pool + val + test
 
 
