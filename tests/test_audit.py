@@ -119,6 +119,20 @@ def test_print_audit(report: dict) -> None:
     print_audit(report, console)
     text = console.export_text()
     assert "Findings" in text and "x.png" in text and "leaking into test" in text
+    assert "2 training images have a near copy" in text and "group_near_duplicates" in text
+
+
+def test_near_copies_within_train_are_counted(
+    report: dict, planted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the one in-train copy (bars_0000 = copy.png); the planted test copies are across splits
+    assert report["near_within_train"] == {"images": 2, "groups": 1, "checked": True}
+    assert report["summary"]["train_images_with_near_copy"] == 2
+    monkeypatch.setattr(audit_mod, "WITHIN_TRAIN_MAX", 5)  # too many to compare: not checked
+    samples = discover(planted)
+    decoded = [audit_mod.inspect_file(s.path) for s in samples]
+    out = audit_mod._near_within_train(samples, decoded, 32, 0.99)
+    assert out == {"images": None, "groups": None, "checked": False}
 
 
 def test_near_pairs_transforms_and_unrelated() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,107 @@ def test_missing_path_and_bad_manifest(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("file,class\nx.png,a\n")
     with pytest.raises(MedxferError, match="path,label"):
         discover(tmp_path / "m.csv")
+
+
+def _smooth(seed: int) -> np.ndarray:
+    """A smooth random 32x32 image: distinct seeds correlate far below 0.99."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (4, 4)).astype(np.float32)
+    big = np.asarray(Image.fromarray(small).resize((32, 32), Image.Resampling.BICUBIC))
+    return np.clip(big, 0, 255).astype(np.uint8)
+
+
+def _near_copies_tree(root: Path) -> dict[str, list[str]]:
+    """Per class, 12 scans of 3 near copies each (as is, mirrored, darker and lower contrast):
+    returns each scan's file names, keyed by scan."""
+    scans: dict[str, list[str]] = {}
+    for c, label in enumerate(("a", "b")):
+        for k in range(12):
+            arr = _smooth(100 * c + k)
+            copies = (arr, arr[:, ::-1], (arr.astype(np.float32) * 0.7 + 20).astype(np.uint8))
+            names = []
+            for j, img in enumerate(copies):
+                path = root / label / f"scan{k}_{j}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.ascontiguousarray(img)).save(path)
+                names.append(str(path))
+            scans[f"{label}{k}"] = names
+    return scans
+
+
+def test_near_duplicate_groups_link_flipped_and_recontrasted_copies(tmp_path: Path) -> None:
+    from medxfer.data.audit import near_duplicate_groups
+
+    scans = _near_copies_tree(tmp_path)
+    lone = tmp_path / "a" / "lone.png"
+    Image.fromarray(_smooth(999)).save(lone)
+    paths = [*sorted(p for names in scans.values() for p in names), str(lone)]
+    groups = near_duplicate_groups(paths, 0.99, workers=1, show=False)
+    assert str(lone) not in groups  # no copy of it: in no group
+    assert len(set(groups.values())) == len(scans)  # one group per scan, none merged
+    for names in scans.values():
+        assert len({groups[p] for p in names}) == 1
+
+
+def test_grouped_split_keeps_near_copies_on_one_side(tmp_path: Path) -> None:
+    from medxfer.data.audit import near_duplicate_groups
+
+    scans = _near_copies_tree(tmp_path)
+    samples = discover(tmp_path)
+    groups = near_duplicate_groups([s.path for s in samples], 0.99, workers=1, show=False)
+    scan_of = {p: scan for scan, names in scans.items() for p in names}
+    for seed in range(4):
+        split = {s.path: s.split for s in assign_splits(samples, 0.25, 0.25, seed, groups)}
+        for names in scans.values():
+            assert len({split[p] for p in names}) == 1  # a scan never straddles a boundary
+        assert {"train", "val", "test"} <= set(split.values())
+    # the plain split does put copies of one scan on both sides of the boundary
+    plain = assign_splits(samples, 0.25, 0.25, 0)
+    sides: dict[str, set[str]] = {}
+    for s in plain:
+        sides.setdefault(scan_of[s.path], set()).add(s.split)
+    assert any(len(v) > 1 for v in sides.values())
+    # without groups the split is exactly the one it was before the option existed
+    assert assign_splits(samples, 0.25, 0.25, 0, {}) == plain
+
+
+def test_near_copies_across_patients_join_their_patients(tmp_path: Path) -> None:
+    _tree(tmp_path, {"a": 24, "b": 24})
+    # two images per patient; patient k's second image is a near copy of patient k+1's first
+    samples = [
+        replace(s, patient_id=f"P{s.label}{int(Path(s.path).stem) // 2}")
+        for s in discover(tmp_path)
+    ]
+    by_name = {(s.label, int(Path(s.path).stem)): s.path for s in samples}
+    groups: dict[str, str] = {}
+    for label in ("a", "b"):
+        for k in range(0, 10, 2):  # chains P0-P1 ... P5: image 2k+1 ~ image 2k+2
+            groups[by_name[(label, k + 1)]] = groups[by_name[(label, k + 2)]] = f"{label}{k}"
+    chain = {s.patient_id for s in samples if int(Path(s.path).stem) < 12}
+    for seed in range(4):
+        side: dict[str, set[str]] = {}
+        for s in assign_splits(samples, 0.25, 0.0, seed, groups):
+            side.setdefault(s.patient_id, set()).add(s.split)
+        assert all(len(v) == 1 for v in side.values())  # patients stay whole
+        for label in ("a", "b"):  # and each chain of linked patients lands on one side
+            assert len(set().union(*(side[p] for p in chain if p.startswith(f"P{label}")))) == 1
+
+
+def test_prepare_groups_near_copies_and_records_them(tmp_path: Path) -> None:
+    from medxfer.config import DataConfig
+    from medxfer.data.prepare import prepare
+
+    scans = _near_copies_tree(tmp_path / "set")
+    cfg = DataConfig(
+        root=str(tmp_path / "set"), image_size=16, cache_dir=str(tmp_path / "c"),
+        val_fraction=0.25, test_fraction=0.25, group_near_duplicates=True,
+    )  # fmt: skip
+    data = prepare(cfg, workers=1)
+    assert data.info["near_duplicate_groups"] == {
+        "images": 72, "groups": 24, "largest": 3, "threshold": 0.99
+    }  # fmt: skip
+    split = {Path(s.path).name: s.split for s in data.samples}
+    for names in scans.values():
+        assert len({split[Path(p).name] for p in names}) == 1
+    plain = prepare(replace(cfg, group_near_duplicates=False), workers=1)
+    assert "near_duplicate_groups" not in plain.info

@@ -6,7 +6,9 @@ train-val, val-test): every image becomes a small grayscale thumbnail (padded to
 mean-centred and L2-normalised, so the dot product of two thumbnails is their correlation,
 which ignores brightness and contrast changes. Each query is compared with the other split as
 is, flipped left-right, flipped up-down and rotated 180 degrees, with chunked matrix products.
-Pairs that are exact duplicates are reported only as exact.
+Pairs that are exact duplicates are reported only as exact. Within the training split, near
+copies are only counted (up to WITHIN_TRAIN_MAX images): a validation split carved from it at
+random would hold copies of training images (``data.group_near_duplicates`` prevents that).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ TRANSFORMS = ("identity", "hflip", "vflip", "rot180")
 SPLIT_PAIRS = (("train", "test"), ("train", "val"), ("val", "test"))
 SERIAL_BELOW = 200  # fewer images than this are decoded without a process pool
 PROGRESS_FROM = 500
+WITHIN_TRAIN_MAX = 40_000  # more training images: near copies within train are not looked for
 _MAX_SIMILARITIES = 1 << 24  # floats held at once while comparing two splits (64 MiB)
 _COLUMNS = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
@@ -115,21 +118,11 @@ def near_pairs(
     return out
 
 
-def near_duplicate_groups(
-    paths: list[str], threshold: float, *, workers: int = 2, show: bool = True
-) -> dict[str, str]:
-    """Path -> group name for every image that has a near duplicate among ``paths``.
-
-    Two images are linked when their thumbnails correlate at ``threshold`` or more, as they
-    are, flipped or rotated 180 degrees (as in the audit); a group is a connected component
-    of those links, so a chain of slightly different copies forms one group. Images without
-    a near duplicate, and unreadable files, are left out."""
-    decoded = _decode_all(paths, 32, workers, show)
-    ok = [i for i, d in enumerate(decoded) if not d[5]]
-    if len(ok) < 2:
-        return {}
-    thumbs = np.stack([decoded[i][4] for i in ok])
-    parent = list(range(len(ok)))
+def _near_components(thumbs: np.ndarray, k: int, threshold: float) -> list[list[int]]:
+    """Groups (row indices, two or more) of near duplicates among ``thumbs``: the connected
+    components of the pairs that correlate at ``threshold`` or more (as is, flipped or rotated
+    180 degrees), so a chain of slightly different copies forms one group."""
+    parent = list(range(len(thumbs)))
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -137,18 +130,42 @@ def near_duplicate_groups(
             x = parent[x]
         return x
 
-    for i, j, _, _ in near_pairs(thumbs, thumbs, 32, threshold):
+    for i, j, _, _ in near_pairs(thumbs, thumbs, k, threshold):
         if i != j:
             parent[find(i)] = find(j)
     members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(ok)):
+    for i in range(len(thumbs)):
         members[find(i)].append(i)
+    return [g for g in members.values() if len(g) > 1]
+
+
+def near_duplicate_groups(
+    paths: list[str], threshold: float, *, workers: int = 2, show: bool = True
+) -> dict[str, str]:
+    """Path -> group name for every image that has a near duplicate among ``paths`` (groups as
+    in ``_near_components``). Images without one, and unreadable files, are left out."""
+    decoded = _decode_all(paths, 32, workers, show)
+    ok = [i for i, d in enumerate(decoded) if not d[5]]
+    if len(ok) < 2:
+        return {}
+    thumbs = np.stack([decoded[i][4] for i in ok])
     out: dict[str, str] = {}
-    for group in members.values():
-        if len(group) > 1:
-            name = f"near-duplicates:{paths[ok[min(group)]]}"
-            out.update({paths[ok[i]]: name for i in group})
+    for group in _near_components(thumbs, 32, threshold):
+        name = f"near-duplicates:{paths[ok[min(group)]]}"
+        out.update({paths[ok[i]]: name for i in group})
     return out
+
+
+def _near_within_train(
+    samples: list[Sample], decoded: list[Decoded], k: int, threshold: float
+) -> dict[str, Any]:
+    """How many training images have a near copy in training (None above WITHIN_TRAIN_MAX)."""
+    idx = [i for i, s in enumerate(samples) if s.split in ("train", "") and not decoded[i][5]]
+    if len(idx) > WITHIN_TRAIN_MAX:
+        return {"images": None, "groups": None, "checked": False}
+    thumbs = np.stack([decoded[i][4] for i in idx]) if idx else np.zeros((0, k * k))
+    groups = _near_components(thumbs, k, threshold)
+    return {"images": sum(map(len, groups)), "groups": len(groups), "checked": True}
 
 
 def _file(s: Sample) -> dict[str, str]:
@@ -245,6 +262,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "near_by_transform": dict(Counter(p["transform"] for p in near)),
         "near_label_conflicts": sum(p["label_conflict"] for p in near),
         "leaking_train_files": len(leaking_train_paths(report)),
+        "train_images_with_near_copy": report["near_within_train"]["images"],
     } | _patient_findings(report)
 
 
@@ -281,6 +299,7 @@ def audit(
         ],
         "exact_duplicates": _exact_groups(samples, decoded),
         "near_duplicates": _near_duplicates(samples, decoded, thumb, near_threshold),
+        "near_within_train": _near_within_train(samples, decoded, thumb, near_threshold),
     }
     if any(s.patient_id for s in samples):
         report["patients"] = patient_summary(samples)
@@ -331,6 +350,10 @@ def _findings_table(summary: dict[str, Any]) -> Table:
     conflicts = summary["exact_label_conflicts"] + summary["near_label_conflicts"]
     table.add_row("duplicates with conflicting labels", str(conflicts))
     table.add_row("train files leaking into test", str(summary["leaking_train_files"]))
+    within = summary.get("train_images_with_near_copy")
+    table.add_row(
+        "train images with a near copy in train", "not checked" if within is None else str(within)
+    )
     if "patients" in summary:
         table.add_row("patients (IDs from data.patient_regex or the manifest)",
                       str(summary["patients"]))  # fmt: skip
@@ -363,6 +386,13 @@ def print_audit(report: dict[str, Any], console: Console, max_listed: int = 10) 
         console.print(f"[red]unreadable[/red] {escape(item['path'])}: {escape(item['error'])}")
     for line in _conflicts(report)[:max_listed]:
         console.print(f"[yellow]label conflict[/yellow] {escape(line)}")
+    within = report["summary"].get("train_images_with_near_copy") or 0
+    if within and not report["counts"].get("val"):
+        console.print(
+            f"{within} training images have a near copy in training. A validation split carved "
+            "at random holds copies of training images and scores too high: set "
+            "data.group_near_duplicates=true to keep each group of copies on one side."
+        )
     if report["summary"]["leaking_train_files"]:
         console.print(
             "Train files that duplicate test files inflate test scores: "
