@@ -252,3 +252,17 @@ def test_prepare_groups_near_copies_and_records_them(tmp_path: Path) -> None:
         assert len({split[Path(p).name] for p in names}) == 1
     plain = prepare(replace(cfg, group_near_duplicates=False), workers=1)
     assert "near_duplicate_groups" not in plain.info
+
+
+def test_given_splits_are_not_grouped(tmp_path: Path) -> None:
+    from medxfer.config import DataConfig
+    from medxfer.data.prepare import prepare
+
+    _tree(tmp_path / "set", {"train/a": 6, "train/b": 6, "val/a": 2, "val/b": 2, "test/a": 2})
+    cfg = DataConfig(root=str(tmp_path / "set"), image_size=16, cache_dir=str(tmp_path / "c"),
+                     group_near_duplicates=True)  # fmt: skip
+    data = prepare(cfg, workers=1)  # val and test are given: there is nothing to carve
+    assert "near_duplicate_groups" not in data.info
+    assert {s.path for s in data.samples if s.split == "val"} == {
+        s.path for s in discover(tmp_path / "set") if s.split == "val"
+    }

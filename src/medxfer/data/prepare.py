@@ -190,8 +190,13 @@ def prepare(cfg: DataConfig, *, workers: int = 2) -> Prepared:
             )
         samples, dropped = _drop_leaks(samples, cfg)
         info["dropped_leaks"] = dropped
-    groups = _near_duplicate_groups(samples, cfg, workers) if cfg.group_near_duplicates else {}
-    if cfg.group_near_duplicates:
+    given = {s.split for s in samples}
+    carves = ("val" not in given and cfg.val_fraction > 0) or (
+        "test" not in given and cfg.test_fraction > 0
+    )  # a split the dataset gives is kept as it is: nothing to group
+    grouping = cfg.group_near_duplicates and carves
+    groups = _near_duplicate_groups(samples, cfg, workers) if grouping else {}
+    if grouping:
         sizes = Counter(groups.values())
         info["near_duplicate_groups"] = {
             "images": len(groups),
