@@ -192,3 +192,33 @@ def test_patients_across_splits(tmp_path: Path) -> None:
     console = Console(record=True, width=120)
     print_audit(rep, console)
     assert "patients in both train-test" in console.export_text()
+
+
+def test_has_near_copy_and_accuracy_apart(planted: Path) -> None:
+    from medxfer.evaluate.metrics import by_near_copy, format_near_copies
+
+    samples = discover(planted)
+    train = [s.path for s in samples if s.split == "train"]
+    test = sorted(s.path for s in samples if s.split == "test")
+    copy = audit_mod.has_near_copy(test, train, 0.99, workers=1)
+    copied = {str(planted / t) for t in PLANTED} | {
+        str(planted / "test/disc/from_jpeg.png"), str(planted / "test/cross/wrong.bmp")
+    }  # fmt: skip
+    assert {t for t, c in zip(test, copy, strict=True) if c} == copied  # x.png: unreadable
+    # the copies all predicted right, the other images right one time in two
+    labels = np.zeros(len(test), dtype=np.int64)
+    right = np.where(copy, True, np.arange(len(test)) % 2 == 0)
+    probs = np.zeros((len(test), 2))
+    probs[np.arange(len(test)), np.where(right, 0, 1)] = 1.0
+    r = by_near_copy(copy, labels, probs, 0.99)
+    n_other = len(test) - len(copied)
+    assert r["with_a_near_copy"] == {
+        "images": 6,
+        "accuracy": 1.0,
+        "ci95": r["with_a_near_copy"]["ci95"],
+    }
+    assert r["without"]["images"] == n_other
+    assert r["without"]["accuracy"] == round(float(right[~copy].mean()), 4)
+    lo, hi = r["without"]["ci95"]
+    assert lo < r["without"]["accuracy"] < hi
+    assert format_near_copies(r).startswith(f"6 of {len(test)} test images have a near copy")

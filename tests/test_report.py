@@ -110,6 +110,12 @@ def test_report_tables_match_metrics(demo: Path) -> None:
         said = "kept" if b["kept"] else "not kept"
         assert (f"{label}: {b['val_balanced_accuracy_before']:.3f} -> "
                 f"{b['val_balanced_accuracy_after']:.3f}, {said}") in md  # fmt: skip
+    # test accuracy apart for near copies of training images, as metrics.json records it
+    from medxfer.evaluate.metrics import format_near_copies
+
+    for label, m in (("fine-tuned", train), ("fine-tuned + pruned", pruned)):
+        said = f"{label}: {format_near_copies(m['test_near_copies'])}"
+        assert said in md.replace("\\[", "[").replace("\\]", "]")
     # the paper-style table: our numbers in the synthetic-demo column
     paper = t.tables["paper-table"]
     assert paper[1][:2] == ["efficientnet_lite0", "fine-tuned"]

@@ -54,6 +54,9 @@ def test_cli_end_to_end(
     assert m["data"]["synthetic"] is True
     assert set(m["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "ci95", "ece"}
     assert m["test"]["balanced_accuracy"] > 0.4  # 4 classes: chance is 0.25
+    near = m["test_near_copies"]  # test accuracy apart for near copies of training images
+    n_test = sum(m["data"]["counts"]["test"].values())
+    assert near["with_a_near_copy"]["images"] + near["without"]["images"] == n_test
     assert len(json.loads((run / "history.json").read_text())) == 2
     # a second call with the same config sees the completed run and does not retrain
     assert main([*args[:4], *args[4:]]) == 0

@@ -156,6 +156,23 @@ def near_duplicate_groups(
     return out
 
 
+def has_near_copy(
+    queries: list[str], references: list[str], threshold: float, *, workers: int = 2
+) -> np.ndarray:
+    """For each file of ``queries``: whether a file of ``references`` is a near copy of it (the
+    audit's rule: 32 px thumbnails correlating at ``threshold`` or more, as they are, flipped or
+    rotated 180 degrees). An unreadable file has no copy."""
+    decoded = _decode_all([*queries, *references], 32, workers, show=False)
+    ok = np.array([not d[5] for d in decoded], dtype=bool)
+    thumbs = np.stack([d[4] for d in decoded]) if decoded else np.zeros((0, 32 * 32))
+    q = np.flatnonzero(ok[: len(queries)])
+    r = len(queries) + np.flatnonzero(ok[len(queries) :])
+    out = np.zeros(len(queries), dtype=bool)
+    for i, _, _, _ in near_pairs(thumbs[q], thumbs[r], 32, threshold):
+        out[q[i]] = True
+    return out
+
+
 def _near_within_train(
     samples: list[Sample], decoded: list[Decoded], k: int, threshold: float
 ) -> dict[str, Any]:

@@ -18,7 +18,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from medxfer.config import ExperimentConfig
-from medxfer.evaluate.metrics import compute_metrics, format_summary, shift_warnings
+from medxfer.evaluate.metrics import (
+    by_near_copy,
+    compute_metrics,
+    format_near_copies,
+    format_summary,
+    shift_warnings,
+)
 from medxfer.train import compute as compute_mod
 from medxfer.train.callbacks import Callback
 from medxfer.train.checkpoint import atomic_write_json
@@ -78,6 +84,7 @@ def evaluate_trained(
             )
             if split == "test":
                 _save_figures(run_dir, labels, probs, s.data.classes, history)
+                results["test_near_copies"] = _near_copies(trained, loader.indices, labels, probs)
             # val: the reference of `medxfer shift`, usable where the training data is not
             save_predictions(run_dir / f"{split}_predictions.npz", probs, labels, cfg, c)
     if c.is_main and evaluate_test and trust and cfg.trust.enabled:
@@ -86,6 +93,8 @@ def evaluate_trained(
         atomic_write_json(results, run_dir / "metrics.json")  # written last: marks the run complete
         if "test" in results:
             console.print(f"test: {format_summary(results['test'])}")
+            if results.get("test_near_copies"):
+                console.print(f"  {format_near_copies(results['test_near_copies'])}")
             if "val" in results and warn_shift:
                 for line in shift_warnings(results["val"], results["test"]):
                     console.print(f"[yellow]warning:[/] {line}")
@@ -111,6 +120,22 @@ def fit_and_evaluate(
     return evaluate_trained(
         trained, evaluate_test=evaluate_test, warn_shift=warn_shift, trust=trust
     )
+
+
+def _near_copies(
+    trained: TrainedRun, indices: torch.Tensor, labels: np.ndarray, probs: np.ndarray
+) -> dict[str, Any] | None:
+    """Test accuracy apart for the test images with and without a near copy among the
+    training images (``data.leak_threshold``, the audit's rule)."""
+    from medxfer.data.audit import has_near_copy
+
+    samples, cfg = trained.setup.data.samples, trained.cfg
+    test = [samples[int(i)].path for i in indices]
+    train = [x.path for x in samples if x.split == "train"]
+    if not test or not train:
+        return None
+    copy = has_near_copy(test, train, cfg.data.leak_threshold)
+    return by_near_copy(copy, labels, probs, cfg.data.leak_threshold)
 
 
 def _fit_trust(trained: TrainedRun) -> dict[str, Any]:

@@ -321,3 +321,39 @@ def shift_warnings(val: dict[str, Any], test: dict[str, Any]) -> list[str]:
         for c in split_shift(val, test)
         if c["shifted"]
     ]
+
+
+def by_near_copy(
+    has_copy: np.ndarray, labels: np.ndarray, probs: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    """Accuracy apart for the images that have a near copy among the training images and for
+    the rest, each with a 95% Wilson interval: the rest is the closer estimate for images from
+    elsewhere, since a near copy of a training image is in effect seen."""
+    from scipy.stats import binomtest
+
+    right = probs.argmax(1) == labels
+
+    def part(mask: np.ndarray) -> dict[str, Any]:
+        n, k = int(mask.sum()), int(right[mask].sum())
+        if n == 0:
+            return {"images": 0, "accuracy": None, "ci95": None}
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        return {"images": n, "accuracy": round(k / n, 4),
+                "ci95": [round(float(ci.low), 4), round(float(ci.high), 4)]}  # fmt: skip
+
+    return {
+        "threshold": threshold,
+        "share_with_a_near_copy": round(float(has_copy.mean()), 4) if len(has_copy) else None,
+        "with_a_near_copy": part(has_copy),
+        "without": part(~has_copy),
+    }
+
+
+def format_near_copies(r: dict[str, Any]) -> str:
+    """One line: how many test images have a near copy in training, and accuracy apart."""
+    w, o = r["with_a_near_copy"], r["without"]
+    return (
+        f"{w['images']} of {w['images'] + o['images']} test images have a near copy among the "
+        f"training images (accuracy {_fmt(w['accuracy'])}); on the other {o['images']}: "
+        f"{_fmt(o['accuracy'])}{_fmt_ci(o['ci95'])}"
+    )

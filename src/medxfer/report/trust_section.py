@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medxfer.evaluate.metrics import format_near_copies
 from medxfer.report.blocks import Note, Section, Table, Text, load, num, status_note
 
 FIGURE = "test_risk_coverage.png"  # written by medxfer.evaluate.trust_run
@@ -48,10 +49,13 @@ def trust(r: dict[str, Any]) -> Section:
         "ranking images by confidence alone with the failure score. `medxfer predict RUN "
         "FOLDER --html page.html` gives the same per image, flagged images first."
     ))  # fmt: skip
-    rows, figures, missing = [], [], []
+    rows, figures, missing, copies = [], [], [], []
     for row in load(r["outputs"]["evaluate"]["evaluation"])["rows"]:
         label = "fine-tuned + pruned" if row["pruned"] else "fine-tuned"
-        t = load(Path(row["run_dir"]) / "metrics.json").get("trust")
+        metrics = load(Path(row["run_dir"]) / "metrics.json")
+        if metrics.get("test_near_copies"):
+            copies.append(f"{label}: {format_near_copies(metrics['test_near_copies'])}")
+        t = metrics.get("trust")
         if not t or "test" not in t:
             missing.append(f"{label} ({row['run_dir']})")
             continue
@@ -63,6 +67,12 @@ def trust(r: dict[str, Any]) -> Section:
                   "set coverage", "mean set size"]  # fmt: skip
         s.add(Table(header, rows, caption="Per-image flags and conformal sets on test",
                     id="trust-table"))  # fmt: skip
+    if copies:
+        s.add(Text(
+            "A test image that is a near copy of a training image (the audit's rule) has in "
+            "effect been seen, so accuracy is given apart; the images without one are the "
+            "closer estimate for images from elsewhere. " + "; ".join(copies) + "."
+        ))  # fmt: skip
     for label, fig in figures:
         s.image(fig, f"Risk–coverage on test ({label}): error rate of the accepted images as "
                 "more are accepted")  # fmt: skip
