@@ -36,6 +36,7 @@ from medxfer.parallel import process_map
 TRANSFORMS = ("identity", "hflip", "vflip", "rot180")
 SPLIT_PAIRS = (("train", "test"), ("train", "val"), ("val", "test"))
 SERIAL_BELOW = 200  # fewer images than this are decoded without a process pool
+POOL_FROM = 2000  # has_near_copy: below this a process pool costs more than it saves
 PROGRESS_FROM = 500
 WITHIN_TRAIN_MAX = 40_000  # more training images: near copies within train are not looked for
 _MAX_SIMILARITIES = 1 << 24  # floats held at once while comparing two splits (64 MiB)
@@ -162,7 +163,8 @@ def has_near_copy(
     """For each file of ``queries``: whether a file of ``references`` is a near copy of it (the
     audit's rule: 32 px thumbnails correlating at ``threshold`` or more, as they are, flipped or
     rotated 180 degrees). An unreadable file has no copy."""
-    decoded = _decode_all([*queries, *references], 32, workers, show=False)
+    paths = [*queries, *references]
+    decoded = _decode_all(paths, 32, workers if len(paths) >= POOL_FROM else 1, show=False)
     ok = np.array([not d[5] for d in decoded], dtype=bool)
     thumbs = np.stack([d[4] for d in decoded]) if decoded else np.zeros((0, 32 * 32))
     q = np.flatnonzero(ok[: len(queries)])
