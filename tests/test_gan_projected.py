@@ -105,6 +105,8 @@ def test_projected_recipe_and_fingerprint() -> None:
     plain = load_config(None, [])
     assert gan_fingerprint(load_config(None, ["gan.diversity=1"])) != gan_fingerprint(plain)
     assert gan_fingerprint(load_config(None, ["gan.critic=projected"])) != gan_fingerprint(plain)
+    grouped = load_config(None, ["data.group_near_duplicates=true"])  # another training split
+    assert gan_fingerprint(grouped) != gan_fingerprint(plain)
     # generators trained before the key existed keep their fingerprint (value before it)
     assert gan_fingerprint(plain) == "2c00ba593e87"
 

@@ -79,6 +79,8 @@ def gan_fingerprint(cfg: ExperimentConfig) -> str:
         if g[key] == before:  # added later: generators trained before keep their hash
             g.pop(key)
     d = {k: v for k, v in asdict(cfg.data).items() if k not in ("synthetic", "synthetic_ratio")}
+    if not d["group_near_duplicates"]:  # added later: generators trained before keep their hash
+        d.pop("group_near_duplicates")
     blob = json.dumps({"gan": g, "data": d, "hflip": cfg.augment.hflip}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
