@@ -123,20 +123,17 @@ def _near_components(thumbs: np.ndarray, k: int, threshold: float) -> list[list[
     """Groups (row indices, two or more) of near duplicates among ``thumbs``: the connected
     components of the pairs that correlate at ``threshold`` or more (as is, flipped or rotated
     180 degrees), so a chain of slightly different copies forms one group."""
-    parent = list(range(len(thumbs)))
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, j, _, _ in near_pairs(thumbs, thumbs, k, threshold):
-        if i != j:
-            parent[find(i)] = find(j)
+    pairs = np.array(
+        [(i, j) for i, j, _, _ in near_pairs(thumbs, thumbs, k, threshold) if i != j], np.int64
+    ).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), (len(thumbs),) * 2)
+    component = connected_components(graph, directed=False)[1]
     members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(thumbs)):
-        members[find(i)].append(i)
+    for i, c in enumerate(component):
+        members[int(c)].append(i)
     return [g for g in members.values() if len(g) > 1]
 
 
