@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from medxfer.data.io import is_dicom, pad_to_square, read_dicom, read_pil
+from medxfer.data.shortcuts import cues, shortcut_check
 from medxfer.data.sources import SPLITS, Sample, patient_summary
 from medxfer.errors import MedxferError
 from medxfer.parallel import process_map
@@ -42,8 +43,10 @@ WITHIN_TRAIN_MAX = 40_000  # more training images: near copies within train are 
 _MAX_SIMILARITIES = 1 << 24  # floats held at once while comparing two splits (64 MiB)
 _COLUMNS = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
-# mode, width, height, sha256 of pixels, thumbnail (k*k float32), error ("" when readable)
-Decoded = tuple[str, int, int, str, np.ndarray, str]
+# mode, width, height, sha256 of pixels, thumbnail (k*k float32), error ("" when readable),
+# the shortcut check's cues (empty unless asked for)
+Decoded = tuple[str, int, int, str, np.ndarray, str, np.ndarray]
+_NO_CUES = np.zeros(0, np.float32)
 
 
 def _thumbnail(arr: np.ndarray, size: int) -> np.ndarray:
@@ -57,7 +60,7 @@ def _thumbnail(arr: np.ndarray, size: int) -> np.ndarray:
     return t / norm if norm > 1e-6 else np.zeros_like(t)  # a flat image matches nothing
 
 
-def inspect_file(path: str, thumb: int = 32) -> Decoded:
+def inspect_file(path: str, thumb: int = 32, with_cues: bool = False) -> Decoded:
     """Decode one file; never raises (the error text is returned instead)."""
     p = Path(path)
     try:
@@ -68,16 +71,20 @@ def inspect_file(path: str, thumb: int = 32) -> Decoded:
                 mode = im.mode
             arr = read_pil(p)
     except Exception as err:  # an audit lists broken files, whatever the decoder raised
-        return ("", 0, 0, "", np.zeros(thumb * thumb, np.float32), f"{type(err).__name__}: {err}")
+        empty = np.zeros(thumb * thumb, np.float32)
+        return ("", 0, 0, "", empty, f"{type(err).__name__}: {err}", _NO_CUES)
     if arr.ndim == 3 and (arr == arr[..., :1]).all():
         arr = arr[..., 0]  # RGB with R == G == B hashes like its grayscale copy
     arr = np.ascontiguousarray(arr)
     sha = hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
-    return (mode, int(arr.shape[1]), int(arr.shape[0]), sha, _thumbnail(arr, thumb), "")
+    vector = cues(arr, path) if with_cues else _NO_CUES
+    return (mode, int(arr.shape[1]), int(arr.shape[0]), sha, _thumbnail(arr, thumb), "", vector)
 
 
-def _decode_all(paths: list[str], thumb: int, workers: int, show: bool) -> list[Decoded]:
-    fn = partial(inspect_file, thumb=thumb)
+def _decode_all(
+    paths: list[str], thumb: int, workers: int, show: bool, with_cues: bool = False
+) -> list[Decoded]:
+    fn = partial(inspect_file, thumb=thumb, with_cues=with_cues)
     out: list[Decoded] = []
     with ExitStack() as stack:
         if workers <= 1 or len(paths) < SERIAL_BELOW:
@@ -184,6 +191,14 @@ def _near_within_train(
     return {"images": sum(map(len, groups)), "groups": len(groups), "checked": True}
 
 
+def _shortcuts(samples: list[Sample], decoded: list[Decoded]) -> dict[str, Any]:
+    ok = [i for i, d in enumerate(decoded) if not d[5]]
+    vectors = np.stack([decoded[i][6] for i in ok]) if ok else np.zeros((0, 1), np.float32)
+    patients = [samples[i].patient_id for i in ok] if any(s.patient_id for s in samples) else None
+    return shortcut_check([samples[i].label for i in ok], [samples[i].split for i in ok],
+                          vectors, patients)  # fmt: skip
+
+
 def _file(s: Sample) -> dict[str, str]:
     return {"path": s.path, "split": s.split or "unassigned", "label": s.label}
 
@@ -279,6 +294,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "near_label_conflicts": sum(p["label_conflict"] for p in near),
         "leaking_train_files": len(leaking_train_paths(report)),
         "train_images_with_near_copy": report["near_within_train"]["images"],
+        "label_from_image_statistics": report["shortcuts"].get("balanced_accuracy"),
     } | _patient_findings(report)
 
 
@@ -304,7 +320,7 @@ def audit(
     if thumb < 4:
         raise MedxferError(f"thumbnail size {thumb} is too small", "use e.g. 32")
     show = show_progress and len(samples) >= PROGRESS_FROM
-    decoded = _decode_all([s.path for s in samples], thumb, workers, show)
+    decoded = _decode_all([s.path for s in samples], thumb, workers, show, with_cues=True)
     report: dict[str, Any] = {
         "n_samples": len(samples),
         "settings": {"thumb": thumb, "near_threshold": near_threshold, "transforms": [*TRANSFORMS]},
@@ -319,6 +335,7 @@ def audit(
     }
     if any(s.patient_id for s in samples):
         report["patients"] = patient_summary(samples)
+    report["shortcuts"] = _shortcuts(samples, decoded)
     report["summary"] = _summary(report)
     return report
 
@@ -349,7 +366,16 @@ def _counts_table(counts: dict[str, dict[str, int]]) -> Table:
     return table
 
 
-def _findings_table(summary: dict[str, Any]) -> Table:
+def _shortcut_cell(shortcuts: dict[str, Any]) -> str:
+    if not shortcuts.get("checked"):
+        return "not checked"
+    cell = f"{shortcuts['balanced_accuracy']:.2f} (chance {shortcuts['chance']:.2f})"
+    if "test" in shortcuts:
+        cell += f", test {shortcuts['test']['balanced_accuracy']:.2f}"
+    return cell
+
+
+def _findings_table(summary: dict[str, Any], shortcuts: dict[str, Any]) -> Table:
     table = Table(title="Findings")
     table.add_column("check")
     table.add_column("result", justify="right")
@@ -369,6 +395,9 @@ def _findings_table(summary: dict[str, Any]) -> Table:
     within = summary.get("train_images_with_near_copy")
     table.add_row(
         "train images with a near copy in train", "not checked" if within is None else str(within)
+    )
+    table.add_row(
+        "label told from image statistics alone (balanced accuracy)", _shortcut_cell(shortcuts)
     )
     if "patients" in summary:
         table.add_row("patients (IDs from data.patient_regex or the manifest)",
@@ -397,7 +426,7 @@ def _conflicts(report: dict[str, Any]) -> list[str]:
 def print_audit(report: dict[str, Any], console: Console, max_listed: int = 10) -> None:
     """Print the report's counts and findings as rich tables, then the worst offenders."""
     console.print(_counts_table(report["counts"]))
-    console.print(_findings_table(report["summary"]))
+    console.print(_findings_table(report["summary"], report.get("shortcuts", {})))
     for item in report["unreadable"][:max_listed]:
         console.print(f"[red]unreadable[/red] {escape(item['path'])}: {escape(item['error'])}")
     for line in _conflicts(report)[:max_listed]:
@@ -408,6 +437,18 @@ def print_audit(report: dict[str, Any], console: Console, max_listed: int = 10) 
             f"{within} training images have a near copy in training. A validation split carved "
             "at random holds copies of training images and scores too high: set "
             "data.group_near_duplicates=true to keep each group of copies on one side."
+        )
+    shortcuts = report.get("shortcuts", {})
+    if shortcuts.get("flagged"):
+        groups = shortcuts["by_group"]
+        strongest = max(groups, key=groups.get)
+        console.print(
+            f"The label can be told from image statistics alone (balanced accuracy "
+            f"{shortcuts['balanced_accuracy']:.2f}, chance {shortcuts['chance']:.2f}; most from "
+            f"{strongest}: {groups[strongest]:.2f}). A model may learn that cue instead of the "
+            "finding and fail where it differs. Check whether the classes come from different "
+            "sources; train with augment.policy=robust, and judge the model on a set from "
+            "another source."
         )
     if report["summary"]["leaking_train_files"]:
         console.print(
