@@ -131,6 +131,8 @@ def test_report_tables_match_metrics(demo: Path) -> None:
     found = dict(r for r in t.tables["audit"][1:])
     assert found["images"] == str(audit["summary"]["images"])
     assert found["leaking_train_files"] == str(audit["summary"]["leaking_train_files"])
+    said = "The label can be told from image statistics alone" in md
+    assert said == audit["shortcuts"]["flagged"]
     lottery = json.loads(Path(_marker(demo, "prune")["lottery"]).read_text())
     assert len(t.tables["pruning"]) - 1 == len(lottery["levels"])
     source = "previous level's final weights (last epoch) under one global threshold"

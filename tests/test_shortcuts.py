@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medxfer.data.audit import audit
+from medxfer.data.audit import audit, shortcut_report
 from medxfer.data.shortcuts import CUES, MIN_PER_CLASS, cues, shortcut_check
 from medxfer.data.sources import discover
 from medxfer.data.synthetic import make_synthetic
@@ -87,3 +87,9 @@ def test_the_audit_reports_a_planted_brightness_cue(tmp_path: Path) -> None:
     assert s["checked"] and s["flagged"] and s["images"] == 24
     assert report["summary"]["label_from_image_statistics"] == s["balanced_accuracy"]
     assert "test" in s  # the test split (not brightened) is scored too
+
+
+def test_the_check_alone_matches_the_audit(tmp_path: Path) -> None:
+    root = make_synthetic(tmp_path / "set", counts={"disc": 12, "ring": 12}, test_per_class=4)
+    samples = discover(root)
+    assert shortcut_report(samples, workers=1) == audit(samples, workers=1)["shortcuts"]

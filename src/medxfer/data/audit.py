@@ -191,6 +191,11 @@ def _near_within_train(
     return {"images": sum(map(len, groups)), "groups": len(groups), "checked": True}
 
 
+def shortcut_report(samples: list[Sample], *, workers: int = 2) -> dict[str, Any]:
+    """The audit's shortcut check alone (``medxfer.data.shortcuts``), for ``samples``."""
+    return _shortcuts(samples, _decode_all([s.path for s in samples], 32, workers, False, True))
+
+
 def _shortcuts(samples: list[Sample], decoded: list[Decoded]) -> dict[str, Any]:
     ok = [i for i, d in enumerate(decoded) if not d[5]]
     vectors = np.stack([decoded[i][6] for i in ok]) if ok else np.zeros((0, 1), np.float32)

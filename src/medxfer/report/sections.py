@@ -209,6 +209,17 @@ def audit(r: dict[str, Any]) -> Section:
         )
     )
     s.add(Table(["finding", "count"], scalars(summ), caption="Audit summary", id="audit"))
+    cue = a.get("shortcuts", {})
+    if cue.get("flagged"):
+        s.add(
+            Text(
+                "The label can be told from image statistics alone (size, framing, file size, "
+                f"intensity): balanced accuracy {cue['balanced_accuracy']:.2f} against chance "
+                f"{cue['chance']:.2f}. A model may learn that cue instead of the finding and "
+                "fail where it differs: check whether the classes come from different sources, "
+                "and train with `augment.policy: robust`."
+            )
+        )
     classes = sorted({c for counts in a["counts"].values() for c in counts})
     s.add(
         Table(

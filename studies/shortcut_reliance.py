@@ -1,0 +1,200 @@
+"""Does a trained model lean on a class's intensity profile instead of the finding? Validation
+images only.
+
+    python studies/shortcut_reliance.py RUN [RUN ...] --name N [--threads T]
+
+`medxfer data audit` reports how well the label can be told from global image statistics alone
+(``medxfer.data.shortcuts``); on the brain tumour set, intensity statistics alone tell the four
+classes apart at a balanced accuracy of about 0.91. This study asks whether a model trained on
+the set uses that cue. Every validation image is given the intensity profile of each class in
+turn and scored again:
+
+- the donor profile: the pooled histogram of the foreground pixels (those above 5% of the
+  image's range, as the audit counts them) of the run's training images of that class (the
+  seeded subsample the trust step uses);
+- the remap: the image's foreground is histogram-matched to the donor profile (a monotone
+  quantile mapping, so every edge and shape stays where it was); the background stays black.
+
+Matching an image to its own class's profile is the control: what the remap costs by itself.
+Reported per run: accuracy as the images are, after the control remap, and after each other
+class's profile; the share of images that the remap moves *to the donor class* (the cue
+working), per true class and donor, against the share moved to any other wrong class; and the
+largest such cell. The JSON also holds the audit's own check on the run's dataset (its test
+split scored too, as the audit scores it), and, to explain the policies' difference on the
+test split and not to choose anything, each run's saved test predictions apart for the test
+images whose statistics alone name their class and the rest (``test_split_by_cue``). Nothing
+else here reads a test image. Writes
+studies/results/shortcut-reliance/<name>.json.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _common
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # trust_tta
+
+from _common import STUDY_RESULTS, abspath, save
+from trust_tta import study_args
+
+from medxfer.config import load_config
+from medxfer.evaluate.predict import folded_for_inference, probs_of_arrays
+from medxfer.evaluate.trust_run import run_split_arrays
+
+FOREGROUND = 0.05  # share of the image's range above its darkest value (the audit's rule)
+
+
+def foreground(img: np.ndarray) -> np.ndarray:
+    lo, hi = int(img.min()), int(img.max())
+    return img > lo + FOREGROUND * (hi - lo) if hi > lo else np.zeros(img.shape, bool)
+
+
+def class_profiles(images: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C, 256): each class's cumulative distribution of foreground intensities (uint8)."""
+    hist = np.zeros((n_classes, 256))
+    for img, y in zip(images, labels, strict=True):
+        hist[y] += np.bincount(img[foreground(img)], minlength=256)
+    return np.cumsum(hist, 1) / np.maximum(hist.sum(1, keepdims=True), 1)
+
+
+def matched(img: np.ndarray, profile: np.ndarray) -> np.ndarray:
+    """``img`` with its foreground histogram-matched to ``profile`` (a CDF over 0..255)."""
+    fg = foreground(img)
+    out = img.copy()
+    if fg.sum() == 0:
+        return out
+    own = np.cumsum(np.bincount(img[fg], minlength=256)) / fg.sum()
+    lut = np.clip(np.searchsorted(profile, own), 0, 255).astype(np.uint8)
+    out[fg] = lut[img[fg]]
+    return out
+
+
+def measure(folder: Path) -> dict[str, Any]:
+    model, meta, arrays = run_split_arrays(folder, ("train", "val"))
+    model, _ = folded_for_inference(model.eval(), meta)
+    classes = list(meta["classes"])
+    n = len(classes)
+    profiles = class_profiles(*arrays["train"], n)
+    images, labels = arrays["val"]
+    if images.ndim != 3:
+        raise SystemExit(f"{folder}: grayscale runs only (this one is {meta['color']})")
+    with torch.inference_mode():
+        plain = probs_of_arrays(model, meta, images).argmax(1)
+        donor_pred = np.stack([
+            probs_of_arrays(model, meta, np.stack([matched(im, profiles[k]) for im in images]))
+            .argmax(1) for k in range(n)
+        ])  # fmt: skip  # (donor, image)
+    rows = np.arange(len(labels))
+    own = donor_pred[labels, rows]
+    to_donor = {c: {} for c in classes}  # true class -> donor -> share predicted as the donor
+    to_other = {c: {} for c in classes}  # ... -> share predicted as a third, wrong class
+    for c in range(n):
+        ok = (labels == c) & (own == c)  # right after the control remap
+        for k in range(n):
+            if k == c or not ok.any():
+                continue
+            p = donor_pred[k, ok]
+            to_donor[classes[c]][classes[k]] = round(float((p == k).mean()), 4)
+            to_other[classes[c]][classes[k]] = round(float(((p != k) & (p != c)).mean()), 4)
+    worst = max(((c, k, v) for c, d in to_donor.items() for k, v in d.items()),
+                key=lambda t: t[2])  # fmt: skip
+    others = np.array([k != y for k in range(n) for y in labels]).reshape(n, -1)
+    other_acc = (donor_pred[others] == np.tile(labels, (n, 1))[others]).mean()
+    mean_to_donor = np.mean([v for d in to_donor.values() for v in d.values()])
+    return {
+        "run": str(folder),
+        "policy": load_config(folder / "config.yaml").augment.policy,
+        "images": len(labels),
+        "accuracy": {
+            "as_they_are": round(float((plain == labels).mean()), 4),
+            "own_class_profile": round(float((own == labels).mean()), 4),
+            "another_class_profile": round(float(other_acc), 4),
+        },
+        "moved_to_donor": to_donor,
+        "moved_to_another_wrong_class": to_other,
+        "largest_move": {"true": worst[0], "donor": worst[1], "share": worst[2]},
+        "mean_moved_to_donor": round(float(mean_to_donor), 4),
+    }
+
+
+def audit_check(folder: Path) -> dict[str, Any]:
+    """The audit's shortcut check on the dataset the run was trained on (its splits as the
+    dataset gives them, patients as the run's config reads them)."""
+    from medxfer.data.audit import shortcut_report
+    from medxfer.data.prepare import resolve_root
+    from medxfer.data.sources import discover, with_patient_ids
+
+    cfg = load_config(folder / "config.yaml")
+    root, _ = resolve_root(cfg.data)
+    samples = with_patient_ids(discover(str(root)), cfg.data.patient_regex)
+    return {"data": str(root), **shortcut_report(samples)}
+
+
+def test_split_by_cue(folders: list[Path]) -> dict[str, Any]:
+    """Read once, to explain, never to choose: the runs' saved test predictions, apart for the
+    test images whose statistics alone name their class (the audit's classifier, fitted on the
+    dataset's training images) and the rest. All runs must share one split."""
+    import csv
+    import gzip
+
+    from medxfer.data.audit import inspect_file
+    from medxfer.data.prepare import resolve_root
+    from medxfer.data.shortcuts import _classifier
+
+    root, _ = resolve_root(load_config(folders[0] / "config.yaml").data)
+    with gzip.open(folders[0] / "samples.csv.gz", "rt") as fh:
+        rows = list(csv.DictReader(fh))
+    classes = sorted({r["label"] for r in rows})
+    train = [r for r in rows if r["given_split"] == "train"]
+    test = [r for r in rows if r["split"] == "test"]
+
+    def vectors(rs: list[dict[str, str]]) -> np.ndarray:
+        return np.stack([inspect_file(str(root / r["path"]), with_cues=True)[6] for r in rs])
+
+    y_test = np.array([classes.index(r["label"]) for r in test])
+    model = _classifier(len(train)).fit(vectors(train), [classes.index(r["label"]) for r in train])
+    cue_right = np.asarray(model.predict(vectors(test))) == y_test
+    out: dict[str, Any] = {"test_images": len(test), "named_by_statistics": int(cue_right.sum()),
+                           "runs": []}  # fmt: skip
+    for folder in folders:
+        saved = np.load(folder / "test_predictions.npz")
+        if not np.array_equal(saved["labels"], y_test):
+            raise SystemExit(f"{folder}: its test predictions are not in samples.csv.gz's order")
+        right = saved["probs"].argmax(1) == y_test
+        out["runs"].append({
+            "run": str(folder),
+            "policy": load_config(folder / "config.yaml").augment.policy,
+            "accuracy": round(float(right.mean()), 4),
+            "accuracy_named_by_statistics": round(float(right[cue_right].mean()), 4),
+            "accuracy_not_named": round(float(right[~cue_right].mean()), 4),
+        })  # fmt: skip
+    return out
+
+
+def main() -> None:
+    args = study_args(__doc__)
+    t0 = time.perf_counter()
+    audit = audit_check(abspath(args.runs[0]))
+    print(f"audit: balanced accuracy {audit.get('balanced_accuracy')} (chance "
+          f"{audit.get('chance')}), by group {audit.get('by_group')}")  # fmt: skip
+    rows = [measure(abspath(r)) for r in args.runs]
+    for r in rows:
+        print(f"{r['run']}: accuracy {r['accuracy']}; to donor, mean {r['mean_moved_to_donor']},"
+              f" largest {r['largest_move']}")  # fmt: skip
+    by_cue = test_split_by_cue([abspath(r) for r in args.runs])
+    for r in by_cue["runs"]:
+        print(f"test split, {r['run']}: {r['accuracy']}; named by statistics "
+              f"{r['accuracy_named_by_statistics']}, not {r['accuracy_not_named']}")  # fmt: skip
+    payload = {"audit": audit, "runs": rows, "test_split_by_cue": by_cue,
+               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    save(f"shortcut-reliance/{args.name}", payload, STUDY_RESULTS)
+
+
+if __name__ == "__main__":
+    main()
