@@ -15,7 +15,12 @@ turn and scored again:
 - the remap: the image's foreground is histogram-matched to the donor profile (a monotone
   quantile mapping, so every edge and shape stays where it was); the background stays black.
 
-Matching an image to its own class's profile is the control: what the remap costs by itself.
+The same is done for framing, the audit's second strongest group of cues: each validation
+image's foreground box is scaled (aspect kept) to take the median share of the image that the
+donor class's training images' boxes take, centred on black.
+
+Matching an image to its own class's profile (or framing) is the control: what the change costs
+by itself.
 Reported per run: accuracy as the images are, after the control remap, and after each other
 class's profile; the share of images that the remap moves *to the donor class* (the cue
 working), per true class and donor, against the share moved to any other wrong class; and the
@@ -75,21 +80,79 @@ def matched(img: np.ndarray, profile: np.ndarray) -> np.ndarray:
     return out
 
 
+def box(img: np.ndarray) -> tuple[int, int, int, int]:
+    """Rows and columns (start, stop) of the foreground's bounding box (the whole image if
+    it has no foreground)."""
+    fg = foreground(img)
+    rows, cols = np.flatnonzero(fg.any(1)), np.flatnonzero(fg.any(0))
+    if not len(rows):
+        return 0, img.shape[0], 0, img.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def box_share(img: np.ndarray) -> float:
+    r0, r1, c0, c1 = box(img)
+    return (r1 - r0) * (c1 - c0) / img.size
+
+
+def class_framing(images: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C,): each class's median share of the image its foreground box takes."""
+    shares = np.array([box_share(im) for im in images])
+    return np.array([float(np.median(shares[labels == c])) for c in range(n_classes)])
+
+
+def reframed(img: np.ndarray, share: float) -> np.ndarray:
+    """``img``'s foreground box scaled (aspect kept, bilinear) to take ``share`` of the image,
+    centred on black: the framing of another collection, the anatomy unchanged."""
+    from PIL import Image
+
+    r0, r1, c0, c1 = box(img)
+    h, w = r1 - r0, c1 - c0
+    scale = min(np.sqrt(share * img.size / (h * w)), img.shape[0] / h, img.shape[1] / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    crop = Image.fromarray(np.ascontiguousarray(img[r0:r1, c0:c1]))
+    out = np.zeros_like(img)
+    top, left = (img.shape[0] - nh) // 2, (img.shape[1] - nw) // 2
+    out[top : top + nh, left : left + nw] = np.asarray(crop.resize((nw, nh), Image.BILINEAR))
+    return out
+
+
 def measure(folder: Path) -> dict[str, Any]:
     model, meta, arrays = run_split_arrays(folder, ("train", "val"))
     model, _ = folded_for_inference(model.eval(), meta)
     classes = list(meta["classes"])
-    n = len(classes)
-    profiles = class_profiles(*arrays["train"], n)
     images, labels = arrays["val"]
     if images.ndim != 3:
         raise SystemExit(f"{folder}: grayscale runs only (this one is {meta['color']})")
+    profiles = class_profiles(*arrays["train"], len(classes))
+    framing = class_framing(*arrays["train"], len(classes))
     with torch.inference_mode():
         plain = probs_of_arrays(model, meta, images).argmax(1)
-        donor_pred = np.stack([
-            probs_of_arrays(model, meta, np.stack([matched(im, profiles[k]) for im in images]))
-            .argmax(1) for k in range(n)
-        ])  # fmt: skip  # (donor, image)
+        out: dict[str, Any] = {
+            "run": str(folder),
+            "policy": load_config(folder / "config.yaml").augment.policy,
+            "images": len(labels),
+            "accuracy_as_they_are": round(float((plain == labels).mean()), 4),
+            "class_box_share": {
+                c: round(float(x), 4) for c, x in zip(classes, framing, strict=True)
+            },
+        }
+        for cue, change in (("intensity", lambda im, k: matched(im, profiles[k])),
+                            ("framing", lambda im, k: reframed(im, framing[k]))):  # fmt: skip
+            donor_pred = np.stack([
+                probs_of_arrays(model, meta, np.stack([change(im, k) for im in images]))
+                .argmax(1) for k in range(len(classes))
+            ])  # fmt: skip  # (donor, image)
+            out[cue] = moves(donor_pred, plain, labels, classes)
+    return out
+
+
+def moves(
+    donor_pred: np.ndarray, plain: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
+    """What giving each image each class's cue did to its prediction (``donor_pred``: (donor,
+    image) predicted classes)."""
+    n = len(classes)
     rows = np.arange(len(labels))
     own = donor_pred[labels, rows]
     to_donor = {c: {} for c in classes}  # true class -> donor -> share predicted as the donor
@@ -108,9 +171,6 @@ def measure(folder: Path) -> dict[str, Any]:
     other_acc = (donor_pred[others] == np.tile(labels, (n, 1))[others]).mean()
     mean_to_donor = np.mean([v for d in to_donor.values() for v in d.values()])
     return {
-        "run": str(folder),
-        "policy": load_config(folder / "config.yaml").augment.policy,
-        "images": len(labels),
         "accuracy": {
             "as_they_are": round(float((plain == labels).mean()), 4),
             "own_class_profile": round(float((own == labels).mean()), 4),
@@ -185,8 +245,10 @@ def main() -> None:
           f"{audit.get('chance')}), by group {audit.get('by_group')}")  # fmt: skip
     rows = [measure(abspath(r)) for r in args.runs]
     for r in rows:
-        print(f"{r['run']}: accuracy {r['accuracy']}; to donor, mean {r['mean_moved_to_donor']},"
-              f" largest {r['largest_move']}")  # fmt: skip
+        for cue in ("intensity", "framing"):
+            m = r[cue]
+            print(f"{r['run']}, {cue}: accuracy {m['accuracy']}; to donor, mean "
+                  f"{m['mean_moved_to_donor']}, largest {m['largest_move']}")  # fmt: skip
     by_cue = test_split_by_cue([abspath(r) for r in args.runs])
     for r in by_cue["runs"]:
         print(f"test split, {r['run']}: {r['accuracy']}; named by statistics "
