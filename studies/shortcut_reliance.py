@@ -205,7 +205,7 @@ def test_split_by_cue(folders: list[Path]) -> dict[str, Any]:
 
     from medxfer.data.audit import inspect_file
     from medxfer.data.prepare import resolve_root
-    from medxfer.data.shortcuts import _classifier
+    from medxfer.data.shortcuts import cue_classifier
 
     root, _ = resolve_root(load_config(folders[0] / "config.yaml").data)
     with gzip.open(folders[0] / "samples.csv.gz", "rt") as fh:
@@ -218,7 +218,8 @@ def test_split_by_cue(folders: list[Path]) -> dict[str, Any]:
         return np.stack([inspect_file(str(root / r["path"]), with_cues=True)[6] for r in rs])
 
     y_test = np.array([classes.index(r["label"]) for r in test])
-    model = _classifier(len(train)).fit(vectors(train), [classes.index(r["label"]) for r in train])
+    y_train = [classes.index(r["label"]) for r in train]
+    model = cue_classifier(len(train)).fit(vectors(train), y_train)
     cue_right = np.asarray(model.predict(vectors(test))) == y_test
     out: dict[str, Any] = {"test_images": len(test), "named_by_statistics": int(cue_right.sum()),
                            "runs": []}  # fmt: skip

@@ -83,7 +83,7 @@ def cues(arr: np.ndarray, path: str) -> np.ndarray:
     )  # fmt: skip
 
 
-def _classifier(n: int) -> Any:
+def cue_classifier(n: int) -> Any:
     """Gradient-boosted trees for ``n`` training images (smaller leaves for small sets)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -96,9 +96,9 @@ def _cv_predict(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None) -> np.n
 
     if groups is not None:
         cv: Any = StratifiedGroupKFold(FOLDS, shuffle=True, random_state=0)
-        return np.asarray(cross_val_predict(_classifier(len(y)), x, y, cv=cv, groups=groups))
+        return np.asarray(cross_val_predict(cue_classifier(len(y)), x, y, cv=cv, groups=groups))
     cv = StratifiedKFold(FOLDS, shuffle=True, random_state=0)
-    return np.asarray(cross_val_predict(_classifier(len(y)), x, y, cv=cv))
+    return np.asarray(cross_val_predict(cue_classifier(len(y)), x, y, cv=cv))
 
 
 def _recall(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, float | None]:
@@ -165,7 +165,7 @@ def shortcut_check(
         out["by_group"][group] = round(float(balanced_accuracy_score(y[train], p)), 4)
     known = test & (y >= 0)
     if known.sum() and len(set(y[known].tolist())) >= 2:
-        model = _classifier(int(train.sum())).fit(x[train], y[train])
+        model = cue_classifier(int(train.sum())).fit(x[train], y[train])
         tp = np.asarray(model.predict(x[known]))
         out["test"] = {
             "images": int(known.sum()),
