@@ -25,7 +25,13 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from medxfer.data.io import is_dicom, pad_to_square, read_dicom, read_pil
@@ -340,7 +346,10 @@ def audit(
     }
     if any(s.patient_id for s in samples):
         report["patients"] = patient_summary(samples)
-    report["shortcuts"] = _shortcuts(samples, decoded)
+    with Progress(SpinnerColumn(), *_COLUMNS[:1], TimeElapsedColumn(), transient=True,
+                  disable=not show) as progress:  # fmt: skip
+        progress.add_task("can image statistics alone tell the labels apart?", total=None)
+        report["shortcuts"] = _shortcuts(samples, decoded)
     report["summary"] = _summary(report)
     return report
 
