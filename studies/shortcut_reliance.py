@@ -113,7 +113,8 @@ def reframed(img: np.ndarray, share: float) -> np.ndarray:
     crop = Image.fromarray(np.ascontiguousarray(img[r0:r1, c0:c1]))
     out = np.zeros_like(img)
     top, left = (img.shape[0] - nh) // 2, (img.shape[1] - nw) // 2
-    out[top : top + nh, left : left + nw] = np.asarray(crop.resize((nw, nh), Image.BILINEAR))
+    scaled = crop.resize((nw, nh), Image.Resampling.BILINEAR)
+    out[top : top + nh, left : left + nw] = np.asarray(scaled)
     return out
 
 
@@ -137,8 +138,11 @@ def measure(folder: Path) -> dict[str, Any]:
                 c: round(float(x), 4) for c, x in zip(classes, framing, strict=True)
             },
         }
-        for cue, change in (("intensity", lambda im, k: matched(im, profiles[k])),
-                            ("framing", lambda im, k: reframed(im, framing[k]))):  # fmt: skip
+        changes = {
+            "intensity": lambda im, k: matched(im, profiles[k]),
+            "framing": lambda im, k: reframed(im, float(framing[k])),
+        }
+        for cue, change in changes.items():
             donor_pred = np.stack([
                 probs_of_arrays(model, meta, np.stack([change(im, k) for im in images]))
                 .argmax(1) for k in range(len(classes))
@@ -155,8 +159,9 @@ def moves(
     n = len(classes)
     rows = np.arange(len(labels))
     own = donor_pred[labels, rows]
-    to_donor = {c: {} for c in classes}  # true class -> donor -> share predicted as the donor
-    to_other = {c: {} for c in classes}  # ... -> share predicted as a third, wrong class
+    # true class -> donor -> share predicted as the donor; ... as a third, wrong class
+    to_donor: dict[str, dict[str, float]] = {c: {} for c in classes}
+    to_other: dict[str, dict[str, float]] = {c: {} for c in classes}
     for c in range(n):
         ok = (labels == c) & (own == c)  # right after the control remap
         for k in range(n):
