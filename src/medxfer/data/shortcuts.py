@@ -12,7 +12,8 @@ This check describes every image by a few global numbers (``CUES``): its size an
 box and share of its non-background pixels, the file's bytes per pixel, and its intensity
 statistics. A gradient-boosted classifier (scikit-learn) learns the label from them alone, in
 stratified 5-fold cross-validation on the training images (grouped by patient when patients are
-known), and its balanced accuracy is compared with chance. Where the dataset has a test split,
+known), and its balanced accuracy is compared with chance; when it is flagged, each group of
+cues is scored alone to say which one carries it. Where the dataset has a test split,
 the same classifier fitted on all training images is also scored there: a high score says the
 test split shares the cue, so a test score cannot reveal a model that leans on it.
 
@@ -158,11 +159,13 @@ def shortcut_check(
     out["lift"] = round((bacc - chance) / (1.0 - chance), 4)
     out["flagged"] = out["lift"] >= FLAG_LIFT
     out["recall"] = _recall(y[train], pred, classes)
-    out["by_group"] = {}
-    for group in GROUPS:
-        cols = [i for i, g in enumerate(CUES.values()) if g == group]
-        p = _cv_predict(x[train][:, cols], y[train], groups)
-        out["by_group"][group] = round(float(balanced_accuracy_score(y[train], p)), 4)
+    out["by_group"] = None  # which cues carry it: measured only to explain a flag
+    if out["flagged"]:
+        out["by_group"] = {}
+        for group in GROUPS:
+            cols = [i for i, g in enumerate(CUES.values()) if g == group]
+            p = _cv_predict(x[train][:, cols], y[train], groups)
+            out["by_group"][group] = round(float(balanced_accuracy_score(y[train], p)), 4)
     known = test & (y >= 0)
     if known.sum() and len(set(y[known].tolist())) >= 2:
         model = cue_classifier(int(train.sum())).fit(x[train], y[train])
