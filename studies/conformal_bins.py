@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _commo
 
 from _common import STUDY_RESULTS, abspath, save
 
+from medxfer.evaluate.conformal import prediction_sets
+
 TILT = 0.7  # probability that a lower-half-distance image goes to the calibration half
 BANDS = (1, 2, 3)  # 1 = the sets medxfer makes
 
@@ -65,10 +67,7 @@ def sets_for(
     from crepes.extras import hinge
 
     alphas = np.asarray(hinge(probs), np.float64)
-    if bands == 1:
-        cc = ConformalClassifier().fit(cal_scores)
-        return np.asarray(cc.predict_set(alphas, confidence=coverage, smoothing=False), bool)
-    edges = band_edges(cal_dist, bands)
+    edges = band_edges(cal_dist, bands)  # one band: every image in bin 0, the plain sets
     cc = ConformalClassifier().fit(cal_scores, bins=np.searchsorted(edges, cal_dist))
     got = cc.predict_set(
         alphas, bins=np.searchsorted(edges, dist), confidence=coverage, smoothing=False
@@ -161,9 +160,13 @@ def main() -> None:
     cases: dict[str, Any] = {}
     test_saved = np.load(run / "test_predictions.npz")
     test_labels = test_saved["labels"].astype(np.int64)
-    cached = np.load(abspath(args.cases) / "test.npz")["probs"]
-    if not np.allclose(cached, test_saved["probs"], atol=1e-4):
+    cached = np.load(abspath(args.cases) / "test.npz")
+    if not np.allclose(cached["probs"], test_saved["probs"], atol=1e-4):
         raise SystemExit(f"{args.cases} holds another model's cases than {run}")
+    # one band is the sets medxfer makes: checked against its own code path
+    one_band = sets_for(v["scores"], v["dist"], cached["probs"], cached["ood"], coverage, 1)
+    assert np.array_equal(one_band, prediction_sets(v["scores"], v["labels"], cached["probs"],
+                                                    coverage))  # fmt: skip
     for f in sorted(abspath(args.cases).glob("*.npz")):
         c = np.load(f)
         if len(c["probs"]) != len(test_labels):
@@ -177,28 +180,17 @@ def main() -> None:
             }
             for b in BANDS
         }
-    base_cov = np.array(
-        [cases[k]["bands=1"]["coverage"] for k in cases if k[-2:] in ("-1", "-2", "-3")]
-    )
+    shifted = [k for k in cases if k[-2:] in ("-1", "-2", "-3")]  # covariate shift, severity
     summary = {
         f"bands={b}": {
             "test": cases["test"][f"bands={b}"],
             "shifted_cases_mean_coverage": round(
-                float(
-                    np.mean(
-                        [
-                            cases[k][f"bands={b}"]["coverage"]
-                            for k in cases
-                            if k[-2:] in ("-1", "-2", "-3")
-                        ]
-                    )
-                ),
-                4,
+                float(np.mean([cases[k][f"bands={b}"]["coverage"] for k in shifted])), 4
             ),
         }
         for b in BANDS
     }
-    print(json.dumps(summary, indent=1), f"({len(base_cov)} shifted cases)")
+    print(json.dumps(summary, indent=1), f"({len(shifted)} shifted cases)")
     save(
         f"conformal-bins/{args.name}",
         {

@@ -49,15 +49,9 @@ from _common import STUDY_RESULTS, abspath, save
 from trust_tta import study_args
 
 from medxfer.config import load_config
+from medxfer.data.shortcuts import foreground, foreground_box
 from medxfer.evaluate.predict import folded_for_inference, probs_of_arrays
 from medxfer.evaluate.trust_run import run_split_arrays
-
-FOREGROUND = 0.05  # share of the image's range above its darkest value (the audit's rule)
-
-
-def foreground(img: np.ndarray) -> np.ndarray:
-    lo, hi = int(img.min()), int(img.max())
-    return img > lo + FOREGROUND * (hi - lo) if hi > lo else np.zeros(img.shape, bool)
 
 
 def class_profiles(images: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -81,13 +75,8 @@ def matched(img: np.ndarray, profile: np.ndarray) -> np.ndarray:
 
 
 def box(img: np.ndarray) -> tuple[int, int, int, int]:
-    """Rows and columns (start, stop) of the foreground's bounding box (the whole image if
-    it has no foreground)."""
-    fg = foreground(img)
-    rows, cols = np.flatnonzero(fg.any(1)), np.flatnonzero(fg.any(0))
-    if not len(rows):
-        return 0, img.shape[0], 0, img.shape[1]
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    """The foreground's bounding box (the whole image if it has no foreground)."""
+    return foreground_box(foreground(img)) or (0, img.shape[0], 0, img.shape[1])
 
 
 def box_share(img: np.ndarray) -> float:

@@ -57,17 +57,31 @@ MIN_PER_CLASS = 2 * FOLDS  # fewer training images in a class: the check is not 
 FLAG_LIFT = 0.5
 
 
+def foreground(img: np.ndarray) -> np.ndarray:
+    """Boolean mask of ``img``'s foreground: above 5% of its range over its darkest value
+    (black borders and air are background). All background when the image is flat."""
+    lo, hi = float(img.min()), float(img.max())
+    return img > lo + 0.05 * (hi - lo) if hi > lo else np.zeros(img.shape, bool)
+
+
+def foreground_box(fg: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Rows and columns ``(start, stop, start, stop)`` of the bounding box of mask ``fg``, or
+    None when it is empty."""
+    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+    if not len(rows):
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
 def cues(arr: np.ndarray, path: str) -> np.ndarray:
     """The ``CUES`` of one decoded image (uint8, (H, W) or (H, W, 3)) read from ``path``."""
     gray = np.round(arr.mean(axis=2)).astype(np.uint8) if arr.ndim == 3 else arr
     g = gray.astype(np.float32) / 255.0
     h, w = g.shape
     lo, hi = float(g.min()), float(g.max())
-    # background: within 5% of the range above the darkest value (black borders, air)
-    fg = g > lo + 0.05 * (hi - lo) if hi > lo else np.zeros_like(g, bool)
-    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
-    box_h = (rows[-1] - rows[0] + 1) / h if len(rows) else 0.0
-    box_w = (cols[-1] - cols[0] + 1) / w if len(cols) else 0.0
+    fg = foreground(g)
+    box = foreground_box(fg)
+    box_h, box_w = ((box[1] - box[0]) / h, (box[3] - box[2]) / w) if box else (0.0, 0.0)
     try:
         size = os.path.getsize(path)
     except OSError:
