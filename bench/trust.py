@@ -110,14 +110,15 @@ def main() -> None:
     t0 = time.perf_counter()
     base = load_run(args.run, trust="refit" if args.refit else "load", fit=fit_settings(args))
     loaded = round(time.perf_counter() - t0, 1)
-    dataset = args.name or dataset_name(base)
+    trained_on = dataset_name(base)  # the other dataset and the set-size target follow it
+    dataset = args.name or trained_on  # the result's name
     if args.source_size < int(base.meta["image_size"]):
         raise MedxferError(
             f"--source-size {args.source_size} is below the model's input size",
             f"use at least {base.meta['image_size']}",
         )
     work = args.work_dir or REPO / "runs" / "bench" / f"trust-{dataset}"
-    other = args.other_data or (SHARED_DATA / OTHER[dataset] if dataset in OTHER else None)
+    other = args.other_data or (SHARED_DATA / OTHER[trained_on] if trained_on in OTHER else None)
     settings = json.dumps(
         {"limit": args.limit, "seed": args.seed, "source": args.source_size, "levels": LEVELS}
     )
@@ -147,7 +148,8 @@ def main() -> None:
     drawn = draw(RESULTS / "trust" / dataset, source[0], test, shifted, rows, curves, args.seed)
     size = base.meta["image_size"]
     save(f"trust/{dataset}", keys | {
-        "targets": targets(keys, dataset), "folder_warning": warned, "dataset": dataset,
+        "targets": targets(keys, trained_on), "folder_warning": warned, "dataset": dataset,
+        "trained_on": trained_on,
         "runs": {"base": str(base.folder), "held_out": near and near["run"],
                  "policy": robust and robust["run"]},
         "data": {"test": base.data["root"], "other": other and str(other),

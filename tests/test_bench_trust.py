@@ -68,11 +68,11 @@ def _other_dataset(root: Path) -> Path:
     return root
 
 
-def _bench(args: list[str], results: Path, cache: Path) -> tuple[dict, str]:
+def _bench(args: list[str], results: Path, cache: Path, name: str = "demo") -> tuple[dict, str]:
     env = {**os.environ, "MEDXFER_BENCH_RESULTS": str(results), "MEDXFER_CACHE": str(cache)}
     proc = run_diagnosed([sys.executable, str(BENCH / "trust.py"), *args], timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((results / "trust" / "demo.json").read_text()), proc.stdout
+    return json.loads((results / "trust" / f"{name}.json").read_text()), proc.stdout
 
 
 @pytest.mark.slow
@@ -81,8 +81,12 @@ def test_bench_trust_end_to_end(trained: Path, tmp_path: Path) -> None:
     results, work, cache = tmp_path / "results", tmp_path / "work", tmp_path / "cache"
     common = [str(trained), "--other-data", str(other), "--limit", "32", "--work-dir", str(work),
               "--threads", "1"]  # fmt: skip
-    # 1. no run without the class yet: its manifest and the command that trains it
-    out, stdout = _bench([*common, "--held-out-class", "bars"], results, cache)
+    # 1. no run without the class yet: its manifest and the command that trains it; a result
+    # name of its own (the targets and the default other dataset still follow the data)
+    out, stdout = _bench([*common, "--held-out-class", "bars", "--name", "demo-named"], results,
+                         cache, name="demo-named")  # fmt: skip
+    assert (out["dataset"], out["trained_on"]) == ("demo-named", "demo")
+    assert (results / "trust" / "demo-named" / "flags.png").is_file()
     assert "near-OOD skipped" in stdout and "medxfer train --config" in stdout
     assert (work / "held-out-bars" / "manifest.csv").is_file()
     assert out["near_ood"] is None and out["held_out_class_auroc"] is None
