@@ -32,3 +32,19 @@ def test_every_docs_page_is_in_the_nav() -> None:
     nav = (REPO / "mkdocs.yml").read_text()
     pages = sorted(p.relative_to(REPO / "docs").as_posix() for p in (REPO / "docs").rglob("*.md"))
     assert [p for p in pages if p not in nav] == []
+
+
+def _results_table(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| result |"))
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return lines[start:end]
+
+
+def test_docs_home_shows_the_readme_results_table() -> None:
+    """The documentation site's home repeats the README's results table (links relative to
+    docs/), so neither can go stale alone."""
+    readme = [line.replace("](docs/", "](") for line in _results_table(README)]
+    assert _results_table((REPO / "docs" / "index.md").read_text()) == readme

@@ -270,7 +270,8 @@ def test_lottery_folder_names_survive_keys_added_later() -> None:
         "prune.controls=false",
         "prune.finetune=false",
         "augment.policy=standard",
-    ]  # the file's augmentation when the folder was made
+        "data.patient_regex=",
+    ]  # the file's augmentation and image-wise validation when the folder was made
     names = {}
     extras = ([], ["prune.distill=0.7"], ["structured.distill=0.7"],
               ["prune.structured_distill=0.7"], ["prune.weights=last"],
@@ -300,7 +301,8 @@ def test_gan_folder_name_survives_the_quality_size_key() -> None:
 
     prints = {}
     for extra in ([], ["gan.quality_size=64"]):
-        old = ["data.image_size=160", "train.epochs=5", "augment.policy=standard"]
+        old = ["data.image_size=160", "train.epochs=5", "augment.policy=standard",
+               "data.patient_regex="]  # fmt: skip
         exp = load_experiment(REPO / "configs" / "pneumonia-cpu.yaml", [*old, *extra])
         cell = exp.cells()[0]
         prints[len(extra)] = fingerprint("gan", Context(exp, cell, copy.deepcopy(cell.cfg), "x"))
