@@ -111,8 +111,9 @@ def test_patient_regex_groups_folder_layouts(tmp_path: Path) -> None:
 def test_patient_regex_errors_and_manifest_ids_win(tmp_path: Path) -> None:
     _patients_tree(tmp_path)
     _img(tmp_path / "train" / "normal" / "scan7.png", 999)
-    with pytest.raises(MedxferError, match="no patient ID in 1 training file"):
+    with pytest.raises(MedxferError, match="no patient ID in 1 training file") as err:
         with_patient_ids(discover(tmp_path), REGEX)
+    assert "data.patient_regex=''" in (err.value.fix or "")  # a shipped config's regex: the way out
     with pytest.raises(MedxferError, match="no patient ID in 1 training file"):
         with_patient_ids(discover(tmp_path), r"^(person\d+)?|IM-")  # empty group on scan7
     with pytest.raises(MedxferError, match="not a regular expression"):

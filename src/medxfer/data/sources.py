@@ -154,7 +154,9 @@ def with_patient_ids(samples: list[Sample], pattern: str) -> list[Sample]:
         raise MedxferError(
             f"data.patient_regex {pattern!r} matches no patient ID in {len(missed)} training "
             f"file name(s), e.g. {Path(missed[0]).name}",
-            "widen the expression so that every training image has a patient",
+            "widen the expression so that every training image has a patient, give a CSV "
+            "manifest with a patient_id column, or set data.patient_regex='' to carve "
+            "validation by image (images of one patient may then land in both)",
         )
     return out
 
