@@ -138,6 +138,7 @@ def fit_settings(args: argparse.Namespace) -> dict[str, Any]:
         "coverage": args.coverage,
         "class_conditional": args.class_conditional,
         "detector": args.detector,
+        "conformal_score": args.conformal_score,
     }
 
 
@@ -148,6 +149,7 @@ def trust_record(r: Run) -> dict[str, Any]:
         "acceptance",
         "coverage",
         "class_conditional",
+        "conformal_score",
         "ood_threshold",
         "review_threshold",
         "layers_weights",

@@ -84,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--acceptance", type=float, default=0.95, help="when fitting trust")
     p.add_argument("--coverage", type=float, default=0.90, help="when fitting trust")
     p.add_argument("--class-conditional", action="store_true", help="when fitting trust")
+    p.add_argument("--conformal-score", default="lac", choices=["lac", "aps"],
+                   help="when fitting trust")  # fmt: skip
     p.add_argument("--detector", default="auto", help="when fitting trust: trust.detector")
     p.add_argument("--refit", action="store_true", help="fit trust again with these settings")
     p.add_argument("--name", help="result name: bench/results/trust/<name>.json")

@@ -133,21 +133,51 @@ def _calibrated_draw(
     return probs, np.array([rng.choice(4, p=p) for p in probs])
 
 
+@pytest.mark.parametrize("score", ["lac", "aps"])
 @pytest.mark.parametrize("class_conditional", [False, True])
-def test_conformal_coverage_on_exchangeable_data(class_conditional: bool) -> None:
+def test_conformal_coverage_on_exchangeable_data(class_conditional: bool, score: str) -> None:
     rng = np.random.default_rng(1)
     cal_p, cal_y = _calibrated_draw(rng, 2000, 2.0)
     test_p, test_y = _calibrated_draw(rng, 4000, 2.0)
-    cal = conformal.calibration_scores(cal_p, cal_y)
-    np.testing.assert_allclose(cal, 1 - cal_p[np.arange(2000), cal_y])
-    sets = conformal.prediction_sets(cal, cal_y, test_p, 0.9, class_conditional)
+    cal = conformal.calibration_scores(cal_p, cal_y, score)
+    if score == "lac":
+        np.testing.assert_allclose(cal, 1 - cal_p[np.arange(2000), cal_y])
+    sets = conformal.prediction_sets(cal, cal_y, test_p, 0.9, class_conditional, score=score)
     rep = conformal.coverage_report(sets, test_y, list("abcd"))
     assert abs(rep["coverage"] - 0.9) < 0.02
     if class_conditional:
         assert all(abs(v - 0.9) < 0.04 for v in rep["coverage_per_class"].values())
-    else:  # the set is exactly the classes with 1 - p at or below the stored threshold
+    else:  # the set is exactly the classes with a score at or below the stored threshold
         (t,) = conformal.thresholds(cal, cal_y, 4, 0.9)
-        np.testing.assert_array_equal(sets, 1 - test_p <= t)
+        np.testing.assert_array_equal(sets, conformal.nonconformity(test_p, score) <= t)
+
+
+def test_aps_scores_hand_computed() -> None:
+    """APS: the mass of the classes ranked above a class plus its own (ties: lower index first)."""
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.4, 0.4, 0.2]])
+    want = np.array([[0.6, 0.9, 1.0], [1.0, 0.5, 0.8], [0.4, 0.8, 1.0]])
+    np.testing.assert_allclose(conformal.nonconformity(probs, "aps"), want)
+    np.testing.assert_allclose(conformal.calibration_scores(probs, np.array([1, 2, 1]), "aps"),
+                               [0.9, 0.8, 0.8])  # fmt: skip
+    with pytest.raises(ValueError, match="unknown conformal score"):
+        conformal.nonconformity(probs, "raps")
+
+
+def test_aps_sets_grow_when_a_shift_flattens_the_softmax() -> None:
+    """New images on which the model is less sure than on validation (logits shrunk, labels
+    still drawn from the sharp model): LAC lets fewer classes in and under-covers; APS lets
+    more in and keeps closer to nominal."""
+    rng = np.random.default_rng(3)
+    cal_p, cal_y = _calibrated_draw(rng, 2000, 6.0)
+    logits = rng.normal(size=(4000, 4)) * 6.0
+    new_y = np.array([rng.choice(4, p=p) for p in softmax(logits, axis=1)])
+    flat = softmax(logits / 3.0, axis=1)
+    cover = {}
+    for score in ("lac", "aps"):
+        cal = conformal.calibration_scores(cal_p, cal_y, score)
+        sets = conformal.prediction_sets(cal, cal_y, flat, 0.9, score=score)
+        cover[score] = conformal.coverage_report(sets, new_y, list("abcd"))["coverage"]
+    assert cover["lac"] < 0.85 and cover["aps"] > cover["lac"] + 0.05
 
 
 def test_conformal_accurate_model_keeps_nominal_coverage() -> None:
@@ -295,8 +325,16 @@ def test_old_run_gets_trust_without_retraining(
     metrics = json.loads((run / "metrics.json").read_text())
     metrics.pop("trust")
     (run / "metrics.json").write_text(json.dumps(metrics))
-    assert main(["trust", str(run)]) == 0
+    assert main(["trust", str(run), "--conformal-score", "aps"]) == 0
     assert (run / "trust.json").is_file() and (run / "best.pt").stat().st_mtime_ns == weights
+    record = json.loads((run / "trust.json").read_text())
+    assert record["conformal_score"] == "aps" and record["conformal"]["score"].startswith("APS")
+    from medxfer.evaluate.trust import load_trust
+
+    tm = load_trust(run)  # the stored calibration scores are APS's, and scoring uses them
+    assert tm.cal_scores.max() <= 1.0 + 1e-9 and tm.cal_scores.min() > 0.0
+    assert main(["trust", str(run)]) == 0  # back to the default
+    assert json.loads((run / "trust.json").read_text())["conformal_score"] == "lac"
     assert "test" in json.loads((run / "metrics.json").read_text())["trust"]
     # predict writes each image's flag, set and scores, and the review page lists flagged first
     noise = tmp_path / "new"

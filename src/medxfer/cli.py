@@ -8,6 +8,7 @@ medxfer prune [--config FILE] [--data PATH] [key=value ...] [--levels L] [--frac
 medxfer prune --export RUN_DIR [--no-latency] [--no-onnx]
 medxfer predict RUN_OR_CHECKPOINT INPUT [--out preds.csv] [--html page.html]
 medxfer trust RUN_DIR [--acceptance 0.95] [--coverage 0.9] [--class-conditional] [--detector auto]
+              [--conformal-score lac|aps]
 medxfer shift RUN_OR_CHECKPOINT INPUT [--out shift.json] [--alpha 0.05]
 medxfer adapt RUN_OR_CHECKPOINT INPUT [--out DIR] [--batch-size 64] [--seed 0] [--folds 2]
               [--method adabn|tent] [--steps 0] [--lr 1e-3]
@@ -148,7 +149,8 @@ def _cmd_trust(args: argparse.Namespace) -> int:
 
     r = trust_command(Path(args.run), acceptance=args.acceptance, coverage=args.coverage,
                       class_conditional=args.class_conditional,
-                      detector=args.detector)  # fmt: skip
+                      detector=args.detector,
+                      conformal_score=args.conformal_score)  # fmt: skip
     console.print(f"default detector {r['ood_detector']}, failure score {r['failure_score']}")
     if "test" in r:
         console.print(summary_line(r["test"]))
@@ -372,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["auto", "mahalanobis", "knn", "vim", "layers"],
                     help="the unfamiliar detector (auto: chosen on validation; mahalanobis: "
                     "an unseen finding; layers: another scanner's look)")  # fmt: skip
+    tr.add_argument("--conformal-score", default="lac", choices=["lac", "aps"],
+                    help="conformal sets: lac (smallest) or aps (grow when a shift flattens "
+                    "the softmax; keep their coverage under strong shifts better)")  # fmt: skip
     tr.set_defaults(func=_cmd_trust)
     sh = _model_and_images(
         sub, "shift", "do unlabelled images look like the validation split to the model? (shift "

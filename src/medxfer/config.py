@@ -123,6 +123,10 @@ class TrustConfig:
     acceptance: float = 0.95  # fraction of validation images that end `ok` (sets thresholds)
     coverage: float = 0.90  # nominal coverage of the conformal prediction sets
     class_conditional: bool = False  # conformal calibration per class (Mondrian)
+    # conformal nonconformity score: lac (1 - p: the smallest sets) or aps (the mass of the
+    # classes ranked above plus its own: sets grow when a shift flattens the softmax, and keep
+    # their coverage under strong shifts better; docs/trust.md)
+    conformal_score: Literal["lac", "aps"] = "lac"
     train_images: int = 5000  # training images the detectors are fitted on (seeded; fewer = faster)
     # the `unfamiliar` detector: auto = the distance that best tells validation images from
     # shifted copies of them; or fixed: mahalanobis, knn, vim (penultimate features: what the

@@ -1,6 +1,9 @@
 """Split-conformal prediction sets (crepes) calibrated on the validation split.
 
-The nonconformity score is LAC's ``1 - p(class)`` (crepes' ``hinge``). A class enters an
+Two nonconformity scores (``trust.conformal_score``): LAC's ``1 - p(class)`` (crepes'
+``hinge``; the smallest sets), and APS's (adaptive prediction sets, Romano et al. 2020, without
+randomisation): the probability mass of the classes ranked above the class plus its own. Under
+a shift that flattens the softmax, LAC lets fewer classes in, APS more. A class enters an
 image's set when its p-value, against the validation images' scores for their true class, is at
 least ``1 - coverage``: then the set holds the true class with probability >= ``coverage`` for
 images exchangeable with validation. Class-conditional (Mondrian) calibration compares a
@@ -21,12 +24,30 @@ import math
 
 import numpy as np
 
+SCORES = ("lac", "aps")
 
-def calibration_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """LAC nonconformity of each calibration image's true class: ``1 - p(true class)``."""
-    from crepes.extras import hinge
 
-    return np.asarray(hinge(probs, np.arange(probs.shape[1]), labels), np.float64)
+def nonconformity(probs: np.ndarray, score: str = "lac") -> np.ndarray:
+    """(N, C) nonconformity of every class of every image: LAC ``1 - p`` (crepes' ``hinge``) or
+    APS, the mass of the classes ranked above the class plus its own (ties: lower index
+    first)."""
+    if score == "lac":
+        from crepes.extras import hinge
+
+        return np.asarray(hinge(probs), np.float64)
+    if score != "aps":
+        raise ValueError(f"unknown conformal score {score!r}: {', '.join(SCORES)}")
+    order = np.argsort(-probs, axis=1, kind="stable")
+    ranked = np.take_along_axis(probs.astype(np.float64), order, axis=1)
+    out = np.empty(probs.shape, np.float64)
+    np.put_along_axis(out, order, np.cumsum(ranked, axis=1), axis=1)
+    return out
+
+
+def calibration_scores(probs: np.ndarray, labels: np.ndarray, score: str = "lac") -> np.ndarray:
+    """Nonconformity of each calibration image's true class (LAC: ``1 - p(true class)``)."""
+    labels = np.asarray(labels)
+    return np.asarray(nonconformity(probs, score)[np.arange(len(labels)), labels], np.float64)
 
 
 def prediction_sets(
@@ -36,13 +57,14 @@ def prediction_sets(
     coverage: float,
     class_conditional: bool = False,
     never_empty: bool = False,
+    score: str = "lac",
 ) -> np.ndarray:
     """Boolean (N, C): which classes are in each image's conformal set (``never_empty``: put
-    the predicted class into an empty set, for comparison only)."""
+    the predicted class into an empty set, for comparison only); ``cal_scores`` are
+    ``calibration_scores`` with the same ``score``."""
     from crepes import ConformalClassifier
-    from crepes.extras import hinge
 
-    alphas = np.asarray(hinge(probs), np.float64)  # (N, C): 1 - p for every class
+    alphas = nonconformity(probs, score)  # (N, C)
     if not class_conditional:
         cc = ConformalClassifier().fit(cal_scores)
         sets = np.asarray(cc.predict_set(alphas, confidence=coverage, smoothing=False), bool)
@@ -67,6 +89,7 @@ def validation_crossfit(
     class_conditional: bool = False,
     repeats: int = 20,
     seed: int = 0,
+    score: str = "lac",
 ) -> dict[str, dict[str, float]]:
     """Coverage, mean set size and empty fraction of the standard sets and of never-empty sets,
     each calibrated on a random half of the (validation) images and counted on the other half,
@@ -76,10 +99,10 @@ def validation_crossfit(
     for _ in range(repeats):
         perm = rng.permutation(len(labels))
         cal, held = perm[: len(perm) // 2], perm[len(perm) // 2 :]
-        scores = calibration_scores(probs[cal], labels[cal])
+        scores = calibration_scores(probs[cal], labels[cal], score)
         for name in out:
             sets = prediction_sets(scores, labels[cal], probs[held], coverage, class_conditional,
-                                   never_empty=name == "never_empty")  # fmt: skip
+                                   never_empty=name == "never_empty", score=score)  # fmt: skip
             hit = sets[np.arange(len(held)), labels[held]]
             out[name].append({"coverage": float(hit.mean()),
                               "mean_set_size": float(sets.sum(1).mean()),
@@ -94,10 +117,10 @@ def thresholds(
     cal_scores: np.ndarray, cal_labels: np.ndarray, n_classes: int, coverage: float,
     class_conditional: bool = False,
 ) -> list[float]:  # fmt: skip
-    """The largest ``1 - p`` a class may have and still enter the set (one value, or one per
-    class when class-conditional): the ceil((n + 1) coverage)-th smallest calibration score,
-    inf when there are too few calibration images for that coverage. For reading only: the
-    sets themselves come from crepes."""
+    """The largest nonconformity (LAC: ``1 - p``) a class may have and still enter the set (one
+    value, or one per class when class-conditional): the ceil((n + 1) coverage)-th smallest
+    calibration score, inf when there are too few calibration images for that coverage. For
+    reading only: the sets themselves come from crepes."""
     groups = (
         [cal_scores[cal_labels == c] for c in range(n_classes)]
         if class_conditional

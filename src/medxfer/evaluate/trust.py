@@ -32,6 +32,7 @@ from medxfer.evaluate.trust_detectors import (
 
 TRUST_JSON, TRUST_TENSORS = "trust.json", "trust.safetensors"
 FLAGS = ("ok", "review", "unfamiliar")
+CONFORMAL_SCORE_NAMES = {"lac": "LAC (1 - p)", "aps": "APS (mass ranked above + own)"}
 PROXY_IMAGES = 500  # validation images per shifted proxy that the default detector is chosen on
 FLIP_AXES = {"hflip": 2, "vflip": 1}  # axes of (N, H, W[, 3]) images; the training flips
 
@@ -78,7 +79,7 @@ class TrustModel:
     detectors: Detectors
     record: dict[str, Any]  # what trust.json holds
     refs: dict[str, np.ndarray]  # validation msp / distance, sorted (rank_mean failure score)
-    cal_scores: np.ndarray  # validation LAC scores of the true class
+    cal_scores: np.ndarray  # validation nonconformity of the true class (record's conformal_score)
     cal_labels: np.ndarray
 
     def views(self) -> list[str]:
@@ -96,7 +97,8 @@ class TrustModel:
         failure = trust_fit.failure_score(r["failure"], conf, ood, self.refs)
         probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
         sets = conformal.prediction_sets(self.cal_scores, self.cal_labels, probs,
-                                         r["coverage"], r["class_conditional"])  # fmt: skip
+                                         r["coverage"], r["class_conditional"],
+                                         score=r.get("conformal_score", "lac"))  # fmt: skip
         return TrustScores(
             probs=probs, pred=probs.argmax(1), scores=scores, ood_score=ood,
             failure_score=failure, sets=sets,
@@ -150,6 +152,7 @@ def fit_on_arrays(
     val: tuple[np.ndarray, np.ndarray], *, acceptance: float = 0.95, coverage: float = 0.90,
     class_conditional: bool = False, ood_share: float = 0.5, k: int = 10,
     bank_size: int = 5000, seed: int = 0, batch_size: int = 64, detector: str = "auto",
+    conformal_score: str = "lac",
 ) -> TrustModel:  # fmt: skip
     """Fit on (images, labels) of the training split (at most ``bank_size`` of them, seeded)
     and choose on those of the validation split."""
@@ -181,6 +184,7 @@ def fit_on_arrays(
         class_conditional=class_conditional, ood_share=ood_share, seed=seed,
         n_train=len(keep), classes=list(meta["classes"]), detector=detector,
         val_flips=(views, val_flips) if val_flips is not None else None,
+        conformal_score=conformal_score,
     )  # fmt: skip
 
 
@@ -199,7 +203,7 @@ def fit_from_scores(
     val_labels: np.ndarray, proxies: dict[str, dict[str, np.ndarray]], *, acceptance: float,
     coverage: float, class_conditional: bool, ood_share: float, seed: int, n_train: int,
     classes: list[str], detector: str = "auto",
-    val_flips: tuple[list[str], np.ndarray] | None = None,
+    val_flips: tuple[list[str], np.ndarray] | None = None, conformal_score: str = "lac",
 ) -> TrustModel:  # fmt: skip
     """Every choice, from validation scores (and those of its shifted proxies) only;
     ``detector`` other than auto fixes the ``unfamiliar`` detector (still measured);
@@ -222,7 +226,12 @@ def fit_from_scores(
     fail = trust_fit.failure_score(failure, conf, dist, refs)
     t_ood, t_review = trust_fit.thresholds(dist, fail, acceptance, ood_share)
     flag = trust_fit.flags(dist, fail, t_ood, t_review)
-    cal = conformal.calibration_scores(probs, val_labels)
+    if conformal_score not in conformal.SCORES:
+        raise MedxferError(
+            f"trust.conformal_score={conformal_score} is not a conformal score",
+            f"use one of {', '.join(conformal.SCORES)}",
+        )
+    cal = conformal.calibration_scores(probs, val_labels, conformal_score)
     record: dict[str, Any] = {
         "classes": classes, "acceptance": acceptance, "ood_share": ood_share,
         "coverage": coverage, "class_conditional": class_conditional,
@@ -232,12 +241,14 @@ def fit_from_scores(
         "failure": failure, "knn_k": det.k, "vim_alpha": det.vim_alpha,
         "layers_weights": (None if det.layer_weights is None  # stages..., then penultimate
                            else [round(float(w), 6) for w in det.layer_weights]),
-        "conformal": {"score": "LAC (1 - p)", "library": "crepes", "empty_sets": "allowed",
+        "conformal_score": conformal_score,
+        "conformal": {"score": CONFORMAL_SCORE_NAMES[conformal_score], "library": "crepes",
+                      "empty_sets": "allowed",
                       "thresholds": conformal.thresholds(cal, val_labels, len(classes), coverage,
                                                          class_conditional),
                       "validation_crossfit": conformal.validation_crossfit(
                           probs, np.asarray(val_labels), coverage, class_conditional,
-                          seed=seed)},
+                          seed=seed, score=conformal_score)},
         "fitted_on": {"train_images": n_train, "validation_images": len(val_labels)},
         "validation": {
             "detectors_vs_proxy_shifts": table, "failure_score": measured,
@@ -266,7 +277,7 @@ def _check(acceptance: float, coverage: float, ood_share: float, n_val: int) -> 
 def fit_trust(
     run_dir: Path, *, acceptance: float = 0.95, coverage: float = 0.90,
     class_conditional: bool = False, ood_share: float = 0.5, k: int = 10,
-    detector: str = "auto",
+    detector: str = "auto", conformal_score: str = "lac",
 ) -> TrustModel:  # fmt: skip
     """Fit a finished run's trust statistics from its training and validation images (the
     data split exactly as training made it; never the test images) and write them into the
@@ -279,7 +290,7 @@ def fit_trust(
     tm = fit_on_arrays(model, meta, arrays["train"], arrays["val"], acceptance=acceptance,
                        coverage=coverage, class_conditional=class_conditional,
                        ood_share=ood_share, k=k, seed=seed, bank_size=bank,
-                       detector=detector)  # fmt: skip
+                       detector=detector, conformal_score=conformal_score)  # fmt: skip
     tm.save(run_dir)
     return tm
 

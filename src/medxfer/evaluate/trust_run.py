@@ -98,7 +98,8 @@ def summary(tm: TrustModel, test: dict[str, Any] | None, seconds: float) -> dict
     r = tm.record
     out: dict[str, Any] = {
         "acceptance": r["acceptance"], "coverage": r["coverage"],
-        "class_conditional": r["class_conditional"], "ood_detector": r["ood_detector"],
+        "class_conditional": r["class_conditional"],
+        "conformal_score": r.get("conformal_score", "lac"), "ood_detector": r["ood_detector"],
         "failure_score": r["failure"]["method"],
         "confidence": r["failure"].get("confidence", {"kind": "msp"}),
         "validation": r["validation"]["flags"],
@@ -139,6 +140,7 @@ def after_training(
             coverage=cfg.trust.coverage, class_conditional=cfg.trust.class_conditional,
             bank_size=cfg.trust.train_images, seed=cfg.train.seed,
             batch_size=cfg.train.eval_batch_size, detector=cfg.trust.detector,
+            conformal_score=cfg.trust.conformal_score,
         )  # fmt: skip
     except MedxferError as err:
         return {"skipped": err.message}
@@ -150,7 +152,7 @@ def after_training(
 
 def trust_command(
     run_dir: Path, *, acceptance: float = 0.95, coverage: float = 0.90,
-    class_conditional: bool = False, detector: str = "auto",
+    class_conditional: bool = False, detector: str = "auto", conformal_score: str = "lac",
 ) -> dict[str, Any]:  # fmt: skip
     """``medxfer trust RUN``: fit (or refit) a finished run's trust statistics without
     retraining, then add the test metrics to its metrics.json."""
@@ -170,6 +172,7 @@ def trust_command(
         seed=seed,
         bank_size=bank,
         detector=detector,
+        conformal_score=conformal_score,
     )
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
