@@ -497,3 +497,14 @@ def test_score_averages_the_recorded_flips(trained: dict[str, Any]) -> None:
     np.testing.assert_allclose(ts.failure_score, expect, rtol=1e-6)
     tm.record["failure"]["confidence"] = {"kind": "msp"}
     assert not np.allclose(tm.score(model, meta, images).failure_score, expect)
+
+
+def test_unknown_conformal_score_is_refused_before_any_work() -> None:
+    """A score that does not exist ends in one message naming the choices, before the model
+    is run (the model here is not even one)."""
+    from medxfer.evaluate.trust import fit_on_arrays
+
+    images, labels = np.zeros((30, 8, 8), np.uint8), np.zeros(30, np.int64)
+    with pytest.raises(MedxferError, match="not a conformal score") as err:
+        fit_on_arrays(None, {}, (images, labels), (images, labels), conformal_score="raps")  # type: ignore[arg-type]
+    assert "lac, aps" in (err.value.fix or "")

@@ -159,6 +159,7 @@ def fit_on_arrays(
     from medxfer.evaluate.trust_proxies import proxy_shifts
 
     _check(acceptance, coverage, ood_share, len(val[0]))
+    _check_score(conformal_score)  # before minutes of feature extraction
     model.eval()
     keep = _subsample(train[1], bank_size, seed)
     train_f, _ = features_and_logits(model, meta, train[0][keep], batch_size)
@@ -226,11 +227,7 @@ def fit_from_scores(
     fail = trust_fit.failure_score(failure, conf, dist, refs)
     t_ood, t_review = trust_fit.thresholds(dist, fail, acceptance, ood_share)
     flag = trust_fit.flags(dist, fail, t_ood, t_review)
-    if conformal_score not in conformal.SCORES:
-        raise MedxferError(
-            f"trust.conformal_score={conformal_score} is not a conformal score",
-            f"use one of {', '.join(conformal.SCORES)}",
-        )
+    _check_score(conformal_score)
     cal = conformal.calibration_scores(probs, val_labels, conformal_score)
     record: dict[str, Any] = {
         "classes": classes, "acceptance": acceptance, "ood_share": ood_share,
@@ -258,6 +255,14 @@ def fit_from_scores(
         },
     }  # fmt: skip
     return TrustModel(det, record, refs, cal, np.asarray(val_labels, np.int64))
+
+
+def _check_score(conformal_score: str) -> None:
+    if conformal_score not in conformal.SCORES:
+        raise MedxferError(
+            f"trust.conformal_score={conformal_score} is not a conformal score",
+            f"use one of {', '.join(conformal.SCORES)}",
+        )
 
 
 def _check(acceptance: float, coverage: float, ood_share: float, n_val: int) -> None:
