@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _commo
 
 from _common import STUDY_RESULTS, abspath, save
 
+from medxfer.evaluate.conformal import nonconformity
 from medxfer.evaluate.predict import folded_for_inference, probs_of_arrays
 from medxfer.evaluate.shifts import SHIFTS, apply_shift
 from medxfer.evaluate.trust_run import run_split_arrays
@@ -56,28 +57,16 @@ from medxfer.evaluate.trust_run import run_split_arrays
 SEVERITY = 3
 
 
-def lac(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(N, C) LAC nonconformity of every class: 1 - p."""
-    return 1.0 - probs
-
-
-def aps(probs: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    """(N, C) APS nonconformity of every class: the mass of the classes ranked above it plus
-    its own (times a uniform draw per image when ``rng`` is given: randomized APS)."""
-    order = np.argsort(-probs, axis=1, kind="stable")
-    sorted_p = np.take_along_axis(probs, order, axis=1)
-    above = np.cumsum(sorted_p, axis=1) - sorted_p  # mass strictly above each ranked class
-    u = rng.random((len(probs), 1)) if rng is not None else np.ones((len(probs), 1))
-    scores_sorted = above + u * sorted_p
-    out = np.empty_like(probs)
-    np.put_along_axis(out, order, scores_sorted, axis=1)
-    return out
+def aps_randomized(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N, C) randomized APS: the mass ranked above each class plus its own times a uniform
+    draw per image (medxfer's APS with the own mass scaled)."""
+    return nonconformity(probs, "aps") - (1.0 - rng.random((len(probs), 1))) * probs
 
 
 SCORES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
-    "lac": lac,
-    "aps_randomized": aps,
-    "aps": lambda p, rng: aps(p, None),
+    "lac": lambda p, rng: nonconformity(p, "lac"),
+    "aps_randomized": aps_randomized,
+    "aps": lambda p, rng: nonconformity(p, "aps"),
 }
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _commo
 from _common import STUDY_RESULTS, abspath, save
 
 from medxfer.evaluate import trust_fit
+from medxfer.evaluate.selective import accepted_accuracy, coverage, errors_flagged
 from medxfer.evaluate.shifts import SHIFTS
 
 
@@ -52,13 +53,11 @@ def validation_scores(run: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
 
 def case_keys(flag: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
     right, ok = pred == labels, flag == "ok"
-    wrong = ~right
+    acc, caught = accepted_accuracy(right, ok), errors_flagged(right, ok)
     return {
-        "ok_fraction": round(float(ok.mean()), 4),
-        "accepted_accuracy": round(float(right[ok].mean()), 4) if ok.any() else None,
-        "errors_flagged": (
-            round(float((wrong & ~ok).sum() / wrong.sum()), 4) if wrong.any() else None
-        ),
+        "ok_fraction": round(coverage(ok), 4),
+        "accepted_accuracy": None if acc is None else round(acc, 4),
+        "errors_flagged": None if caught is None else round(caught, 4),
     }
 
 
