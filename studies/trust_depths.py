@@ -40,8 +40,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -86,34 +87,46 @@ def combine(z: np.ndarray, rule: np.ndarray | str, ref: np.ndarray) -> np.ndarra
     return np.maximum(stages, z[:, -1])
 
 
-class Fitted:
-    """A run's detectors fitted as ``medxfer trust`` fits them. ``scores(images)`` gives each
-    image's standardised distance per depth (``z``: N, stages + 1), its relative Mahalanobis
-    distance (``rmd``) and pytorch-ood's Gram-matrix deviation (``gram``)."""
+class FittedRun:
+    """A run's model and validation images, and its detectors fitted as ``medxfer trust`` fits
+    them on (at most ``trust.train_images``) training images, whose features and labels it
+    keeps (``train_features``, ``train_labels``)."""
 
     def __init__(self, folder: Path) -> None:
-        from pytorch_ood.detector import RMD
-
         self.model, self.meta, arrays = run_split_arrays(folder, ("train", "val"))
         self.model.eval()
         seed, bank = run_settings(self.meta)
         self.seed = seed
         (tx, ty), self.val = arrays["train"], arrays["val"]
         keep = _subsample(ty, bank, seed)
-        tf, _ = features_and_logits(self.model, self.meta, tx[keep])
-        head = head_module(self.model, str(self.meta["arch"]))
+        self.train_images, self.train_labels = tx[keep], ty[keep]
+        tf, _ = features_and_logits(self.model, self.meta, self.train_images)
+        self.train_features = tf
+        self.head = head_module(self.model, str(self.meta["arch"]))
         self.det: Detectors = fit_detectors(
-            tf, ty[keep], head.weight.detach().double().numpy(),
-            head.bias.detach().double().numpy(), seed=seed,
+            tf, self.train_labels, self.head.weight.detach().double().numpy(),
+            self.head.bias.detach().double().numpy(), seed=seed,
             stage_dims=stage_widths(self.model, self.meta, self.val[0]),
         )  # fmt: skip
+
+
+class Fitted(FittedRun):
+    """``FittedRun`` with the relative Mahalanobis and Gram detectors. ``scores(images)`` gives
+    each image's standardised distance per depth (``z``: N, stages + 1), its relative
+    Mahalanobis distance (``rmd``) and pytorch-ood's Gram-matrix deviation (``gram``)."""
+
+    def __init__(self, folder: Path) -> None:
+        from pytorch_ood.detector import RMD
+
+        super().__init__(folder)
+        tf, ty = self.train_features, self.train_labels
         # relative Mahalanobis (Ren et al. 2021), pytorch-ood's (its covariances are the raw
         # ones: with Ledoit-Wolf shrinkage on both Gaussians the difference measured worse)
         self.rmd = RMD(None).fit_features(
             torch.from_numpy(np.ascontiguousarray(tf[:, : self.det.dim], np.float32)),
-            torch.from_numpy(np.asarray(ty[keep], np.int64)),
+            torch.from_numpy(np.asarray(ty, np.int64)),
         )
-        self.gram = gram_detector(self.model, self.meta, tx[keep], ty[keep])
+        self.gram = gram_detector(self.model, self.meta, self.train_images, ty)
         raw = self._raw(self.val[0])
         self.loc, self.scale = raw["z"].mean(0), np.clip(raw["z"].std(0), 1e-12, None)
         self.val_scores = raw | {"z": (raw["z"] - self.loc) / self.scale}
@@ -200,18 +213,44 @@ def other_score(name: str, s: dict[str, np.ndarray], ref: dict[str, np.ndarray])
     return z @ depth_weights(z.shape[1], 0.75)
 
 
-def measure(run: Path, held: Path, cls: str) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    base = Fitted(run)
+class StandIn(Protocol):
+    """What ``stand_ins`` needs of a fitted run (``Fitted`` here and in trust_posthoc.py)."""
+
+    det: Detectors
+    meta: dict[str, Any]
+    val: tuple[np.ndarray, np.ndarray]
+    seed: int
+
+    def scores(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+F = TypeVar("F", bound=StandIn)
+
+
+def stand_ins(
+    fit: Callable[[Path], F], run: Path, held: Path, cls: str
+) -> tuple[F, dict[str, dict[str, np.ndarray]], F, dict[str, np.ndarray], int]:
+    """RUN and RUN2 fitted by ``fit``; RUN's scores on the shifted copies of at most
+    ``PROXY_IMAGES`` validation images (by proxy); RUN2's scores on RUN's validation images of
+    ``cls``; how many images each proxy has."""
+    base = fit(run)
     if base.det.layer_mean is None:
         raise SystemExit(f"{run}: its architecture names no stages, so there is no `layers`")
     classes = list(base.meta["classes"])
+    if cls not in classes:
+        raise SystemExit(f"{run} has no class {cls!r}; it has {classes}")
     few = base.val[0][_subsample(base.val[1], PROXY_IMAGES, base.seed)]
     shifted = {name: base.scores(x) for name, x in proxy_shifts(few, base.seed).items()}
-    other = Fitted(held)
+    other = fit(held)
     if cls in other.meta["classes"]:
         raise SystemExit(f"{held} was trained with {cls!r}")
     new = other.scores(base.val[0][base.val[1] == classes.index(cls)])
+    return base, shifted, other, new, len(few)
+
+
+def measure(run: Path, held: Path, cls: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    base, shifted, other, new, n_proxy = stand_ins(Fitted, run, held, cls)
     bv, ov = base.val_scores, other.val_scores
     table: dict[str, Any] = {}
     candidates: dict[str, Any] = {
@@ -233,7 +272,7 @@ def measure(run: Path, held: Path, cls: str) -> dict[str, Any]:
     return {
         "runs": {"base": str(run), "held_out": str(held)},
         "held_out_class": cls,
-        "images": {"validation": len(base.val[1]), "per_proxy": len(few),
+        "images": {"validation": len(base.val[1]), "per_proxy": n_proxy,
                    "held_out_validation": len(other.val[1]), "new_class": len(new["rmd"])},
         "depths": [*(f"stage {i}" for i in range(bv["z"].shape[1] - 1)), "penultimate"],
         "rules": table,
@@ -263,22 +302,29 @@ def choose(paths: list[Path]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def stand_in_args(doc: str) -> argparse.Namespace:
+    """The command line of a stand-in study: RUN --held-out-run RUN2 --held-out-class NAME, or
+    --combine JSON ...; sets the thread count."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("run", type=abspath, nargs="?")
     p.add_argument("--held-out-run", type=abspath)
     p.add_argument("--held-out-class")
     p.add_argument("--name", help="result name (default: the run folder's name)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--combine", type=abspath, nargs="+", help="study JSONs: print the choice")
+    p.add_argument("--combine", type=abspath, nargs="+", help="study JSONs: apply the rules")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.combine and not (args.run and args.held_out_run and args.held_out_class):
+        p.error("give RUN, --held-out-run and --held-out-class (or --combine JSON ...)")
+    return args
+
+
+def main() -> None:
+    args = stand_in_args(__doc__ or "")
     if args.combine:
         save("trust-depths/choice", choose(args.combine), STUDY_RESULTS)
         return
-    if not (args.run and args.held_out_run and args.held_out_class):
-        p.error("give RUN, --held-out-run and --held-out-class (or --combine JSON ...)")
     out = measure(args.run, args.held_out_run, args.held_out_class)
     for name, row in out["rules"].items():
         print(f"{name:>8}: shift proxies {row['shift_proxy_mean_auroc']:.3f}  "
