@@ -36,6 +36,7 @@ Writes studies/results/conformal-shifts/<name>.json.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -77,12 +78,22 @@ def sets_from(cal: np.ndarray, alphas: np.ndarray, coverage: float) -> np.ndarra
     return np.asarray(cc.predict_set(alphas, confidence=coverage, smoothing=False), bool)
 
 
-def counted(sets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def counted(sets: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Coverage, mean size, the share of empty sets and the mean top-class probability of the
+    images given one (LAC leaves the least sure images without a class, APS the surest)."""
+    empty = ~sets.any(1)
     return {
         "coverage": float(sets[np.arange(len(labels)), labels].mean()),
         "mean_set_size": float(sets.sum(1).mean()),
-        "empty": float((~sets.any(1)).mean()),
+        "empty": float(empty.mean()),
+        "empty_top_probability": float(probs[empty].max(1).mean()) if empty.any() else math.nan,
     }
+
+
+def _rounded(values: list[float]) -> float | None:
+    """The mean of the values that are numbers, to 4 places (None: none is)."""
+    got = [v for v in values if not math.isnan(v)]
+    return round(float(np.mean(got)), 4) if got else None
 
 
 def validation_probs(run: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -113,12 +124,13 @@ def on_validation(
             cal, held = perm[: len(perm) // 2], perm[len(perm) // 2 :]
             a_cal = score(clean[cal], rng)[np.arange(len(cal)), labels[cal]]
             row = {"clean": counted(sets_from(a_cal, score(clean[held], rng), coverage),
-                                    labels[held])}  # fmt: skip
+                                    labels[held], clean[held])}  # fmt: skip
             for shift, p in shifted.items():
-                row[shift] = counted(sets_from(a_cal, score(p[held], rng), coverage), labels[held])
+                row[shift] = counted(sets_from(a_cal, score(p[held], rng), coverage),
+                                     labels[held], p[held])  # fmt: skip
             rows.append(row)
-        mean = {case: {k: round(float(np.mean([r[case][k] for r in rows])), 4)
-                       for k in rows[0][case]} for case in rows[0]}  # fmt: skip
+        mean = {case: {k: _rounded([r[case][k] for r in rows]) for k in rows[0][case]}
+                for case in rows[0]}  # fmt: skip
         sev3 = round(float(np.mean([mean[s]["coverage"] for s in shifted])), 4)
         out[name] = {**mean, "severity3_mean_coverage": sev3}
     return out
@@ -137,9 +149,9 @@ def read_cases(
         for case in ["test", *(f"{s}-{SEVERITY}" for s in SHIFTS)]:
             with np.load(cases / f"{case}.npz") as z:
                 probs = z["probs"]
-            per[case] = {k: round(v, 4) for k, v in
+            per[case] = {k: _rounded([v]) for k, v in
                          counted(sets_from(a_cal, score(probs, rng), coverage),
-                                 test_labels).items()}  # fmt: skip
+                                 test_labels, probs).items()}  # fmt: skip
         per["severity3_mean_coverage"] = round(
             float(np.mean([per[f"{s}-{SEVERITY}"]["coverage"] for s in SHIFTS])), 4
         )

@@ -180,6 +180,33 @@ def test_aps_sets_grow_when_a_shift_flattens_the_softmax() -> None:
     assert cover["lac"] < 0.85 and cover["aps"] > cover["lac"] + 0.05
 
 
+def test_empty_sets_go_to_the_least_sure_images_with_lac_and_the_surest_with_aps() -> None:
+    """A model more accurate than the coverage asks gives some images no class. With LAC they
+    are the least sure (no class reaches the threshold); with APS the surest (the top class's
+    own mass passes it). The review page words an empty set accordingly."""
+    from medxfer.evaluate.review_page import EMPTY_SET, _card, empty_set_note
+
+    rng = np.random.default_rng(4)
+    cal_p, cal_y = _calibrated_draw(rng, 2000, 15.0)
+    test_p, _ = _calibrated_draw(rng, 4000, 15.0)
+    top = test_p.max(1)
+    for score, surest in (("lac", False), ("aps", True)):
+        cal = conformal.calibration_scores(cal_p, cal_y, score)
+        empty = ~conformal.prediction_sets(cal, cal_y, test_p, 0.9, score=score).any(1)
+        assert 0.01 < empty.mean() < 0.2
+        if surest:
+            assert top[empty].min() > np.quantile(top[~empty], 0.8)
+        else:
+            assert top[empty].max() < np.quantile(top[~empty], 0.2)
+    assert empty_set_note(None) == EMPTY_SET["lac"] == empty_set_note({"coverage": 0.9})
+    assert empty_set_note({"conformal_score": "aps"}) == EMPTY_SET["aps"] != EMPTY_SET["lac"]
+    rec = {"flag": "ok", "probs": [0.99, 0.01], "set": [], "failure": 0.01, "ood": 0.2,
+           "pred": 0, "path": "x.png", "array": np.zeros((8, 8), np.uint8)}  # fmt: skip
+    card = _card(rec, None, ["a", "b"], empty_set_note({"conformal_score": "aps"}))
+    assert "surer of its top class" in card and "no class fits" not in card
+    assert "no class fits" in _card(rec, None, ["a", "b"])
+
+
 def test_conformal_accurate_model_keeps_nominal_coverage() -> None:
     """A model more accurate than the coverage asks: standard sets (empty ones allowed) cover
     at the nominal level; filling empty sets would over-cover (coverage >= accuracy). The

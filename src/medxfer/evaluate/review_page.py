@@ -59,7 +59,21 @@ def gradcam_overlays(
     return out
 
 
-def _card(rec: dict[str, Any], cam: np.ndarray | None, classes: list[str]) -> str:
+EMPTY_SET = {  # what an empty conformal set says, by the run's conformal score
+    "lac": "(empty: no class fits at this coverage)",
+    "aps": "(empty: the model is surer of its top class than this coverage needs)",
+}
+
+
+def empty_set_note(record: dict[str, Any] | None) -> str:
+    """How the page words an empty set. LAC leaves the least sure images without a class; APS
+    the surest, whose top class alone would cover more than asked."""
+    score = (record or {}).get("conformal_score", "lac")
+    return EMPTY_SET.get(score, EMPTY_SET["lac"])
+
+
+def _card(rec: dict[str, Any], cam: np.ndarray | None, classes: list[str],
+          empty: str = EMPTY_SET["lac"]) -> str:  # fmt: skip
     flag = rec["flag"]
     badge = (f'<span class="flag" style="background:{COLOURS[flag]}">{flag}</span>'
              if flag else "<span>no flag (no trust statistics)</span>")  # fmt: skip
@@ -69,8 +83,7 @@ def _card(rec: dict[str, Any], cam: np.ndarray | None, classes: list[str]) -> st
     )
     extra = ""
     if flag:
-        members = (", ".join(html.escape(c) for c in rec["set"])
-                   or "(empty: no class fits at this coverage)")  # fmt: skip
+        members = ", ".join(html.escape(c) for c in rec["set"]) or html.escape(empty)
         extra = (f"<p>conformal set: {members}<br>failure score {rec['failure']:.3f} · "
                  f"distance score {rec['ood']:.4g}</p>")  # fmt: skip
     cam_img = f'<img src="{_png(cam)}" alt="Grad-CAM">' if cam is not None else ""
@@ -107,7 +120,8 @@ def write_review_page(
                   "the time on images like validation.")  # fmt: skip
     if len(records) > limit:
         intro += f" Showing the first {limit} (flagged first); the CSV lists all."
-    body = "".join(_card(r, c, classes) for r, c in zip(shown, cams, strict=True))
+    empty = empty_set_note(trust.record if trust is not None else None)
+    body = "".join(_card(r, c, classes, empty) for r, c in zip(shown, cams, strict=True))
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>medxfer review'
         f"</title><style>{CSS}</style></head><body><h1>Images to review</h1>"
