@@ -61,6 +61,21 @@ def case_keys(flag: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> dict[st
     }
 
 
+def empty_sets_among_ok(flag: np.ndarray, case: dict[str, np.ndarray],
+                        labels: np.ndarray) -> dict[str, float | None]:  # fmt: skip
+    """The ``ok`` images whose conformal set is empty (LAC: the least sure), and the accuracy of
+    those and of the other ``ok`` images: what an empty set adds to an ``ok`` flag."""
+    ok, empty = flag == "ok", ~case["sets"].any(1)
+    right = case["pred"] == labels
+
+    def acc(mask: np.ndarray) -> float | None:
+        return round(float(right[mask].mean()), 4) if mask.any() else None
+
+    return {"test_ok_empty_set_fraction": round(float((ok & empty).mean()), 4),
+            "test_ok_empty_set_accuracy": acc(ok & empty),
+            "test_ok_with_a_class_accuracy": acc(ok & ~empty)}  # fmt: skip
+
+
 def measure(run: Path, cases: Path, rates: list[float]) -> dict[str, Any]:
     val_ood, val_fail, record = validation_scores(run)
     labels = np.load(run / "test_predictions.npz")["labels"]
@@ -70,7 +85,7 @@ def measure(run: Path, cases: Path, rates: list[float]) -> dict[str, Any]:
         if not path.exists():
             raise SystemExit(f"{path} is missing: run bench/trust.py {run} --work-dir ... first")
         with np.load(path) as z:
-            loaded[name] = {k: z[k] for k in ("ood", "failure", "pred", "flag")}
+            loaded[name] = {k: z[k] for k in ("ood", "failure", "pred", "flag", "sets")}
         if len(loaded[name]["pred"]) != len(labels):
             raise SystemExit(f"{path}: {len(loaded[name]['pred'])} images, the test split has "
                              f"{len(labels)} (run the suite without --limit)")  # fmt: skip
@@ -79,9 +94,9 @@ def measure(run: Path, cases: Path, rates: list[float]) -> dict[str, Any]:
     for rate in rates:
         t_ood, t_review = trust_fit.thresholds(val_ood, val_fail, rate, share)
         val_flag = trust_fit.flags(val_ood, val_fail, t_ood, t_review)
-        per = {}
+        per, per_flags = {}, {}
         for name, c in loaded.items():
-            flag = trust_fit.flags(c["ood"], c["failure"], t_ood, t_review)
+            flag = per_flags[name] = trust_fit.flags(c["ood"], c["failure"], t_ood, t_review)
             if abs(rate - record["acceptance"]) < 1e-9 and not np.array_equal(flag, c["flag"]):
                 raise SystemExit(f"{name}: flags recomputed at the run's own rate differ from "
                                  "the suite's; the cases are not this run's")  # fmt: skip
@@ -99,6 +114,7 @@ def measure(run: Path, cases: Path, rates: list[float]) -> dict[str, Any]:
             "test_ok_fraction": test["ok_fraction"],
             "test_accepted_accuracy": test["accepted_accuracy"],
             "test_errors_flagged": test["errors_flagged"],
+            **empty_sets_among_ok(per_flags["test"], loaded["test"], labels),
             "severity3_accepted_accuracy_gap": max(g for g in gaps.values() if g is not None),
             "severity3_errors_flagged": min(f for f in flagged.values() if f is not None),
             "severity3_mean_errors_flagged": round(float(np.mean(
