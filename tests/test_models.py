@@ -39,11 +39,12 @@ def test_builds_forward_backward_head_size(arch: str) -> None:
     assert len(built.preprocess.mean) == 3
 
 
-def test_lite0_offline_imagenet_weights_load() -> None:
-    built = create_model("efficientnet_lite0", weights="imagenet", num_classes=4)
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_lite_offline_imagenet_weights_load(arch: str) -> None:
+    built = create_model(arch, weights="imagenet", num_classes=4)
     import timm
 
-    ref = timm.create_model("efficientnet_lite0", num_classes=4)
+    ref = timm.create_model(arch, num_classes=4)
     sd, rsd = built.model.state_dict(), ref.state_dict()
     # the stem differs from a random init: the checkpoint was loaded
     assert not torch.equal(sd["conv_stem.weight"], rsd["conv_stem.weight"])
