@@ -18,6 +18,7 @@ from medxfer.models.registry import Preprocess, register_model
 # TF-Lite EfficientNet-Lite checkpoints expect inputs in [-1, 1]: mean = std = 0.5.
 # Measured, not assumed: studies/lite0_normalization.py (docs/studies/lite0-normalization.md).
 LITE0_PREPROCESS = Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "efficientnet-lite0 TF-Lite [-1,1]")
+LITE2_PREPROCESS = Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "efficientnet-lite2 TF-Lite [-1,1]")
 
 _TV_WEIGHTS = {
     "googlenet": "GoogLeNet_Weights",
@@ -37,7 +38,8 @@ def _tv_preprocess(arch: str) -> Preprocess:
 
 
 def preprocess_of(arch: str) -> Preprocess:
-    return LITE0_PREPROCESS if arch == "efficientnet_lite0" else _tv_preprocess(arch)
+    lite = {"efficientnet_lite0": LITE0_PREPROCESS, "efficientnet_lite2": LITE2_PREPROCESS}
+    return lite[arch] if arch in lite else _tv_preprocess(arch)
 
 
 def fetch_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
@@ -194,4 +196,4 @@ def efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, Preprocess]:
 def efficientnet_lite2(pretrained: bool) -> tuple[nn.Module, Preprocess]:
     """The larger offline Lite (about 2.2x Lite0's multiply-adds at the same input size); its
     weights take the same [-1, 1] inputs as Lite0's."""
-    return imagenet_lite(2, pretrained=pretrained), LITE0_PREPROCESS
+    return imagenet_lite(2, pretrained=pretrained), LITE2_PREPROCESS
