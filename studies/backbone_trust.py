@@ -47,7 +47,7 @@ def summary(run: Path, posthoc: Path) -> dict[str, Any]:
                          "fix: pass each run with its own trust_posthoc JSON")  # fmt: skip
     return {
         "run": str(run),
-        "arch": metrics["model"]["arch"] if isinstance(metrics.get("model"), dict) else None,
+        "arch": metrics["model"]["arch"],
         "validation_accuracy": metrics["val"]["accuracy"],
         "train_minutes": round(metrics["train_seconds"] / 60, 1),
         "detectors": {d: {"shift_proxy_mean_auroc": table["detectors"][d]["shift_proxy_mean_auroc"],

@@ -131,14 +131,13 @@ def on_halves(clean: Scored, shifted: dict[str, Scored], acceptance: float,
     return out
 
 
-def new_class(run: Path, held: Path, cls: str, acceptance: float,
-              shares: list[float]) -> dict[str, Any]:  # fmt: skip
-    """The share of RUN's validation images of ``cls`` that RUN2 (never trained on it) flags,
-    with RUN2's thresholds set on its own validation images for each share."""
-    _, _, meta, images, labels = loaded(run)
-    classes = list(meta["classes"])
+def new_class(images: np.ndarray, labels: np.ndarray, classes: list[str], held: Path, cls: str,
+              acceptance: float, shares: list[float]) -> dict[str, Any]:  # fmt: skip
+    """The share of RUN's validation images of ``cls`` (``images``, ``labels`` over
+    ``classes``) that RUN2 (never trained on it) flags, with RUN2's thresholds set on its own
+    validation images for each share."""
     if cls not in classes:
-        raise SystemExit(f"{run} has no class {cls!r}; it has {classes}")
+        raise SystemExit(f"the run has no class {cls!r}; it has {classes}")
     trust, model, meta2, val2, _ = loaded(held)
     if cls in meta2["classes"]:
         raise SystemExit(f"{held} was trained with {cls!r}")
@@ -159,6 +158,8 @@ def measure(run: Path, shares: list[float], repeats: int, held: Path | None,
             cls: str | None) -> dict[str, Any]:  # fmt: skip
     t0 = time.perf_counter()
     trust, model, meta, images, labels = loaded(run)
+    if cls is not None and cls not in meta["classes"]:  # before the long scoring
+        raise SystemExit(f"{run} has no class {cls!r}; it has {list(meta['classes'])}")
     acceptance = float(trust.record["acceptance"])
     clean = scored(trust, model, meta, images, labels)
     shifted = {}
@@ -175,7 +176,8 @@ def measure(run: Path, shares: list[float], repeats: int, held: Path | None,
         "shares": on_halves(clean, shifted, acceptance, shares, repeats),
     }  # fmt: skip
     if held is not None and cls is not None:
-        out["new_class"] = new_class(run, held, cls, acceptance, shares)
+        classes = list(meta["classes"])
+        out["new_class"] = new_class(images, labels, classes, held, cls, acceptance, shares)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

@@ -163,8 +163,9 @@ def measure(run: Path, held: Path, cls: str) -> dict[str, Any]:
     base, shifted, other, new, n_proxy = stand_ins(Fitted, run, held, cls)
     bv, ov = base.val_scores, other.val_scores
     table: dict[str, Any] = {}
+    near_scores = candidates(other.det)
     for name, score in candidates(base.det).items():
-        near_score = candidates(other.det)[name]
+        near_score = near_scores[name]
         ref = score(bv, bv)
         per = {p: ood_auroc_fpr95(ref, score(s, bv)) for p, s in shifted.items()}
         near = ood_auroc_fpr95(near_score(ov, ov), near_score(new, ov))

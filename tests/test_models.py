@@ -49,7 +49,6 @@ def test_lite_offline_imagenet_weights_load(arch: str) -> None:
     # the stem differs from a random init: the checkpoint was loaded
     assert not torch.equal(sd["conv_stem.weight"], rsd["conv_stem.weight"])
     assert built.preprocess.mean == (0.5, 0.5, 0.5)
-    assert backbones.preprocess_of(arch) == built.preprocess
     assert arch.removeprefix("efficientnet_").replace("_", "-") in built.preprocess.source
 
 

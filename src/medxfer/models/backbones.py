@@ -37,11 +37,6 @@ def _tv_preprocess(arch: str) -> Preprocess:
     return Preprocess(tuple(t.mean), tuple(t.std), f"torchvision {_TV_WEIGHTS[arch]}.IMAGENET1K_V1")
 
 
-def preprocess_of(arch: str) -> Preprocess:
-    lite = {"efficientnet_lite0": LITE0_PREPROCESS, "efficientnet_lite2": LITE2_PREPROCESS}
-    return lite[arch] if arch in lite else _tv_preprocess(arch)
-
-
 def fetch_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """Download (or read from torch's cache) the weights; offline, say where to put the file."""
     w = _tv_weights(arch)
