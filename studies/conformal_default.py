@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # _commo
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling studies
 
 from _common import STUDY_RESULTS, abspath, save
-from conformal_shifts import SCORES, sets_from
+from conformal_shifts import SCORES, _rounded, sets_from
 from trust_budget import loaded
 
 from medxfer.evaluate import trust_fit
@@ -93,37 +93,34 @@ def on_halves(record: dict[str, Any], labels: np.ndarray, cases: dict[str, Score
         t_ood, t_review = trust_fit.thresholds(
             clean["ood"][cal], clean["failure"][cal], acceptance, share
         )
+        ok = {
+            case: trust_fit.flags(c["ood"][held], c["failure"][held], t_ood, t_review) == "ok"
+            for case, c in cases.items()
+        }  # the same flags for both scores
         for name in CANDIDATES:
             score = SCORES[name]
             a_cal = score(clean["probs"][cal], rng)[np.arange(len(cal)), labels[cal]]
             row = {}
             for case, c in cases.items():
-                ok = trust_fit.flags(c["ood"][held], c["failure"][held], t_ood, t_review) == "ok"
                 sets = sets_from(a_cal, score(c["probs"][held], rng), COVERAGE)
-                row[case] = counted(sets, labels[held], ok)
+                row[case] = counted(sets, labels[held], ok[case])
             rows[name].append(row)
     out: dict[str, Any] = {"acceptance": acceptance, "ood_share": share}
     for name, got in rows.items():
-        mean = {case: {k: _mean([r[case][k] for r in got]) for k in got[0][case]}
-                for case in got[0]}  # fmt: skip
+        mean: dict[str, dict[str, Any]] = {
+            case: {k: _rounded([r[case][k] for r in got]) for k in got[0][case]} for case in got[0]
+        }
         shifted = [mean[s] for s in SHIFTS]
+        # a shift that leaves no image ``ok`` has no coverage among them (None): left out
+        ok_coverage = [float(v) for m in shifted if (v := m["ok_coverage"]) is not None]
         out[name] = {
             "clean": mean["clean"],
-            "severity3_mean_coverage": _mean([m["coverage"] for m in shifted]),
-            "severity3_mean_ok_coverage": _mean([m["ok_coverage"] for m in shifted]),
-            # a shift that leaves no image ``ok`` has no coverage among them
-            "severity3_worst_ok_coverage": min(
-                (m["ok_coverage"] for m in shifted if not np.isnan(m["ok_coverage"])),
-                default=float("nan"),
-            ),
+            "severity3_mean_coverage": _rounded([m["coverage"] for m in shifted]),
+            "severity3_mean_ok_coverage": _rounded(ok_coverage),
+            "severity3_worst_ok_coverage": min(ok_coverage, default=None),
             "by_shift": {s: mean[s] for s in SHIFTS},
         }
     return out
-
-
-def _mean(values: list[float]) -> float:
-    got = [v for v in values if not np.isnan(v)]
-    return round(float(np.mean(got)), 4) if got else float("nan")
 
 
 def measure(run: Path, repeats: int) -> dict[str, Any]:

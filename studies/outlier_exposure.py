@@ -84,12 +84,7 @@ class OutlierBatches:
             n = max(1, round(self.share * x.shape[0]))
             out = shuffled_tiles(x[:n], self.grid)
             labels = torch.full((n,), -1, dtype=y.dtype, device=y.device)
-            yield torch.cat([x, out]).contiguous(memory_format=_format(x)), torch.cat([y, labels])
-
-
-def _format(x: torch.Tensor) -> torch.memory_format:
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
+            yield torch.cat([x, out]), torch.cat([y, labels])  # cat keeps channels_last
 
 
 class OutlierExposureLoss(nn.Module):
